@@ -1,0 +1,38 @@
+# voutbox: PGXS build
+#
+#   make && sudo make install      build and install the extension
+#   make installcheck              pg_regress (own temporary instance) and the TAP suite
+#   make test-tools                the Kafka test helper used by the TAP suite
+
+EXTENSION   = voutbox
+MODULE_big  = voutbox
+OBJS        = $(patsubst %.c,%.o,$(wildcard src/*.c))
+DATA        = $(wildcard voutbox--*.sql)
+PGFILEDESC  = "voutbox - transactional outbox delivered to Apache Kafka"
+
+PG_CONFIG  ?= pg_config
+
+PG_CPPFLAGS = -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell pkg-config --cflags rdkafka json-c)
+SHLIB_LINK  = $(shell pkg-config --libs rdkafka json-c)
+PG_CFLAGS   = -Wall -Wextra -Werror=implicit-function-declaration $(VOUTBOX_CFLAGS)
+
+REGRESS      = save validation idempotency storage
+REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
+
+TAP_TESTS   = 1
+PROVE_TESTS = test/t/*.pl
+PROVE_FLAGS = -I $(srcdir)/test/perl
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# A small librdkafka consumer and admin client for the tests and the demo.
+TEST_TOOL = test/tools/vkafka
+$(TEST_TOOL): test/tools/vkafka.c
+	$(CC) -O2 -Wall -Wextra -o $@ $< $(shell pkg-config --cflags --libs rdkafka json-c)
+test-tools: $(TEST_TOOL)
+installcheck: $(TEST_TOOL)
+all: $(TEST_TOOL)
+
+EXTRA_CLEAN = $(TEST_TOOL) tmp_check_regress results regression.diffs regression.out
+.PHONY: test-tools

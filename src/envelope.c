@@ -1,0 +1,116 @@
+/*-------------------------------------------------------------------------
+ *
+ * envelope.c
+ *		The JSON envelope of an event, built with json-c.
+ *
+ * The envelope is the one place that knows the field names consumers read
+ * (README, "What lands in Kafka").  JSON values the application saved
+ * (payload, metadata, consent) are embedded as PostgreSQL printed them, not
+ * parsed and re-printed: json-c would turn numbers such as 0.1 or 2^70 into
+ * doubles and print them back differently.  A json-c object with a custom
+ * serializer writes such a value verbatim.
+ *
+ * Called on the worker's own thread only; json-c allocates with malloc, and
+ * the caller releases the tree with json_object_put().
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <json-c/json.h>
+
+#include "utils/datetime.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+static int
+raw_json_serialize(struct json_object *jso, struct printbuf *pb, int level, int flags)
+{
+	const char *text = json_object_get_userdata(jso);
+
+	return printbuf_memappend(pb, text, strlen(text));
+}
+
+static void
+raw_json_free(struct json_object *jso, void *userdata)
+{
+	free(userdata);
+}
+
+/* A json-c value that serializes as the given JSON text; NULL gives null. */
+static struct json_object *
+json_raw(const char *text)
+{
+	struct json_object *jso;
+	char	   *copy;
+
+	if (text == NULL)
+		return NULL;
+	copy = strdup(text);
+	if (copy == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	jso = json_object_new_object();
+	json_object_set_serializer(jso, raw_json_serialize, copy, raw_json_free);
+	return jso;
+}
+
+/* A JSON string, or null for a NULL pointer. */
+static struct json_object *
+json_string_or_null(const char *s)
+{
+	return s ? json_object_new_string(s) : NULL;
+}
+
+/* RFC 3339 in UTC with microseconds: 2026-11-28T10:16:36.123456Z */
+void
+voutbox_format_timestamp(TimestampTz ts, char *buf, size_t len)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		elog(ERROR, "voutbox: timestamp out of range");
+	snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+			 tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+			 (int) fsec);
+}
+
+static struct json_object *
+privacy_new(const VoutboxEvent *ev)
+{
+	struct json_object *privacy = json_object_new_object();
+	struct json_object *fields = json_object_new_array();
+
+	for (int i = 0; i < ev->n_pii_fields; i++)
+		json_object_array_add(fields, json_object_new_string(ev->pii_fields[i]));
+	json_object_object_add(privacy, "pii", json_object_new_boolean(ev->pii));
+	json_object_object_add(privacy, "fields", fields);
+	json_object_object_add(privacy, "consent", json_raw(ev->consent));
+	return privacy;
+}
+
+struct json_object *
+voutbox_envelope_new(const VoutboxEvent *ev)
+{
+	struct json_object *env = json_object_new_object();
+	char		occurred_at[64];
+
+	voutbox_format_timestamp(ev->created_at, occurred_at, sizeof(occurred_at));
+
+	json_object_object_add(env, "id", json_object_new_string(ev->id));
+	json_object_object_add(env, "event", json_object_new_string(ev->event_type));
+	json_object_object_add(env, "schema_version", json_object_new_int(ev->event_version));
+	json_object_object_add(env, "idempotency_key", json_object_new_string(ev->idempotency_key));
+	json_object_object_add(env, "trace_id", json_string_or_null(ev->trace_id));
+	json_object_object_add(env, "correlation_id", json_object_new_string(ev->correlation_id));
+	json_object_object_add(env, "tenant_id", json_object_new_string(ev->tenant_id));
+	json_object_object_add(env, "aggregate_type", json_object_new_string(ev->aggregate_type));
+	json_object_object_add(env, "aggregate_id", json_object_new_string(ev->aggregate_id));
+	json_object_object_add(env, "occurred_at", json_object_new_string(occurred_at));
+	json_object_object_add(env, "producer", json_string_or_null(ev->producer));
+	json_object_object_add(env, "privacy", privacy_new(ev));
+	json_object_object_add(env, "payload", json_raw(ev->payload));
+	json_object_object_add(env, "metadata", json_raw(ev->metadata));
+	return env;
+}

@@ -1,0 +1,463 @@
+/*-------------------------------------------------------------------------
+ *
+ * producer.c
+ *		The worker's Kafka producer, a thin layer over librdkafka.
+ *
+ * The producer is idempotent with acks=all, and librdkafka retries every
+ * retriable error itself without a deadline (message.timeout.ms=0): an
+ * idempotent producer keeps a partition's messages in order across its own
+ * retries, whereas a message that times out leaves a gap that later
+ * messages of the same key would fill out of order.  So while the broker is
+ * down the worker simply waits; what comes back failed is what librdkafka
+ * gives up on (a permanent error, or a purge at shutdown).
+ *
+ * Threads: librdkafka calls back only from rd_kafka_poll() on the worker's
+ * thread (log.queue is on and logs go to the main queue).  The callbacks only
+ * record results into plain memory; logging happens after poll returns.
+ * The worker waits in WaitLatchOrSocket() on a pipe that librdkafka writes to
+ * when its main queue becomes non-empty, never inside librdkafka.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <librdkafka/rdkafka.h>
+#include <json-c/json.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/interrupt.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+/* How long a shutdown waits for outstanding delivery reports. */
+#define SHUTDOWN_GRACE_MS	5000
+/* How often a wait for the broker says so in the server log. */
+#define STALL_NOTICE_MS		60000
+#define MAX_PENDING_LOGS	32
+
+struct VoutboxProducer
+{
+	rd_kafka_t *rk;
+	int			pipe_r;
+	int			pipe_w;
+	/* outcome of the batch being delivered: written by the report callback */
+	int		   *errs;
+	int			nevents;
+	int			pending;
+	bool		fatal;
+	bool		purged;
+	/* librdkafka log lines and errors, written by callbacks, logged later */
+	int			nlogs;
+	int			dropped_logs;
+	char		logs[MAX_PENDING_LOGS][512];
+	int			last_error;
+	TimestampTz last_error_logged;
+};
+
+/* Properties voutbox sets itself: overriding them would break a guarantee. */
+static const char *const reserved_properties[] = {
+	"bootstrap.servers", "metadata.broker.list", "enable.idempotence", "acks",
+	"request.required.acks", "partitioner", "message.timeout.ms",
+	"delivery.timeout.ms", "transactional.id", "log.queue",
+	"enable.gapless.guarantee",
+};
+
+/*
+ * Apply "name=value; name=value" to conf.  On failure returns false with a
+ * palloc'd explanation in *detail.
+ */
+static bool
+apply_properties(rd_kafka_conf_t *conf, const char *props, char **detail)
+{
+	char	   *copy = pstrdup(props ? props : "");
+	char	   *save = NULL;
+
+	for (char *item = strtok_r(copy, ";", &save); item; item = strtok_r(NULL, ";", &save))
+	{
+		char	   *eq = strchr(item, '=');
+		char	   *name = item;
+		char	   *value;
+		char		errstr[512];
+
+		while (*name == ' ' || *name == '\t' || *name == '\n')
+			name++;
+		if (*name == '\0')
+			continue;
+		if (eq == NULL)
+		{
+			*detail = psprintf("\"%s\" is not of the form name=value.", name);
+			return false;
+		}
+		*eq = '\0';
+		value = eq + 1;
+		for (char *end = eq - 1; end >= name && (*end == ' ' || *end == '\t'); end--)
+			*end = '\0';
+		while (*value == ' ' || *value == '\t')
+			value++;
+		for (char *end = value + strlen(value) - 1; end >= value && (*end == ' ' || *end == '\t' || *end == '\n'); end--)
+			*end = '\0';
+		for (size_t i = 0; i < lengthof(reserved_properties); i++)
+			if (strcmp(name, reserved_properties[i]) == 0)
+			{
+				*detail = psprintf("voutbox sets \"%s\" itself%s.", name,
+								   strcmp(name, "bootstrap.servers") == 0 ||
+								   strcmp(name, "metadata.broker.list") == 0 ?
+								   "; use voutbox.brokers" : "");
+				return false;
+			}
+		if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+		{
+			*detail = psprintf("librdkafka: %s", errstr);
+			return false;
+		}
+	}
+	pfree(copy);
+	return true;
+}
+
+bool
+voutbox_kafka_properties_are_valid(const char *props, char **detail)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	bool		ok = apply_properties(conf, props, detail);
+
+	rd_kafka_conf_destroy(conf);
+	return ok;
+}
+
+/* ---------------------------------------------------------------------
+ * Callbacks: run inside rd_kafka_poll() on the worker's thread; they only
+ * record what happened.
+ * ---------------------------------------------------------------------
+ */
+
+static void
+on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg, void *opaque)
+{
+	VoutboxProducer *p = opaque;
+	intptr_t	i = (intptr_t) msg->_private;
+
+	if (p->errs == NULL || i < 0 || i >= p->nevents ||
+		p->errs[i] != VOUTBOX_DELIVERY_PENDING)
+		return;
+	p->errs[i] = msg->err;
+	p->pending--;
+}
+
+static void
+on_error(rd_kafka_t *rk pg_attribute_unused(), int err, const char *reason, void *opaque)
+{
+	VoutboxProducer *p = opaque;
+
+	if (err == RD_KAFKA_RESP_ERR__FATAL)
+		p->fatal = true;
+	if (p->nlogs < MAX_PENDING_LOGS)
+		snprintf(p->logs[p->nlogs++], sizeof(p->logs[0]), "error %s: %s",
+				 rd_kafka_err2name(err), reason);
+	else
+		p->dropped_logs++;
+	p->last_error = err;
+}
+
+static void
+on_log(const rd_kafka_t *rk, int level pg_attribute_unused(), const char *fac, const char *buf)
+{
+	VoutboxProducer *p = rd_kafka_opaque(rk);
+
+	if (p->nlogs < MAX_PENDING_LOGS)
+		snprintf(p->logs[p->nlogs++], sizeof(p->logs[0]), "%s: %s", fac, buf);
+	else
+		p->dropped_logs++;
+}
+
+/* Log what the callbacks recorded; outside librdkafka, so ereport is safe. */
+static void
+emit_logs(VoutboxProducer *p)
+{
+	for (int i = 0; i < p->nlogs; i++)
+		ereport(LOG, (errmsg("voutbox: librdkafka %s", p->logs[i])));
+	if (p->dropped_logs > 0)
+		ereport(LOG, (errmsg("voutbox: %d more librdkafka messages not logged", p->dropped_logs)));
+	p->nlogs = 0;
+	p->dropped_logs = 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Life cycle
+ * ---------------------------------------------------------------------
+ */
+
+static void
+conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
+{
+	char		errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+		elog(ERROR, "voutbox: could not set librdkafka property %s: %s", name, errstr);
+}
+
+VoutboxProducer *
+voutbox_producer_create(char **error)
+{
+	VoutboxProducer *p = MemoryContextAllocZero(TopMemoryContext, sizeof(VoutboxProducer));
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	char		queue_len[32];
+	int			fds[2];
+	rd_kafka_queue_t *mainq;
+
+	conf_set(conf, "bootstrap.servers", voutbox_brokers);
+	conf_set(conf, "client.id", "voutbox");
+	conf_set(conf, "enable.idempotence", "true");
+	conf_set(conf, "acks", "all");
+	conf_set(conf, "partitioner", "murmur2_random");
+	conf_set(conf, "message.timeout.ms", "0");
+	conf_set(conf, "log.queue", "true");
+	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
+	conf_set(conf, "queue.buffering.max.messages", queue_len);
+	if (!apply_properties(conf, voutbox_kafka_properties, error) ||
+		!apply_properties(conf, voutbox_kafka_secret_properties, error))
+	{
+		rd_kafka_conf_destroy(conf);
+		pfree(p);
+		return NULL;
+	}
+	rd_kafka_conf_set_opaque(conf, p);
+	rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+	rd_kafka_conf_set_error_cb(conf, on_error);
+	rd_kafka_conf_set_log_cb(conf, on_log);
+
+	p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (p->rk == NULL)
+	{
+		rd_kafka_conf_destroy(conf);
+		*error = pstrdup(errstr);
+		pfree(p);
+		return NULL;
+	}
+	rd_kafka_set_log_queue(p->rk, NULL);
+
+	if (pipe(fds) != 0 ||
+		fcntl(fds[0], F_SETFL, O_NONBLOCK) != 0 || fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0 ||
+		fcntl(fds[0], F_SETFD, FD_CLOEXEC) != 0 || fcntl(fds[1], F_SETFD, FD_CLOEXEC) != 0)
+		elog(ERROR, "voutbox: could not create a pipe: %m");
+	p->pipe_r = fds[0];
+	p->pipe_w = fds[1];
+	mainq = rd_kafka_queue_get_main(p->rk);
+	rd_kafka_queue_io_event_enable(mainq, p->pipe_w, "1", 1);
+	rd_kafka_queue_destroy(mainq);
+	return p;
+}
+
+/*
+ * Destroy the producer.  Messages still queued are purged: they are not
+ * settled, so the worker sends them again.
+ */
+void
+voutbox_producer_destroy(VoutboxProducer *p)
+{
+	p->errs = NULL;
+	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+	rd_kafka_flush(p->rk, 1000);
+	rd_kafka_destroy(p->rk);
+	emit_logs(p);
+	close(p->pipe_r);
+	close(p->pipe_w);
+	pfree(p);
+}
+
+bool
+voutbox_producer_is_broken(VoutboxProducer *p)
+{
+	return p->fatal || p->purged;
+}
+
+int
+voutbox_producer_socket(VoutboxProducer *p)
+{
+	return p->pipe_r;
+}
+
+/* Serve librdkafka's main queue: delivery reports, errors, logs. */
+void
+voutbox_producer_serve(VoutboxProducer *p)
+{
+	char		buf[256];
+
+	while (read(p->pipe_r, buf, sizeof(buf)) > 0)
+		;
+	while (rd_kafka_poll(p->rk, 0) > 0)
+		;
+	emit_logs(p);
+	if (p->fatal && !p->purged)
+	{
+		char		reason[512];
+		rd_kafka_resp_err_t err = rd_kafka_fatal_error(p->rk, reason, sizeof(reason));
+
+		ereport(LOG,
+				(errmsg("voutbox: the Kafka producer failed: %s: %s",
+						rd_kafka_err2name(err), reason),
+				 errdetail("Unsettled events are sent again by a new producer.")));
+		rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+		p->purged = true;
+	}
+}
+
+/* ---------------------------------------------------------------------
+ * Delivering a batch
+ * ---------------------------------------------------------------------
+ */
+
+static rd_kafka_headers_t *
+headers_new(const VoutboxEvent *ev)
+{
+	rd_kafka_headers_t *h = rd_kafka_headers_new(6);
+
+	rd_kafka_header_add(h, "idempotency_key", -1, ev->idempotency_key, -1);
+	rd_kafka_header_add(h, "event_type", -1, ev->event_type, -1);
+	rd_kafka_header_add(h, "tenant_id", -1, ev->tenant_id, -1);
+	rd_kafka_header_add(h, "correlation_id", -1, ev->correlation_id, -1);
+	rd_kafka_header_add(h, "content-type", -1, "application/json", -1);
+	if (ev->traceparent != NULL)
+		rd_kafka_header_add(h, "traceparent", -1, ev->traceparent, -1);
+	return h;
+}
+
+static rd_kafka_resp_err_t
+produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
+{
+	struct json_object *env = voutbox_envelope_new(ev);
+	size_t		len;
+	const char *value = json_object_to_json_string_length(env, JSON_C_TO_STRING_PLAIN, &len);
+	rd_kafka_headers_t *hdrs = headers_new(ev);
+	rd_kafka_resp_err_t err;
+	/* Kafka record time: when the event was saved, in ms since the epoch */
+	int64		ts_ms = ev->created_at / 1000 +
+		(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
+
+	err = rd_kafka_producev(p->rk,
+							RD_KAFKA_V_TOPIC(ev->topic),
+							RD_KAFKA_V_KEY(ev->msg_key, ev->msg_key ? strlen(ev->msg_key) : 0),
+							RD_KAFKA_V_VALUE((void *) value, len),
+							RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+							RD_KAFKA_V_HEADERS(hdrs),
+							RD_KAFKA_V_TIMESTAMP(ts_ms),
+							RD_KAFKA_V_OPAQUE((void *) (intptr_t) i),
+							RD_KAFKA_V_END);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_headers_destroy(hdrs);
+	json_object_put(env);
+	return err;
+}
+
+/*
+ * Wait until the batch's reports are in (or, with until_all false, for one
+ * round of the wait).  On shutdown, outstanding messages get a grace period
+ * and are then purged, so they come back failed and unsettled.
+ */
+static void
+wait_for_reports(VoutboxProducer *p, bool until_all)
+{
+	TimestampTz started = GetCurrentTimestamp();
+	TimestampTz last_notice = started;
+	TimestampTz shutdown_at = 0;
+
+	for (;;)
+	{
+		voutbox_producer_serve(p);
+		if (p->pending == 0)
+			return;
+		if (ShutdownRequestPending && !p->purged)
+		{
+			TimestampTz now = GetCurrentTimestamp();
+
+			if (shutdown_at == 0)
+				shutdown_at = now;
+			else if (TimestampDifferenceExceeds(shutdown_at, now, SHUTDOWN_GRACE_MS))
+			{
+				rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+				p->purged = true;
+				continue;
+			}
+		}
+		if (TimestampDifferenceExceeds(last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
+		{
+			last_notice = GetCurrentTimestamp();
+			ereport(LOG,
+					(errmsg("voutbox: still waiting for the broker to acknowledge %d of %d events",
+							p->pending, p->nevents),
+					 errdetail("Kafka brokers: %s. Nothing is lost; delivery resumes when the broker answers.",
+							   voutbox_brokers)));
+		}
+		voutbox_report_activity(psprintf("waiting for the broker: %d of %d events unacknowledged",
+										 p->pending, p->nevents));
+		(void) WaitLatchOrSocket(MyLatch,
+								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 p->pipe_r, 1000, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (!until_all)
+			return;
+	}
+}
+
+/*
+ * Send the events[i] whose errs[i] is VOUTBOX_DELIVERY_PENDING and wait for
+ * every delivery report.  errs[i] receives the outcome of events[i]: 0 when
+ * the broker acknowledged it, else the librdkafka error.
+ */
+void
+voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, int *errs)
+{
+	p->errs = errs;
+	p->nevents = n;
+	p->pending = 0;
+
+	for (int i = 0; i < n && !p->purged; i++)
+	{
+		rd_kafka_resp_err_t err;
+
+		if (errs[i] != VOUTBOX_DELIVERY_PENDING)
+			continue;
+		CHECK_FOR_INTERRUPTS();
+		p->pending++;
+		while ((err = produce_one(p, &events[i], i)) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			wait_for_reports(p, false);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			errs[i] = err;
+			p->pending--;
+		}
+	}
+	wait_for_reports(p, true);
+	/* Events never handed to librdkafka because the producer broke. */
+	for (int i = 0; i < n; i++)
+		if (errs[i] == VOUTBOX_DELIVERY_PENDING)
+			errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+	p->errs = NULL;
+}
+
+const char *
+voutbox_delivery_error_text(int err)
+{
+	return psprintf("%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
+}
+
+/*
+ * Whether a failed delivery counts as an attempt of the event.  A purge (at
+ * shutdown, or after the producer itself failed) says nothing about the
+ * event: it is sent again, in order, without using up a retry.
+ */
+bool
+voutbox_delivery_error_counts(int err)
+{
+	return err != RD_KAFKA_RESP_ERR__PURGE_QUEUE &&
+		err != RD_KAFKA_RESP_ERR__PURGE_INFLIGHT &&
+		err != RD_KAFKA_RESP_ERR__FATAL;
+}

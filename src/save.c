@@ -1,0 +1,631 @@
+/*-------------------------------------------------------------------------
+ *
+ * save.c
+ *		outbox_save(): validate an event and append it to the outbox.
+ *
+ * The event is inserted, nothing else is written: the row carries the
+ * saving transaction's id (pg_current_xact_id()) and a save-order number,
+ * from which the worker later forms its batches (storage.c).  Topic and key
+ * are rendered here so that bad routing input fails the caller's statement.
+ *
+ * Idempotency: a unique index cannot span the ring of event tables, so a
+ * call with an idempotency key first takes a transaction-level lock on the
+ * (tenant_id, key) pair and then looks the key up with the latest snapshot.
+ * Two sessions saving the same key thus serialize, and the second one sees
+ * the first one's event once it has committed, also in REPEATABLE READ.
+ * Calls without a key skip all this: the key defaults to the fresh event id.
+ *
+ * At commit, a transaction that saved events sets the worker's latch.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/time.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+#include "utils/xid8.h"
+
+#include "voutbox.h"
+
+/* locktag_field4 of voutbox's advisory locks; user advisory locks use 1 and 2 */
+#define VOUTBOX_LOCK_IDEMPOTENCY	0x766f
+
+/* Arguments of outbox_save, in SQL order. */
+enum
+{
+	ARG_TENANT_ID,
+	ARG_AGGREGATE_TYPE,
+	ARG_AGGREGATE_ID,
+	ARG_EVENT_TYPE,
+	ARG_PAYLOAD,
+	ARG_EVENT_VERSION,
+	ARG_METADATA,
+	ARG_IDEMPOTENCY_KEY,
+	ARG_CORRELATION_ID,
+	ARG_TRACE_ID,
+	ARG_PII,
+	ARG_PII_FIELDS,
+	ARG_CONSENT,
+	ARG_PRODUCER,
+	ARG_SCHEDULED_FOR
+};
+
+/* Columns of the INSERT, in the order of its parameters. */
+#define INSERT_NPARAMS 21
+
+typedef struct SaveRequest
+{
+	char	   *tenant_id;
+	char	   *aggregate_type;
+	char	   *aggregate_id;
+	char	   *event_type;
+	Jsonb	   *payload;
+	int32		event_version;
+	Jsonb	   *metadata;
+	char	   *idempotency_key;
+	char	   *correlation_id;
+	char	   *trace_id;
+	char	   *traceparent;
+	bool		pii;
+	Datum		pii_fields;
+	bool		has_pii_fields;
+	Jsonb	   *consent;
+	char	   *producer;
+	bool		has_scheduled_for;
+	TimestampTz scheduled_for;
+	char	   *topic;
+	char	   *msg_key;
+} SaveRequest;
+
+static SPIPlanPtr plan_current_slot = NULL;
+static SPIPlanPtr plan_insert[VOUTBOX_RING_SLOTS];
+static SPIPlanPtr plan_find_key = NULL;
+static Oid	plan_find_key_nsp = InvalidOid;
+
+static bool xact_callback_registered = false;
+static bool saved_in_xact = false;
+
+PG_FUNCTION_INFO_V1(voutbox_outbox_save);
+
+/* ---------------------------------------------------------------------
+ * Validation
+ * ---------------------------------------------------------------------
+ */
+
+static char *
+required_text(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	char	   *s;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	if (s[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", name)));
+	return s;
+}
+
+/* NULL when the argument is NULL; an error when it is empty. */
+static char *
+optional_text(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	char	   *s;
+
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	if (s[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", name),
+				 errhint("Pass NULL to use the default.")));
+	return s;
+}
+
+/*
+ * event_type must read "name.vN": dot-separated segments of letters, digits,
+ * "_" and "-", the last one "v" and a positive version.  Returns N.
+ */
+static int32
+parse_event_type(const char *event_type)
+{
+	const char *dot = strrchr(event_type, '.');
+	const char *p;
+	int64		version = 0;
+	bool		ok = dot != NULL && dot != event_type && dot[1] == 'v' &&
+		dot[2] >= '1' && dot[2] <= '9';
+
+	for (p = dot ? dot + 2 : event_type; ok && *p; p++)
+	{
+		ok = *p >= '0' && *p <= '9';
+		version = version * 10 + (*p - '0');
+		ok = ok && version <= PG_INT32_MAX;
+	}
+	for (p = event_type; ok && p < dot; p++)
+	{
+		bool		sep = *p == '.';
+
+		ok = sep ? (p != event_type && p[-1] != '.') :
+			((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+			 (*p >= '0' && *p <= '9') || *p == '_' || *p == '-');
+	}
+	ok = ok && dot[-1] != '.';
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_type \"%s\" is not of the form name.vN", event_type),
+				 errdetail("An event type is dot-separated words of letters, digits, \"_\" and \"-\", ending in \".v\" and a version number from 1, such as \"lead.created.v1\".")));
+	return (int32) version;
+}
+
+/* len lowercase hex digits; when nonzero, not all of them "0" */
+static bool
+is_lower_hex(const char *s, int len, bool nonzero)
+{
+	bool		seen_nonzero = false;
+
+	for (int i = 0; i < len; i++)
+	{
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+		seen_nonzero = seen_nonzero || s[i] != '0';
+	}
+	return seen_nonzero || !nonzero;
+}
+
+static bool
+is_trace_id(const char *s)
+{
+	return strlen(s) == 32 && is_lower_hex(s, 32, true);
+}
+
+bool
+voutbox_traceparent_is_valid(const char *v)
+{
+	return strlen(v) == 55 && strncmp(v, "00-", 3) == 0 &&
+		is_lower_hex(v + 3, 32, true) && v[35] == '-' &&
+		is_lower_hex(v + 36, 16, true) && v[52] == '-' &&
+		is_lower_hex(v + 53, 2, false);
+}
+
+/*
+ * Trace context: an explicit trace_id wins; else the session's
+ * voutbox.traceparent gives one.  The traceparent header sent with the
+ * event names the session's span as parent when it belongs to the same
+ * trace, else a random parent id.
+ */
+static void
+resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
+{
+	const char *session = voutbox_traceparent;
+	bool		have_session = session != NULL && session[0] != '\0';
+
+	req->trace_id = optional_text(fcinfo, ARG_TRACE_ID, "trace_id");
+	if (req->trace_id != NULL && !is_trace_id(req->trace_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("trace_id \"%s\" is not a W3C trace id", req->trace_id),
+				 errdetail("A trace id is 32 lowercase hexadecimal digits, not all zero.")));
+	if (req->trace_id == NULL && have_session)
+		req->trace_id = pnstrdup(session + 3, 32);
+	if (req->trace_id == NULL)
+		req->traceparent = NULL;
+	else if (have_session && strncmp(session + 3, req->trace_id, 32) == 0)
+		req->traceparent = pstrdup(session);
+	else
+	{
+		uint8		span[8];
+		char		hex[17];
+
+		if (!pg_strong_random(span, sizeof(span)))
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("could not generate random values")));
+		hex_encode((char *) span, sizeof(span), hex);
+		hex[16] = '\0';
+		req->traceparent = psprintf("00-%s-%s-01", req->trace_id, hex);
+	}
+}
+
+static void
+check_payload(Jsonb *payload)
+{
+	char	   *text = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
+	size_t		len = strlen(text);
+
+	if (len > (size_t) voutbox_max_payload_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("The payload is %zu bytes as JSON text; voutbox.max_payload_bytes is %d.",
+						   len, voutbox_max_payload_bytes),
+				 errhint("Store large data elsewhere and put a reference in the event.")));
+	pfree(text);
+}
+
+static void
+check_pii_fields(ArrayType *arr)
+{
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("pii_fields must be a one-dimensional array")));
+	if (array_contains_nulls(arr))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("pii_fields must not contain nulls")));
+}
+
+/*
+ * Every argument that the topic template puts into the topic must itself be
+ * acceptable in a Kafka topic name; the message names the first one that is
+ * not.  Then the whole topic must be.
+ */
+static void
+render_routing(SaveRequest *req)
+{
+	VoutboxRouteFields f = {req->tenant_id, req->aggregate_type, req->aggregate_id,
+	req->event_type, req->event_version};
+	const char *args[][2] = {{"tenant_id", req->tenant_id},
+	{"aggregate_type", req->aggregate_type},
+	{"aggregate_id", req->aggregate_id},
+	{"event_type", req->event_type}};
+	const char *detail;
+
+	for (size_t i = 0; i < lengthof(args); i++)
+	{
+		char	   *placeholder = psprintf("{%s}", args[i][0]);
+
+		if (strstr(voutbox_topic_template, placeholder) != NULL &&
+			strlen(args[i][1]) <= 249 &&
+			!voutbox_topic_is_valid(args[i][1], &detail))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_NAME),
+					 errmsg("%s \"%s\" cannot be part of a Kafka topic name", args[i][0], args[i][1]),
+					 errdetail("voutbox.topic_template \"%s\" puts %s into the topic. %s",
+							   voutbox_topic_template, args[i][0], detail)));
+	}
+	req->topic = voutbox_render_template(voutbox_topic_template, &f);
+	if (!voutbox_topic_is_valid(req->topic, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("the topic \"%s\" rendered from voutbox.topic_template is not a valid Kafka topic name",
+						req->topic),
+				 errdetail("%s", detail),
+				 errhint("Shorten the arguments the template uses, or change voutbox.topic_template.")));
+	req->msg_key = voutbox_render_template(voutbox_key_template, &f);
+	if (req->msg_key[0] == '\0')
+		req->msg_key = NULL;
+}
+
+static void
+read_request(FunctionCallInfo fcinfo, SaveRequest *req)
+{
+	int32		type_version;
+
+	memset(req, 0, sizeof(*req));
+	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id");
+	req->aggregate_type = required_text(fcinfo, ARG_AGGREGATE_TYPE, "aggregate_type");
+	req->aggregate_id = required_text(fcinfo, ARG_AGGREGATE_ID, "aggregate_id");
+	req->event_type = required_text(fcinfo, ARG_EVENT_TYPE, "event_type");
+	type_version = parse_event_type(req->event_type);
+	req->event_version = PG_ARGISNULL(ARG_EVENT_VERSION) ? type_version :
+		PG_GETARG_INT32(ARG_EVENT_VERSION);
+	if (req->event_version != type_version)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_version %d does not match event_type \"%s\"",
+						req->event_version, req->event_type),
+				 errhint("Omit event_version; it defaults to the version in event_type.")));
+
+	if (PG_ARGISNULL(ARG_PAYLOAD))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null"),
+				 errhint("Pass '{}' or the JSON null value 'null' for an event without data.")));
+	req->payload = PG_GETARG_JSONB_P(ARG_PAYLOAD);
+	check_payload(req->payload);
+
+	if (!PG_ARGISNULL(ARG_METADATA))
+	{
+		req->metadata = PG_GETARG_JSONB_P(ARG_METADATA);
+		if (!JB_ROOT_IS_OBJECT(req->metadata))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("metadata must be a JSON object")));
+	}
+	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key");
+	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id");
+	if (req->correlation_id == NULL)
+		req->correlation_id = req->aggregate_id;
+	resolve_trace(req, fcinfo);
+
+	if (PG_ARGISNULL(ARG_PII))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("pii must not be null")));
+	req->pii = PG_GETARG_BOOL(ARG_PII);
+	if (!PG_ARGISNULL(ARG_PII_FIELDS))
+	{
+		check_pii_fields(PG_GETARG_ARRAYTYPE_P(ARG_PII_FIELDS));
+		req->pii_fields = PG_GETARG_DATUM(ARG_PII_FIELDS);
+		req->has_pii_fields = true;
+	}
+	if (!PG_ARGISNULL(ARG_CONSENT))
+		req->consent = PG_GETARG_JSONB_P(ARG_CONSENT);
+	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer");
+	if (req->producer == NULL && voutbox_producer != NULL && voutbox_producer[0] != '\0')
+		req->producer = pstrdup(voutbox_producer);
+
+	if (!PG_ARGISNULL(ARG_SCHEDULED_FOR))
+	{
+		req->scheduled_for = PG_GETARG_TIMESTAMPTZ(ARG_SCHEDULED_FOR);
+		req->has_scheduled_for = true;
+		if (TIMESTAMP_NOT_FINITE(req->scheduled_for))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+					 errmsg("scheduled_for must be a finite timestamp")));
+	}
+	render_routing(req);
+}
+
+/* ---------------------------------------------------------------------
+ * Storage
+ * ---------------------------------------------------------------------
+ */
+
+static SPIPlanPtr
+prepare_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "voutbox: SPI_prepare failed for \"%s\": %s",
+			 sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "voutbox: SPI_keepplan failed");
+	return plan;
+}
+
+static void
+prepare_plans(Oid api_nsp)
+{
+	if (plan_current_slot == NULL)
+		plan_current_slot = prepare_plan("SELECT slot FROM " VOUTBOX_SCHEMA ".ring WHERE state = 'current'",
+										 0, NULL);
+	for (int slot = 0; slot < VOUTBOX_RING_SLOTS; slot++)
+	{
+		Oid			types[INSERT_NPARAMS] = {UUIDOID, XID8OID, TEXTOID, TEXTOID, TEXTOID,
+			TEXTOID, INT4OID, JSONBOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID, TEXTARRAYOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID};
+
+		if (plan_insert[slot] != NULL)
+			continue;
+		plan_insert[slot] = prepare_plan(psprintf(
+												  "INSERT INTO " VOUTBOX_SCHEMA ".events_%d (id, seq, txid, tenant_id, "
+												  "aggregate_type, aggregate_id, event_type, event_version, payload, metadata, "
+												  "idempotency_key, trace_id, traceparent, correlation_id, created_at, "
+												  "scheduled_for, pii, pii_fields, consent, producer, topic, msg_key) "
+												  "VALUES ($1, nextval('" VOUTBOX_SCHEMA ".event_seq'), $2, $3, $4, $5, $6, "
+												  "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+												  slot),
+										 INSERT_NPARAMS, types);
+	}
+	if (plan_find_key == NULL || plan_find_key_nsp != api_nsp)
+	{
+		Oid			types[2] = {TEXTOID, TEXTOID};
+
+		if (plan_find_key != NULL)
+			SPI_freeplan(plan_find_key);
+		plan_find_key = NULL;
+		plan_find_key = prepare_plan(psprintf(
+											  "SELECT id FROM " VOUTBOX_SCHEMA ".events WHERE tenant_id = $1 AND idempotency_key = $2 "
+											  "UNION ALL "
+											  "SELECT id FROM %s.outbox_dlq WHERE tenant_id = $1 AND idempotency_key = $2 "
+											  "LIMIT 1",
+											  quote_identifier(get_namespace_name(api_nsp))),
+									 2, types);
+		plan_find_key_nsp = api_nsp;
+	}
+}
+
+/*
+ * Take the transaction-level lock of (tenant_id, idempotency_key) and return
+ * the id of the event already saved under that key, if any.
+ */
+static bool
+find_saved_event(SaveRequest *req, Datum *id)
+{
+	LOCKTAG		tag;
+	uint64		h;
+	Datum		values[2];
+	char	   *key = psprintf("%s%c%s", req->tenant_id, '\0', req->idempotency_key);
+	int			keylen = strlen(req->tenant_id) + 1 + strlen(req->idempotency_key);
+	bool		isnull;
+
+	h = DatumGetUInt64(hash_any_extended((unsigned char *) key, keylen, 0));
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
+						 VOUTBOX_LOCK_IDEMPOTENCY);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+
+	values[0] = CStringGetTextDatum(req->tenant_id);
+	values[1] = CStringGetTextDatum(req->idempotency_key);
+	if (SPI_execute_snapshot(plan_find_key, values, NULL, GetLatestSnapshot(),
+							 InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "voutbox: idempotency key lookup failed");
+	if (SPI_processed == 0)
+		return false;
+	*id = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*id = SPI_datumTransfer(*id, false, UUID_LEN);
+	return true;
+}
+
+static int
+current_slot(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute_plan(plan_current_slot, NULL, NULL, true, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "voutbox: the ring of event tables has no current table");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return DatumGetInt32(d);
+}
+
+/*
+ * A version 7 UUID (RFC 9562): 48 bits of Unix time in milliseconds, then a
+ * 12-bit counter, so that the ids of one backend, and thus of one
+ * transaction, increase in the order they were made.
+ */
+static void
+generate_uuidv7(pg_uuid_t *uuid)
+{
+	static int64 last_ms = 0;
+	static uint16 counter = 0;
+	struct timeval tv;
+	int64		ms;
+
+	gettimeofday(&tv, NULL);
+	ms = (int64) tv.tv_sec * 1000 + tv.tv_usec / 1000;
+	if (ms <= last_ms)
+	{
+		ms = last_ms;
+		if (++counter > 0xFFF)
+		{
+			ms++;
+			counter = 0;
+		}
+	}
+	else
+		counter = 0;
+	last_ms = ms;
+
+	if (!pg_strong_random(uuid->data + 8, 8))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random values")));
+	for (int i = 0; i < 6; i++)
+		uuid->data[i] = (uint8) (ms >> (40 - 8 * i));
+	uuid->data[6] = 0x70 | (counter >> 8);
+	uuid->data[7] = counter & 0xFF;
+	uuid->data[8] = 0x80 | (uuid->data[8] & 0x3F);
+}
+
+static Datum
+text_or_null(const char *s, char *null)
+{
+	*null = s ? ' ' : 'n';
+	return s ? CStringGetTextDatum(s) : (Datum) 0;
+}
+
+static void
+insert_event(SaveRequest *req, Datum id)
+{
+	Datum		v[INSERT_NPARAMS];
+	char		n[INSERT_NPARAMS];
+
+	memset(n, ' ', sizeof(n));
+	v[0] = id;
+	v[1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	v[2] = CStringGetTextDatum(req->tenant_id);
+	v[3] = CStringGetTextDatum(req->aggregate_type);
+	v[4] = CStringGetTextDatum(req->aggregate_id);
+	v[5] = CStringGetTextDatum(req->event_type);
+	v[6] = Int32GetDatum(req->event_version);
+	v[7] = JsonbPGetDatum(req->payload);
+	v[8] = req->metadata ? JsonbPGetDatum(req->metadata) : (Datum) 0;
+	n[8] = req->metadata ? ' ' : 'n';
+	v[9] = text_or_null(req->idempotency_key, &n[9]);
+	v[10] = text_or_null(req->trace_id, &n[10]);
+	v[11] = text_or_null(req->traceparent, &n[11]);
+	v[12] = CStringGetTextDatum(req->correlation_id);
+	v[13] = TimestampTzGetDatum(GetCurrentStatementStartTimestamp());
+	v[14] = TimestampTzGetDatum(req->scheduled_for);
+	n[14] = req->has_scheduled_for ? ' ' : 'n';
+	v[15] = BoolGetDatum(req->pii);
+	v[16] = req->pii_fields;
+	n[16] = req->has_pii_fields ? ' ' : 'n';
+	v[17] = req->consent ? JsonbPGetDatum(req->consent) : (Datum) 0;
+	n[17] = req->consent ? ' ' : 'n';
+	v[18] = text_or_null(req->producer, &n[18]);
+	v[19] = CStringGetTextDatum(req->topic);
+	v[20] = text_or_null(req->msg_key, &n[20]);
+
+	if (SPI_execute_plan(plan_insert[current_slot()], v, n, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "voutbox: could not insert the event");
+}
+
+static void
+voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (saved_in_xact)
+				voutbox_wake_worker();
+			saved_in_xact = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* COMMIT PREPARED fires no callback: the poll interval finds it. */
+			saved_in_xact = false;
+			break;
+		default:
+			break;
+	}
+}
+
+Datum
+voutbox_outbox_save(PG_FUNCTION_ARGS)
+{
+	SaveRequest req;
+	Datum		id;
+	pg_uuid_t  *uuid;
+
+	read_request(fcinfo, &req);
+	uuid = palloc(sizeof(pg_uuid_t));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "voutbox: SPI_connect failed");
+	prepare_plans(get_func_namespace(fcinfo->flinfo->fn_oid));
+
+	if (req.idempotency_key != NULL && find_saved_event(&req, &id))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(id);
+	}
+
+	generate_uuidv7(uuid);
+	id = UUIDPGetDatum(uuid);
+	insert_event(&req, id);
+	SPI_finish();
+
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(voutbox_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	saved_in_xact = true;
+	PG_RETURN_UUID_P(uuid);
+}

@@ -1,0 +1,778 @@
+/*-------------------------------------------------------------------------
+ *
+ * storage.c
+ *		Batches of committed events, read and settled by the worker.
+ *
+ * Batches are defined by transaction visibility, not by ids (PgQ's ticker
+ * technique).  The cursor is a snapshot "lo": every event whose saving
+ * transaction is visible in lo is settled.  To go on, the worker takes a new
+ * snapshot "hi"; the window is the events whose transaction is visible in hi
+ * but not in lo.  A transaction that got its id early and commits late is
+ * simply in a later window; one that is still open is in no window yet, and
+ * does not hold back the others.  Not visible in lo means "txid >= xmax(lo)
+ * or txid in xip(lo)", so a window is found by two index scans however old
+ * the oldest open transaction is.
+ *
+ * Within a window, events go in save order (seq).  A window is read through a
+ * holdable cursor: its rows are sorted once, kept by PostgreSQL in a
+ * tuplestore (spilling to disk), and fetched batch_size at a time in short
+ * transactions.  No transaction or snapshot stays open while the worker
+ * waits for Kafka.
+ *
+ * Settling appends one row to voutbox.batches (lo, hi, done_seq): the
+ * window is settled up to done_seq, or wholly once the cursor is exhausted.
+ * Nothing is updated or deleted in the ring of event tables.
+ *
+ * Events that cannot be sent now are copied to voutbox.deferred: failed ones
+ * wait for a retry with backoff, later events of their key wait behind them
+ * (so a key's order holds), and scheduled ones wait for their time.
+ *
+ * All functions here run their own short transactions in the worker.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+#define PORTAL_NAME "voutbox_window"
+
+/* What the worker reads of an event; see read_event(). */
+#define EVENT_SELECT_LIST \
+	"e.id::text, e.seq, e.tenant_id, e.aggregate_type, e.aggregate_id, " \
+	"e.event_type, e.event_version, e.payload::text, e.metadata::text, " \
+	"coalesce(e.idempotency_key, e.id::text), e.trace_id, e.traceparent, " \
+	"e.correlation_id, e.created_at, e.scheduled_for, e.pii, e.pii_fields, " \
+	"e.consent::text, e.producer, e.topic, e.msg_key"
+
+/* The columns of voutbox.events, which voutbox.deferred repeats. */
+#define EVENT_COLUMNS \
+	"id, seq, txid, tenant_id, aggregate_type, aggregate_id, event_type, " \
+	"event_version, payload, metadata, idempotency_key, trace_id, traceparent, " \
+	"correlation_id, created_at, scheduled_for, pii, pii_fields, consent, " \
+	"producer, topic, msg_key"
+
+/* Quoted schema of the user-facing relations (outbox_dlq). */
+static char *api_schema = NULL;
+
+/* ---------------------------------------------------------------------
+ * Transactions and SPI
+ * ---------------------------------------------------------------------
+ */
+
+void
+voutbox_xact_begin(const char *activity)
+{
+	voutbox_report_activity(activity);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "voutbox: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+void
+voutbox_xact_end(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+}
+
+/* Run sql with text/other parameters; returns SPI_processed. */
+uint64
+voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
+			const char *nulls, int expected)
+{
+	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "voutbox: SPI_execute_with_args returned %s for \"%s\"",
+			 SPI_result_code_string(rc), sql);
+	return SPI_processed;
+}
+
+/* A text[] datum of the given strings (NULL entries are SQL NULLs). */
+static Datum
+text_array(char **values, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+	{
+		nulls[i] = values[i] == NULL;
+		d[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(values[i]);
+	}
+	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs,
+											  TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+static Datum
+scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align)
+{
+	return PointerGetDatum(construct_array(values, n, type, len, byval, align));
+}
+
+static char *
+col_text(HeapTuple tup, TupleDesc td, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, td, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* Copy row "tup" (of EVENT_SELECT_LIST) into ev, in CurrentMemoryContext. */
+static void
+read_event(HeapTuple tup, TupleDesc td, VoutboxEvent *ev)
+{
+	bool		isnull;
+	Datum		d;
+
+	memset(ev, 0, sizeof(*ev));
+	ev->id = col_text(tup, td, 1);
+	ev->seq = DatumGetInt64(SPI_getbinval(tup, td, 2, &isnull));
+	ev->tenant_id = col_text(tup, td, 3);
+	ev->aggregate_type = col_text(tup, td, 4);
+	ev->aggregate_id = col_text(tup, td, 5);
+	ev->event_type = col_text(tup, td, 6);
+	ev->event_version = DatumGetInt32(SPI_getbinval(tup, td, 7, &isnull));
+	ev->payload = col_text(tup, td, 8);
+	ev->metadata = col_text(tup, td, 9);
+	ev->idempotency_key = col_text(tup, td, 10);
+	ev->trace_id = col_text(tup, td, 11);
+	ev->traceparent = col_text(tup, td, 12);
+	ev->correlation_id = col_text(tup, td, 13);
+	ev->created_at = DatumGetTimestampTz(SPI_getbinval(tup, td, 14, &isnull));
+	d = SPI_getbinval(tup, td, 15, &ev->has_scheduled_for);
+	ev->has_scheduled_for = !ev->has_scheduled_for;
+	if (ev->has_scheduled_for)
+		ev->scheduled_for = DatumGetTimestampTz(d);
+	ev->pii = DatumGetBool(SPI_getbinval(tup, td, 16, &isnull));
+	d = SPI_getbinval(tup, td, 17, &isnull);
+	if (!isnull)
+	{
+		Datum	   *elems;
+
+		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+						  &elems, NULL, &ev->n_pii_fields);
+		ev->pii_fields = palloc(sizeof(char *) * Max(ev->n_pii_fields, 1));
+		for (int i = 0; i < ev->n_pii_fields; i++)
+			ev->pii_fields[i] = TextDatumGetCString(elems[i]);
+	}
+	ev->consent = col_text(tup, td, 18);
+	ev->producer = col_text(tup, td, 19);
+	ev->topic = col_text(tup, td, 20);
+	ev->msg_key = col_text(tup, td, 21);
+}
+
+/* ---------------------------------------------------------------------
+ * Keys that are held: an event of theirs waits in voutbox.deferred
+ * ---------------------------------------------------------------------
+ */
+
+uint64
+voutbox_key_hash(const char *topic, const char *key)
+{
+	uint64		h = DatumGetUInt64(hash_any_extended((const unsigned char *) topic,
+													 strlen(topic), 0));
+
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) key,
+											strlen(key), h));
+}
+
+HTAB *
+voutbox_key_set_new(const char *name)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(uint64);
+	ctl.hcxt = CurrentMemoryContext;
+	return hash_create(name, 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+/*
+ * The keys held in voutbox.deferred.  A hash collision only makes an
+ * unrelated event wait one round behind a key that is not its own.
+ */
+static HTAB *
+load_held_keys(MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	HTAB	   *held = voutbox_key_set_new("voutbox held keys");
+
+	MemoryContextSwitchTo(old);
+	voutbox_spi("SELECT DISTINCT topic, msg_key FROM " VOUTBOX_SCHEMA ".deferred "
+				"WHERE delivered_at IS NULL AND holds_key",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		char	   *topic = SPI_getvalue(tup, SPI_tuptable->tupdesc, 1);
+		char	   *key = SPI_getvalue(tup, SPI_tuptable->tupdesc, 2);
+		uint64		h = voutbox_key_hash(topic, key);
+
+		(void) hash_search(held, &h, HASH_ENTER, NULL);
+	}
+	return held;
+}
+
+/* ---------------------------------------------------------------------
+ * Reading a round
+ * ---------------------------------------------------------------------
+ */
+
+/* Look the extension up; remember the schema of its user-facing relations. */
+static bool
+find_extension(void)
+{
+	char	   *nsp;
+
+	voutbox_spi("SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
+				"WHERE extname = '" VOUTBOX_EXTENSION "'", 0, NULL, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+	nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (api_schema == NULL || strcmp(api_schema, nsp) != 0)
+	{
+		if (api_schema != NULL)
+			pfree(api_schema);
+		api_schema = MemoryContextStrdup(TopMemoryContext, nsp);
+	}
+	return true;
+}
+
+const char *
+voutbox_api_schema(void)
+{
+	return api_schema;
+}
+
+static void
+set_snapshot(char **field, const char *value, MemoryContext cxt)
+{
+	if (*field != NULL)
+		pfree(*field);
+	*field = value ? MemoryContextStrdup(cxt, value) : NULL;
+}
+
+static void
+load_cursor(VoutboxCursor *c)
+{
+	MemoryContext cxt = c->cxt;
+	HeapTuple	tup;
+	bool		isnull;
+	Datum		d;
+
+	voutbox_spi("SELECT lo::text, hi::text, done_seq FROM " VOUTBOX_SCHEMA ".batches "
+				"ORDER BY batch_id DESC LIMIT 1", 0, NULL, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_processed != 1)
+		elog(ERROR, "voutbox: the table " VOUTBOX_SCHEMA ".batches is empty");
+	tup = SPI_tuptable->vals[0];
+	set_snapshot(&c->lo, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1), cxt);
+	set_snapshot(&c->hi, SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), cxt);
+	d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull);
+	c->done_seq = isnull ? PG_INT64_MIN : DatumGetInt64(d);
+}
+
+/*
+ * Open the holdable cursor over the window (lo, hi], rows after done_seq.
+ * Without an open window, take the current snapshot as the new hi; when it
+ * is the same as lo, nothing committed since and no window is opened.
+ */
+static void
+open_window(VoutboxCursor *c)
+{
+	MemoryContext cxt = c->cxt;
+	Oid			types[3] = {TEXTOID, TEXTOID, INT8OID};
+	Datum		values[3];
+
+	if (c->hi == NULL)
+	{
+		voutbox_spi("SELECT pg_current_snapshot()::text", 0, NULL, NULL, NULL, SPI_OK_SELECT);
+		set_snapshot(&c->hi, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), cxt);
+		c->done_seq = PG_INT64_MIN;
+		if (strcmp(c->hi, c->lo) == 0)
+		{
+			set_snapshot(&c->hi, NULL, cxt);
+			return;
+		}
+	}
+	values[0] = CStringGetTextDatum(c->lo);
+	values[1] = CStringGetTextDatum(c->hi);
+	values[2] = Int64GetDatum(c->done_seq);
+	voutbox_spi("DECLARE " PORTAL_NAME " NO SCROLL CURSOR WITH HOLD FOR "
+				"SELECT " EVENT_SELECT_LIST " FROM " VOUTBOX_SCHEMA ".events e "
+				"WHERE ((e.txid >= pg_snapshot_xmax($1::pg_snapshot) "
+				"        AND e.txid < pg_snapshot_xmax($2::pg_snapshot)) "
+				"       OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))) "
+				"  AND pg_visible_in_snapshot(e.txid, $2::pg_snapshot) "
+				"  AND e.seq > $3 "
+				"ORDER BY e.seq",
+				3, types, values, NULL, SPI_OK_UTILITY);
+	c->portal_open = true;
+}
+
+static void
+close_window(VoutboxCursor *c)
+{
+	Portal		portal = SPI_cursor_find(PORTAL_NAME);
+
+	if (portal != NULL)
+		SPI_cursor_close(portal);
+	c->portal_open = false;
+}
+
+/* Events of voutbox.deferred whose time has come, and the next due time. */
+static void
+read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
+{
+	Datum		limit = Int32GetDatum(voutbox_batch_size);
+	Oid			type = INT4OID;
+	MemoryContext old;
+
+	/*
+	 * A held key's events are due when its head (lowest seq) is; events that
+	 * hold no key are due on their own.
+	 */
+	voutbox_spi("WITH heads AS ("
+				"  SELECT DISTINCT ON (topic, msg_key) topic, msg_key, due_at "
+				"    FROM " VOUTBOX_SCHEMA ".deferred "
+				"   WHERE delivered_at IS NULL AND holds_key ORDER BY topic, msg_key, seq) "
+				"SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
+				"  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
+				"       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
+				" WHERE e.delivered_at IS NULL "
+				"   AND CASE WHEN e.holds_key THEN h.due_at ELSE e.due_at END <= now() "
+				" ORDER BY e.seq LIMIT $1",
+				1, &type, &limit, NULL, SPI_OK_SELECT);
+
+	old = MemoryContextSwitchTo(round_cxt);
+	r->events = palloc(sizeof(VoutboxEvent) * (SPI_processed + voutbox_batch_size));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+
+		read_event(tup, SPI_tuptable->tupdesc, &r->events[i]);
+		r->events[i].holds_key = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 22, &isnull));
+		r->events[i].attempts = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 23, &isnull));
+	}
+	r->ndeferred = r->nevents = SPI_processed;
+	MemoryContextSwitchTo(old);
+
+	r->next_due = voutbox_next_due();
+}
+
+/*
+ * The earliest time a deferred event not yet due becomes due: a held key's
+ * head, or an event that holds no key.  0 when none waits.
+ */
+TimestampTz
+voutbox_next_due(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	voutbox_spi("SELECT min(d.due_at) FROM " VOUTBOX_SCHEMA ".deferred d "
+				" WHERE d.delivered_at IS NULL AND d.due_at > now() "
+				"   AND NOT (d.holds_key AND EXISTS ("
+				"        SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h "
+				"         WHERE h.delivered_at IS NULL AND h.holds_key "
+				"           AND h.topic = d.topic AND h.msg_key = d.msg_key AND h.seq < d.seq))",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}
+
+static bool
+deferred_waiting(void)
+{
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred WHERE delivered_at IS NULL LIMIT 1",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	return SPI_processed > 0;
+}
+
+/* Fetch the next chunk of the window into the round; decide each event's action. */
+static void
+read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cxt)
+{
+	Portal		portal = SPI_cursor_find(PORTAL_NAME);
+	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext old;
+	int			first = r->nevents;
+
+	if (portal == NULL)
+		elog(ERROR, "voutbox: the cursor over the current window is gone");
+	SPI_cursor_fetch(portal, true, voutbox_batch_size);
+	r->window_done = SPI_processed < (uint64) voutbox_batch_size;
+
+	old = MemoryContextSwitchTo(round_cxt);
+	if (r->events == NULL)
+		r->events = palloc(sizeof(VoutboxEvent) * voutbox_batch_size);
+	for (uint64 i = 0; i < SPI_processed; i++)
+		read_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &r->events[first + i]);
+	r->nevents += SPI_processed;
+	MemoryContextSwitchTo(old);
+
+	for (int i = first; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		uint64		h;
+
+		if (ev->has_scheduled_for && ev->scheduled_for > now)
+			r->actions[i] = VOUTBOX_SCHEDULE;
+		else if (held != NULL && ev->msg_key != NULL &&
+				 (h = voutbox_key_hash(ev->topic, ev->msg_key),
+				  hash_search(held, &h, HASH_FIND, NULL) != NULL))
+			r->actions[i] = VOUTBOX_HOLD;
+		else
+			r->actions[i] = VOUTBOX_SEND;
+	}
+
+	/* An empty fetch ends the window, and there is nothing to settle. */
+	if (SPI_processed == 0)
+	{
+		close_window(c);
+		set_snapshot(&c->lo, c->hi, c->cxt);
+		set_snapshot(&c->hi, NULL, NULL);
+	}
+}
+
+/*
+ * Read the next round in one short transaction.  Returns false when the
+ * extension is not installed in the worker's database.
+ */
+bool
+voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
+{
+	MemoryContext round_cxt = CurrentMemoryContext;
+	HTAB	   *held = NULL;
+
+	memset(r, 0, sizeof(*r));
+	voutbox_xact_begin("reading the next batch");
+	if (!find_extension())
+	{
+		if (c->portal_open)
+			close_window(c);
+		set_snapshot(&c->lo, NULL, NULL);
+		set_snapshot(&c->hi, NULL, NULL);
+		voutbox_xact_end();
+		return false;
+	}
+	if (c->lo == NULL)
+		load_cursor(c);
+	if (deferred_waiting())
+	{
+		read_due_deferred(r, round_cxt);
+		held = load_held_keys(round_cxt);
+	}
+	if (!c->portal_open)
+		open_window(c);
+	if (c->portal_open)
+	{
+		MemoryContext old = MemoryContextSwitchTo(round_cxt);
+
+		if (r->events == NULL)
+			r->events = palloc(sizeof(VoutboxEvent) * voutbox_batch_size);
+		r->actions = palloc0(sizeof(VoutboxAction) * (r->nevents + voutbox_batch_size));
+		MemoryContextSwitchTo(old);
+		read_chunk(c, r, held, round_cxt);
+	}
+	else
+		r->actions = MemoryContextAllocZero(round_cxt, sizeof(VoutboxAction) * Max(r->nevents, 1));
+	voutbox_xact_end();
+
+	r->errs = MemoryContextAlloc(round_cxt, sizeof(int) * Max(r->nevents, 1));
+	for (int i = 0; i < r->nevents; i++)
+		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
+			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
+	return true;
+}
+
+/* ---------------------------------------------------------------------
+ * Settling a round
+ * ---------------------------------------------------------------------
+ */
+
+/* Delay before attempt n+1 after n failures: exponential, with equal jitter. */
+static TimestampTz
+retry_due(int attempts)
+{
+	double		delay = voutbox_backoff_base;
+
+	for (int i = 1; i < attempts && delay < voutbox_backoff_max; i++)
+		delay *= 2;
+	delay = Min(delay, (double) voutbox_backoff_max);
+	delay = delay / 2 + pg_prng_double(&pg_global_prng_state) * delay / 2;
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
+}
+
+/*
+ * Per round, only the first failure of a key counts as an attempt: later
+ * events of the key were sent behind it and stay behind it.  Returns true
+ * the first time a key is seen.
+ */
+static bool
+first_failure_of_key(HTAB *failed, const VoutboxEvent *ev)
+{
+	uint64		h;
+	bool		found;
+
+	if (ev->msg_key == NULL)
+		return true;
+	h = voutbox_key_hash(ev->topic, ev->msg_key);
+	(void) hash_search(failed, &h, HASH_ENTER, &found);
+	return !found;
+}
+
+/* Columns of a batch of rows for voutbox.deferred, built as arrays. */
+typedef struct DeferredRows
+{
+	int			n;
+	char	  **ids;
+	Datum	   *holds;
+	Datum	   *attempts;
+	Datum	   *due;
+	char	  **errors;
+} DeferredRows;
+
+static void
+deferred_rows_init(DeferredRows *rows, int capacity)
+{
+	capacity = Max(capacity, 1);
+	rows->n = 0;
+	rows->ids = palloc(sizeof(char *) * capacity);
+	rows->holds = palloc(sizeof(Datum) * capacity);
+	rows->attempts = palloc(sizeof(Datum) * capacity);
+	rows->due = palloc(sizeof(Datum) * capacity);
+	rows->errors = palloc(sizeof(char *) * capacity);
+}
+
+static void
+deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds,
+				  int attempts, TimestampTz due, const char *error)
+{
+	int			i = rows->n++;
+
+	rows->ids[i] = ev->id;
+	rows->holds[i] = BoolGetDatum(holds);
+	rows->attempts[i] = Int32GetDatum(attempts);
+	rows->due[i] = TimestampTzGetDatum(due);
+	rows->errors[i] = (char *) error;
+}
+
+/* Update the deferred events that were sent again in this round. */
+static bool
+settle_deferred(VoutboxRound *r, HTAB *failed)
+{
+	DeferredRows charged;
+	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	int			ndelivered = 0;
+
+	deferred_rows_init(&charged, r->ndeferred);
+	for (int i = 0; i < r->ndeferred; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		int			err = r->errs[i];
+
+		if (err == 0)
+			delivered[ndelivered++] = ev->id;
+		else if (voutbox_delivery_error_counts(err) &&
+				 (!ev->holds_key || first_failure_of_key(failed, ev)))
+			deferred_rows_add(&charged, ev, ev->holds_key, ev->attempts + 1,
+							  retry_due(ev->attempts + 1), voutbox_delivery_error_text(err));
+	}
+	if (ndelivered > 0)
+	{
+		Oid			type = TEXTARRAYOID;
+		Datum		ids = text_array(delivered, ndelivered);
+
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred "
+					"SET delivered_at = now(), holds_key = false "
+					"WHERE id = ANY ($1::uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
+	}
+	if (charged.n > 0)
+	{
+		Oid			types[4] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID};
+		Datum		values[4];
+
+		values[0] = text_array(charged.ids, charged.n);
+		values[1] = text_array(charged.errors, charged.n);
+		values[2] = scalar_array(charged.attempts, charged.n, INT4OID, 4, true, TYPALIGN_INT);
+		values[3] = scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"SET attempts = x.attempts, last_error = x.error, last_error_at = now(), "
+					"    due_at = x.due "
+					"FROM unnest($1::uuid[], $2, $3, $4) AS x(id, error, attempts, due) "
+					"WHERE d.id = x.id", 4, types, values, NULL, SPI_OK_UPDATE);
+	}
+	return charged.n > 0;
+}
+
+/*
+ * Copy the chunk's events that were not delivered into voutbox.deferred:
+ * held and scheduled ones, and failed ones with those of their key behind
+ * them.  Returns whether a failure counted as an attempt.
+ */
+static bool
+defer_chunk_events(VoutboxRound *r, HTAB *failed, bool *deferred)
+{
+	DeferredRows rows;
+	bool		charged = false;
+	Oid			types[5] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
+	Datum		values[5];
+
+	deferred_rows_init(&rows, r->nevents - r->ndeferred);
+	for (int i = r->ndeferred; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		int			err = r->errs[i];
+		bool		keyed = ev->msg_key != NULL;
+
+		if (r->actions[i] == VOUTBOX_HOLD)
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, NULL);
+		else if (r->actions[i] == VOUTBOX_SCHEDULE)
+			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, NULL);
+		else if (err == 0)
+			continue;
+		else if (!first_failure_of_key(failed, ev))
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, NULL);
+		else if (voutbox_delivery_error_counts(err))
+		{
+			deferred_rows_add(&rows, ev, keyed, 1, retry_due(1), voutbox_delivery_error_text(err));
+			charged = true;
+		}
+		else
+			deferred_rows_add(&rows, ev, keyed, 0, DT_NOBEGIN, NULL);
+	}
+	*deferred = rows.n > 0;
+	if (rows.n == 0)
+		return false;
+
+	values[0] = text_array(rows.ids, rows.n);
+	values[1] = scalar_array(rows.holds, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+	values[2] = scalar_array(rows.attempts, rows.n, INT4OID, 4, true, TYPALIGN_INT);
+	values[3] = scalar_array(rows.due, rows.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+	values[4] = text_array(rows.errors, rows.n);
+	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" EVENT_COLUMNS ", "
+				"  holds_key, attempts, due_at, last_error, last_error_at) "
+				"SELECT " EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, "
+				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END "
+				"  FROM unnest($1::uuid[], $2, $3, $4, $5) AS x(xid, holds, attempts, due, error) "
+				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
+				5, types, values, NULL, SPI_OK_INSERT);
+	if (SPI_processed != (uint64) rows.n)
+		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",
+			 rows.n, SPI_processed);
+	return charged;
+}
+
+/* Move events that used up their retries to the dead-letter queue, atomically. */
+static void
+move_exhausted_to_dlq(void)
+{
+	Oid			type = INT4OID;
+	Datum		max = Int32GetDatum(voutbox_max_retries);
+	char	   *sql = psprintf("WITH moved AS ("
+							   "  DELETE FROM " VOUTBOX_SCHEMA ".deferred "
+							   "   WHERE delivered_at IS NULL AND attempts > $1 RETURNING *) "
+							   "INSERT INTO %s.outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, "
+							   "  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
+							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
+							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, reason) "
+							   "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, "
+							   "  payload, metadata, coalesce(idempotency_key, id::text), trace_id, "
+							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
+							   "  consent, producer, topic, msg_key, seq, attempts, last_error, "
+							   "  'max_retries_exceeded' "
+							   "  FROM moved",
+							   api_schema);
+
+	if (voutbox_spi(sql, 1, &type, &max, NULL, SPI_OK_INSERT) > 0)
+		ereport(LOG,
+				(errmsg("voutbox: moved " UINT64_FORMAT " events to the dead-letter queue after %d failed attempts",
+						SPI_processed, voutbox_max_retries + 1)));
+}
+
+/* Append the cursor row of the chunk just settled. */
+static void
+append_batch_row(VoutboxCursor *c, VoutboxRound *r)
+{
+	Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, INT4OID};
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+
+	if (r->window_done)
+	{
+		values[0] = CStringGetTextDatum(c->hi);
+		nulls[1] = nulls[2] = 'n';
+	}
+	else
+	{
+		values[0] = CStringGetTextDatum(c->lo);
+		values[1] = CStringGetTextDatum(c->hi);
+		values[2] = Int64GetDatum(r->events[r->nevents - 1].seq);
+	}
+	values[3] = Int32GetDatum(r->nevents - r->ndeferred);
+	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".batches (lo, hi, done_seq, reach, events) "
+				"VALUES ($1::pg_snapshot, $2::pg_snapshot, $3, "
+				"        pg_snapshot_xmax(coalesce($2, $1)::pg_snapshot), $4)",
+				4, types, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * Record the outcome of a round in one transaction, then move the cursor in
+ * memory.  If anything fails, the worker exits and reads the round again.
+ */
+void
+voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
+{
+	bool		chunk = r->nevents > r->ndeferred;
+	bool		deferred = false;
+	HTAB	   *failed;
+	bool		charged;
+
+	voutbox_xact_begin("settling a batch");
+	failed = voutbox_key_set_new("voutbox failed keys");
+	charged = settle_deferred(r, failed);
+	if (chunk)
+	{
+		charged |= defer_chunk_events(r, failed, &deferred);
+		append_batch_row(c, r);
+		if (r->window_done)
+			close_window(c);
+	}
+	if (charged)
+		move_exhausted_to_dlq();
+	if (deferred || r->ndeferred > 0)
+		r->next_due = voutbox_next_due();
+	voutbox_xact_end();
+
+	if (chunk && r->window_done)
+	{
+		set_snapshot(&c->lo, c->hi, c->cxt);
+		set_snapshot(&c->hi, NULL, NULL);
+	}
+	else if (chunk)
+		c->done_seq = r->events[r->nevents - 1].seq;
+}

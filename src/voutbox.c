@@ -1,0 +1,266 @@
+/*-------------------------------------------------------------------------
+ *
+ * voutbox.c
+ *		Module entry point: GUCs, shared memory, worker registration.
+ *
+ * When loaded through shared_preload_libraries, _PG_init defines the
+ * postmaster-level GUCs, requests a little shared memory and registers the
+ * launcher, a static background worker that starts the delivery worker for
+ * voutbox.database (worker.c).  When loaded by a backend that merely calls
+ * outbox_save(), only the GUCs are defined: events are still stored, and the
+ * worker of a preloading server picks them up.
+ *
+ * Shared state (VoutboxShared) is protected by its spinlock; see voutbox.h.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "utils/guc.h"
+
+#include "voutbox.h"
+
+PG_MODULE_MAGIC;
+
+char	   *voutbox_database = NULL;
+char	   *voutbox_brokers = NULL;
+char	   *voutbox_topic_template = NULL;
+char	   *voutbox_key_template = NULL;
+int			voutbox_batch_size = 10000;
+int			voutbox_poll_interval = 1000;
+int			voutbox_max_retries = 10;
+int			voutbox_backoff_base = 1000;
+int			voutbox_backoff_max = 300000;
+int			voutbox_retention = 7 * 24 * 3600;
+int			voutbox_dlq_retention = 30 * 24 * 3600;
+int			voutbox_cleanup_interval = 60000;
+char	   *voutbox_producer = NULL;
+int			voutbox_max_payload_bytes = 512 * 1024;
+char	   *voutbox_traceparent = NULL;
+char	   *voutbox_kafka_properties = NULL;
+char	   *voutbox_kafka_secret_properties = NULL;
+
+VoutboxShared *voutbox_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+
+static bool
+check_template(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	const char *detail;
+
+	if (!voutbox_template_is_valid(*newval, &detail))
+	{
+		GUC_check_errdetail("%s", detail);
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_traceparent(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (!voutbox_traceparent_is_valid(*newval))
+	{
+		GUC_check_errdetail("A W3C traceparent has the form 00-<32 hex digits>-<16 hex digits>-<2 hex digits>, with a trace id and a parent id that are not all zeros.");
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_kafka_properties(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	char	   *detail = NULL;
+
+	if (voutbox_kafka_properties_are_valid(*newval, &detail))
+		return true;
+	GUC_check_errdetail("%s", detail);
+	return false;
+}
+
+static void
+define_gucs(void)
+{
+	/* PostgreSQL allows postmaster-level custom GUCs only while preloading. */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomStringVariable("voutbox.database",
+								   "Database whose outbox the voutbox worker delivers.",
+								   "Empty: no worker runs.",
+								   &voutbox_database, "",
+								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("voutbox.brokers",
+							   "Kafka bootstrap servers (host:port, comma-separated).",
+							   NULL,
+							   &voutbox_brokers, "localhost:9092",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("voutbox.topic_template",
+							   "Topic of an event; placeholders {tenant_id}, {aggregate_type}, {aggregate_id}, {event_type}, {event_version}.",
+							   NULL,
+							   &voutbox_topic_template, "{tenant_id}.{event_type}",
+							   PGC_SIGHUP, 0, check_template, NULL, NULL);
+	DefineCustomStringVariable("voutbox.key_template",
+							   "Message key of an event (same placeholders as voutbox.topic_template); empty: no key.",
+							   NULL,
+							   &voutbox_key_template, "{aggregate_id}",
+							   PGC_SIGHUP, 0, check_template, NULL, NULL);
+	DefineCustomIntVariable("voutbox.batch_size",
+							"Most events the worker reads, sends and settles at once.",
+							NULL,
+							&voutbox_batch_size, 10000, 1, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.poll_interval",
+							"Longest the idle worker sleeps; commits wake it at once.",
+							NULL,
+							&voutbox_poll_interval, 1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.max_retries",
+							"Failed delivery attempts after the first before an event moves to the dead-letter queue.",
+							NULL,
+							&voutbox_max_retries, 10, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.backoff_base",
+							"Delay before the first retry of a failed delivery; doubles with every attempt.",
+							NULL,
+							&voutbox_backoff_base, 1000, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.backoff_max",
+							"Longest delay between retries of a failed delivery.",
+							NULL,
+							&voutbox_backoff_max, 300000, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.retention",
+							"How long delivered events are kept.",
+							NULL,
+							&voutbox_retention, 7 * 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.dlq_retention",
+							"How long dead-lettered events are kept.",
+							NULL,
+							&voutbox_dlq_retention, 30 * 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.cleanup_interval",
+							"How often the worker applies retention.",
+							NULL,
+							&voutbox_cleanup_interval, 60000, 10, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomStringVariable("voutbox.producer",
+							   "Default producer name written into the envelope.",
+							   NULL,
+							   &voutbox_producer, "",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.max_payload_bytes",
+							"Largest payload outbox_save() accepts, as JSON text.",
+							NULL,
+							&voutbox_max_payload_bytes, 512 * 1024, 1, 64 * 1024 * 1024,
+							PGC_SUSET, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomStringVariable("voutbox.traceparent",
+							   "W3C traceparent of the session's current span; outbox_save() takes its trace id.",
+							   NULL,
+							   &voutbox_traceparent, "",
+							   PGC_USERSET, 0, check_traceparent, NULL, NULL);
+	DefineCustomStringVariable("voutbox.kafka_properties",
+							   "Extra librdkafka properties for the producer, as name=value pairs separated by semicolons.",
+							   NULL,
+							   &voutbox_kafka_properties, "",
+							   PGC_SIGHUP, 0, check_kafka_properties, NULL, NULL);
+	DefineCustomStringVariable("voutbox.kafka_secret_properties",
+							   "Like voutbox.kafka_properties, for secrets (passwords, keys); only superusers can read it.",
+							   NULL,
+							   &voutbox_kafka_secret_properties, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   check_kafka_properties, NULL, NULL);
+
+	MarkGUCPrefixReserved("voutbox");
+}
+
+static void
+voutbox_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(VoutboxShared)));
+}
+
+static void
+voutbox_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	voutbox_shared = ShmemInitStruct("voutbox", sizeof(VoutboxShared), &found);
+	if (!found)
+	{
+		SpinLockInit(&voutbox_shared->mutex);
+		voutbox_shared->worker_pgprocno = -1;
+		voutbox_shared->worker_pid = 0;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Set the worker's latch.  Called at commit of a transaction that saved
+ * events, so it must not fail: SetLatch on a latch whose owner has gone only
+ * causes a spurious wakeup of whoever owns that PGPROC next.
+ */
+void
+voutbox_wake_worker(void)
+{
+	int			procno;
+
+	if (voutbox_shared == NULL)
+		return;
+	SpinLockAcquire(&voutbox_shared->mutex);
+	procno = voutbox_shared->worker_pgprocno;
+	SpinLockRelease(&voutbox_shared->mutex);
+	if (procno >= 0)
+		SetLatch(&ProcGlobal->allProcs[procno].procLatch);
+}
+
+static void
+register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "voutbox");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "voutbox_launcher_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "voutbox launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "voutbox launcher");
+	RegisterBackgroundWorker(&worker);
+}
+
+void
+_PG_init(void)
+{
+	define_gucs();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = voutbox_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = voutbox_shmem_startup;
+
+	/* pg_upgrade starts the server with our library; deliver nothing then. */
+	if (!IsBinaryUpgrade)
+		register_launcher();
+}

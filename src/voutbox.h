@@ -1,0 +1,199 @@
+/*-------------------------------------------------------------------------
+ *
+ * voutbox.h
+ *		Declarations shared by the files of the voutbox extension.
+ *
+ * voutbox stores events with outbox_save() inside the caller's transaction
+ * (save.c) and a background worker (worker.c) delivers the committed ones to
+ * Apache Kafka (producer.c, envelope.c), reading them in batches defined by
+ * transaction visibility (storage.c).  voutbox.c holds the GUCs, the shared
+ * memory and the worker registration; routing.c the topic and key templates.
+ *
+ * Everything not declared here is static to its file.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef VOUTBOX_H
+#define VOUTBOX_H
+
+#include <limits.h>
+
+#include "datatype/timestamp.h"
+#include "utils/palloc.h"
+#include "storage/spin.h"
+
+/* Names of the storage; the install script is the other place they appear. */
+#define VOUTBOX_EXTENSION		"voutbox"
+#define VOUTBOX_SCHEMA			"voutbox"
+#define VOUTBOX_RING_SLOTS		3
+
+/* GUCs (voutbox.c) */
+extern char *voutbox_database;
+extern char *voutbox_brokers;
+extern char *voutbox_topic_template;
+extern char *voutbox_key_template;
+extern int	voutbox_batch_size;
+extern int	voutbox_poll_interval;		/* ms */
+extern int	voutbox_max_retries;
+extern int	voutbox_backoff_base;		/* ms */
+extern int	voutbox_backoff_max;		/* ms */
+extern int	voutbox_retention;			/* s */
+extern int	voutbox_dlq_retention;		/* s */
+extern int	voutbox_cleanup_interval;	/* ms */
+extern char *voutbox_producer;
+extern int	voutbox_max_payload_bytes;
+extern char *voutbox_traceparent;
+extern char *voutbox_kafka_properties;
+extern char *voutbox_kafka_secret_properties;
+
+/*
+ * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
+ * worker publishes itself at start and clears itself at exit; committing
+ * backends read them to set the worker's latch.
+ */
+typedef struct VoutboxShared
+{
+	slock_t		mutex;
+	int			worker_pgprocno;	/* -1 when no worker runs */
+	pid_t		worker_pid;
+} VoutboxShared;
+
+extern VoutboxShared *voutbox_shared;
+
+extern void voutbox_wake_worker(void);
+
+/* Background workers (worker.c) */
+extern PGDLLEXPORT void voutbox_launcher_main(Datum arg) pg_attribute_noreturn();
+extern PGDLLEXPORT void voutbox_worker_main(Datum arg) pg_attribute_noreturn();
+
+/*
+ * One event as the worker reads it from storage.  Strings are NUL-terminated;
+ * absent optional values are NULL.  JSON values are kept as the text that
+ * PostgreSQL prints for the stored jsonb.
+ */
+typedef struct VoutboxEvent
+{
+	char	   *id;
+	int64		seq;
+	char	   *tenant_id;
+	char	   *aggregate_type;
+	char	   *aggregate_id;
+	char	   *event_type;
+	int32		event_version;
+	char	   *payload;
+	char	   *metadata;
+	char	   *idempotency_key;	/* effective key: the event id if none */
+	char	   *trace_id;
+	char	   *traceparent;
+	char	   *correlation_id;
+	TimestampTz created_at;
+	bool		has_scheduled_for;
+	TimestampTz scheduled_for;
+	bool		pii;
+	int			n_pii_fields;
+	char	  **pii_fields;
+	char	   *consent;
+	char	   *producer;
+	char	   *topic;
+	char	   *msg_key;
+	/* only for events read back from voutbox.deferred */
+	bool		holds_key;
+	int32		attempts;
+} VoutboxEvent;
+
+/* Routing (routing.c) */
+typedef struct VoutboxRouteFields
+{
+	const char *tenant_id;
+	const char *aggregate_type;
+	const char *aggregate_id;
+	const char *event_type;
+	int32		event_version;
+} VoutboxRouteFields;
+
+extern bool voutbox_template_is_valid(const char *tmpl, const char **detail);
+extern char *voutbox_render_template(const char *tmpl, const VoutboxRouteFields *fields);
+extern bool voutbox_topic_is_valid(const char *topic, const char **detail);
+
+/* Envelope (envelope.c) */
+struct json_object;
+extern struct json_object *voutbox_envelope_new(const VoutboxEvent *ev);
+extern void voutbox_format_timestamp(TimestampTz ts, char *buf, size_t len);
+
+/* W3C trace context (save.c) */
+extern bool voutbox_traceparent_is_valid(const char *value);
+
+/*
+ * The Kafka producer (producer.c).  A delivery outcome is 0 for an event the
+ * broker acknowledged, else a librdkafka error code; these two values mark
+ * events still waiting for their report and events not to be sent at all.
+ */
+#define VOUTBOX_DELIVERY_PENDING	INT_MIN
+#define VOUTBOX_DELIVERY_SKIPPED	(INT_MIN + 1)
+
+typedef struct VoutboxProducer VoutboxProducer;
+
+extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail);
+extern VoutboxProducer *voutbox_producer_create(char **error);
+extern void voutbox_producer_destroy(VoutboxProducer *p);
+extern bool voutbox_producer_is_broken(VoutboxProducer *p);
+extern int	voutbox_producer_socket(VoutboxProducer *p);
+extern void voutbox_producer_serve(VoutboxProducer *p);
+extern void voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events,
+									 int n, int *errs);
+extern const char *voutbox_delivery_error_text(int err);
+extern bool voutbox_delivery_error_counts(int err);
+
+/*
+ * Batches (storage.c).  A round is what the worker sends at once: the
+ * deferred events whose time has come, then the next chunk of the current
+ * window of committed events.  Events of the chunk whose key is held, or
+ * that are scheduled for later, are not sent but moved to voutbox.deferred.
+ */
+typedef enum VoutboxAction
+{
+	VOUTBOX_SEND,
+	VOUTBOX_HOLD,				/* an earlier event of its key waits */
+	VOUTBOX_SCHEDULE			/* scheduled_for is in the future */
+} VoutboxAction;
+
+typedef struct VoutboxCursor
+{
+	MemoryContext cxt;			/* holds lo and hi */
+	char	   *lo;				/* pg_snapshot: settled what it sees */
+	char	   *hi;				/* pg_snapshot of the open window, or NULL */
+	int64		done_seq;		/* window settled up to this seq */
+	bool		portal_open;	/* the window's holdable cursor exists */
+} VoutboxCursor;
+
+typedef struct VoutboxRound
+{
+	int			ndeferred;		/* events[0..ndeferred-1] are deferred ones */
+	int			nevents;
+	VoutboxEvent *events;
+	VoutboxAction *actions;
+	int		   *errs;			/* delivery outcome per event */
+	bool		window_done;	/* the chunk ends the window */
+	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
+} VoutboxRound;
+
+extern bool voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round);
+extern void voutbox_storage_settle_round(VoutboxCursor *cursor, VoutboxRound *round);
+extern TimestampTz voutbox_next_due(void);
+extern const char *voutbox_api_schema(void);
+extern uint64 voutbox_key_hash(const char *topic, const char *key);
+extern struct HTAB *voutbox_key_set_new(const char *name);
+
+/* Short worker transactions with SPI (storage.c) */
+extern void voutbox_xact_begin(const char *activity);
+extern void voutbox_xact_end(void);
+extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
+						  const char *nulls, int expected);
+
+/* Retention (retention.c) */
+extern void voutbox_retention_run(const VoutboxCursor *cursor);
+
+/* Worker status (worker.c) */
+extern void voutbox_report_activity(const char *what);
+
+#endif							/* VOUTBOX_H */

@@ -1,0 +1,343 @@
+/*
+ * vkafka: the small librdkafka client that voutbox's tests and demo use.
+ *
+ *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-T SECONDS] [-g GROUP]
+ *       Read the topics from the beginning with a new consumer group until
+ *       COUNT messages arrived or SECONDS passed (default 60).  Prints one JSON
+ *       object per message: topic, partition, offset, key, headers, value.
+ *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline),
+ *       2 when fewer arrived in time.
+ *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
+ *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
+ *       Topic administration through librdkafka's admin API.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+#include <librdkafka/rdkafka.h>
+
+#define MAX_CONFIGS 16
+
+static const char *brokers = NULL;
+static char *topics = NULL;
+static long count = -1;
+static int timeout_s = 60;
+static int partitions = 1;
+static const char *group = NULL;
+static char *configs[MAX_CONFIGS];
+static int nconfigs = 0;
+
+static void
+die(const char *fmt, const char *arg)
+{
+	fprintf(stderr, "vkafka: ");
+	fprintf(stderr, fmt, arg);
+	fprintf(stderr, "\n");
+	exit(1);
+}
+
+static void
+set(rd_kafka_conf_t *conf, const char *name, const char *value)
+{
+	char		errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+		die("%s", errstr);
+}
+
+static double
+now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static json_object *
+bytes_or_null(const void *p, size_t len)
+{
+	return p ? json_object_new_string_len(p, (int) len) : NULL;
+}
+
+/*
+ * Offsets already printed, per topic-partition: a rebalance restarts an
+ * uncommitted partition from the beginning, and a message must print once.
+ */
+#define MAX_PARTITIONS 256
+static struct
+{
+	char		topic[256];
+	int			partition;
+	int64_t		next;
+}			seen[MAX_PARTITIONS];
+static int	nseen = 0;
+
+static int
+first_time(rd_kafka_message_t *m)
+{
+	const char *topic = rd_kafka_topic_name(m->rkt);
+	int			i;
+
+	for (i = 0; i < nseen; i++)
+		if (seen[i].partition == m->partition && strcmp(seen[i].topic, topic) == 0)
+			break;
+	if (i == nseen)
+	{
+		if (nseen == MAX_PARTITIONS)
+			die("%s", "too many partitions");
+		snprintf(seen[i].topic, sizeof(seen[i].topic), "%s", topic);
+		seen[i].partition = m->partition;
+		seen[i].next = 0;
+		nseen++;
+	}
+	if (m->offset < seen[i].next)
+		return 0;
+	seen[i].next = m->offset + 1;
+	return 1;
+}
+
+static void
+print_message(rd_kafka_message_t *m)
+{
+	json_object *o = json_object_new_object();
+	json_object *headers = json_object_new_object();
+	rd_kafka_headers_t *hdrs = NULL;
+
+	json_object_object_add(o, "topic", json_object_new_string(rd_kafka_topic_name(m->rkt)));
+	json_object_object_add(o, "partition", json_object_new_int(m->partition));
+	json_object_object_add(o, "offset", json_object_new_int64(m->offset));
+	json_object_object_add(o, "key", bytes_or_null(m->key, m->key_len));
+	if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		const char *name;
+		const void *value;
+		size_t		size;
+
+		for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+			json_object_object_add(headers, name, bytes_or_null(value, size));
+	}
+	json_object_object_add(o, "headers", headers);
+	json_object_object_add(o, "value", bytes_or_null(m->payload, m->len));
+	printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+	fflush(stdout);
+	json_object_put(o);
+}
+
+static int
+consume(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(4);
+	char		errstr[512];
+	char		group_id[64];
+	rd_kafka_t *rk;
+	long		got = 0;
+	double		deadline = now_s() + timeout_s;
+
+	if (group == NULL)
+	{
+		snprintf(group_id, sizeof(group_id), "vkafka-%d-%ld", (int) getpid(), (long) time(NULL));
+		group = group_id;
+	}
+	set(conf, "bootstrap.servers", brokers);
+	set(conf, "group.id", group);
+	set(conf, "auto.offset.reset", "earliest");
+	set(conf, "enable.auto.commit", "false");
+	set(conf, "topic.metadata.refresh.interval.ms", "500");
+	set(conf, "allow.auto.create.topics", "true");
+	set(conf, "session.timeout.ms", "6000");
+	set(conf, "heartbeat.interval.ms", "500");
+	set(conf, "log_level", "3");
+	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+		die("%s", errstr);
+	rd_kafka_poll_set_consumer(rk);
+	for (char *t = strtok(topics, ","); t; t = strtok(NULL, ","))
+		rd_kafka_topic_partition_list_add(subs, t, RD_KAFKA_PARTITION_UA);
+	if (rd_kafka_subscribe(rk, subs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		die("%s", "could not subscribe");
+	rd_kafka_topic_partition_list_destroy(subs);
+
+	while ((count < 0 || got < count) && now_s() < deadline)
+	{
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
+
+		if (m == NULL)
+			continue;
+		if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && first_time(m))
+		{
+			print_message(m);
+			got++;
+		}
+		else if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
+				 m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF &&
+				 m->err != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+			fprintf(stderr, "vkafka: %s\n", rd_kafka_message_errstr(m));
+		rd_kafka_message_destroy(m);
+	}
+	rd_kafka_consumer_close(rk);
+	rd_kafka_destroy(rk);
+	return count >= 0 && got < count ? 2 : 0;
+}
+
+static rd_kafka_t *
+admin_client(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	rd_kafka_t *rk;
+
+	set(conf, "bootstrap.servers", brokers);
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+		die("%s", errstr);
+	return rk;
+}
+
+/* Wait for the admin result event of type "type" on queue q. */
+static rd_kafka_event_t *
+admin_wait(rd_kafka_queue_t *q, rd_kafka_event_type_t type)
+{
+	rd_kafka_event_t *ev = rd_kafka_queue_poll(q, timeout_s * 1000);
+
+	if (ev == NULL)
+		die("%s", "admin request timed out");
+	if (rd_kafka_event_type(ev) != type)
+		die("unexpected admin event %s", rd_kafka_event_name(ev));
+	if (rd_kafka_event_error(ev))
+		die("%s", rd_kafka_event_error_string(ev));
+	return ev;
+}
+
+static void
+split_config(char *kv, char **name, char **value)
+{
+	char	   *eq = strchr(kv, '=');
+
+	if (eq == NULL)
+		die("-c takes name=value, not %s", kv);
+	*eq = '\0';
+	*name = kv;
+	*value = eq + 1;
+}
+
+static int
+create_topic(void)
+{
+	rd_kafka_t *rk = admin_client();
+	rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+	char		errstr[512];
+	rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topics, partitions, 1, errstr, sizeof(errstr));
+	const rd_kafka_topic_result_t **res;
+	size_t		n;
+	rd_kafka_event_t *ev;
+
+	if (nt == NULL)
+		die("%s", errstr);
+	for (int i = 0; i < nconfigs; i++)
+	{
+		char	   *name, *value;
+
+		split_config(configs[i], &name, &value);
+		rd_kafka_NewTopic_set_config(nt, name, value);
+	}
+	rd_kafka_CreateTopics(rk, &nt, 1, NULL, q);
+	ev = admin_wait(q, RD_KAFKA_EVENT_CREATETOPICS_RESULT);
+	res = rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n);
+	if (n != 1 || rd_kafka_topic_result_error(res[0]))
+		die("%s", n == 1 ? rd_kafka_topic_result_error_string(res[0]) : "no result");
+	rd_kafka_event_destroy(ev);
+	rd_kafka_NewTopic_destroy(nt);
+	rd_kafka_queue_destroy(q);
+	rd_kafka_destroy(rk);
+	return 0;
+}
+
+static int
+alter_topic(void)
+{
+	rd_kafka_t *rk = admin_client();
+	rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+	rd_kafka_ConfigResource_t *cr = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topics);
+	const rd_kafka_ConfigResource_t **res;
+	size_t		n;
+	rd_kafka_event_t *ev;
+
+	for (int i = 0; i < nconfigs; i++)
+	{
+		char	   *name, *value;
+
+		split_config(configs[i], &name, &value);
+		if (rd_kafka_ConfigResource_set_config(cr, name, value) != RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("could not set %s", name);
+	}
+	rd_kafka_AlterConfigs(rk, &cr, 1, NULL, q);
+	ev = admin_wait(q, RD_KAFKA_EVENT_ALTERCONFIGS_RESULT);
+	res = rd_kafka_AlterConfigs_result_resources(rd_kafka_event_AlterConfigs_result(ev), &n);
+	if (n != 1 || rd_kafka_ConfigResource_error(res[0]))
+		die("%s", n == 1 ? rd_kafka_ConfigResource_error_string(res[0]) : "no result");
+	rd_kafka_event_destroy(ev);
+	rd_kafka_ConfigResource_destroy(cr);
+	rd_kafka_queue_destroy(q);
+	rd_kafka_destroy(rk);
+	return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *cmd;
+	int			opt;
+
+	if (argc < 2)
+		die("%s", "usage: vkafka consume|create-topic|alter-topic -b BROKERS -t TOPIC ...");
+	cmd = argv[1];
+	optind = 2;
+	while ((opt = getopt(argc, argv, "b:t:n:T:p:c:g:")) != -1)
+	{
+		switch (opt)
+		{
+			case 'b':
+				brokers = optarg;
+				break;
+			case 't':
+				topics = optarg;
+				break;
+			case 'n':
+				count = atol(optarg);
+				break;
+			case 'T':
+				timeout_s = atoi(optarg);
+				break;
+			case 'p':
+				partitions = atoi(optarg);
+				break;
+			case 'g':
+				group = optarg;
+				break;
+			case 'c':
+				if (nconfigs == MAX_CONFIGS)
+					die("%s", "too many -c");
+				configs[nconfigs++] = optarg;
+				break;
+			default:
+				exit(1);
+		}
+	}
+	if (brokers == NULL || topics == NULL)
+		die("%s", "-b and -t are required");
+	if (strcmp(cmd, "consume") == 0)
+		return consume();
+	if (strcmp(cmd, "create-topic") == 0)
+		return create_topic();
+	if (strcmp(cmd, "alter-topic") == 0)
+		return alter_topic();
+	die("unknown command %s", cmd);
+	return 1;
+}
