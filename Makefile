@@ -18,6 +18,8 @@ PG_CFLAGS   = -Wall -Wextra -Werror=implicit-function-declaration $(VOUTBOX_CFLA
 
 REGRESS      = save validation idempotency storage
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
+ISOLATION    = idempotency_concurrency
+ISOLATION_OPTS = --temp-instance=tmp_check_isolation --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS   = 1
 PROVE_TESTS = test/t/*.pl
@@ -34,5 +36,5 @@ test-tools: $(TEST_TOOL)
 installcheck: $(TEST_TOOL)
 all: $(TEST_TOOL)
 
-EXTRA_CLEAN = $(TEST_TOOL) tmp_check_regress results regression.diffs regression.out
+EXTRA_CLEAN = $(TEST_TOOL) tmp_check_regress tmp_check_isolation results output_iso regression.diffs regression.out
 .PHONY: test-tools

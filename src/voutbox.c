@@ -109,12 +109,12 @@ define_gucs(void)
 							   "Topic of an event; placeholders {tenant_id}, {aggregate_type}, {aggregate_id}, {event_type}, {event_version}.",
 							   NULL,
 							   &voutbox_topic_template, "{tenant_id}.{event_type}",
-							   PGC_SIGHUP, 0, check_template, NULL, NULL);
+							   PGC_SUSET, 0, check_template, NULL, NULL);
 	DefineCustomStringVariable("voutbox.key_template",
 							   "Message key of an event (same placeholders as voutbox.topic_template); empty: no key.",
 							   NULL,
 							   &voutbox_key_template, "{aggregate_id}",
-							   PGC_SIGHUP, 0, check_template, NULL, NULL);
+							   PGC_SUSET, 0, check_template, NULL, NULL);
 	DefineCustomIntVariable("voutbox.batch_size",
 							"Most events the worker reads, sends and settles at once.",
 							NULL,
