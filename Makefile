@@ -23,10 +23,12 @@ ISOLATION_OPTS = --temp-instance=tmp_check_isolation --temp-config=$(srcdir)/tes
 
 TAP_TESTS   = 1
 PROVE_TESTS = test/t/*.pl
-PROVE_FLAGS = -I $(srcdir)/test/perl
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# After pgxs.mk, which resets it.
+PROVE_FLAGS += -I $(srcdir)/test/perl
 
 # A small librdkafka consumer and admin client for the tests and the demo.
 TEST_TOOL = test/tools/vkafka

@@ -1,12 +1,13 @@
 /*
  * vkafka: the small librdkafka client that voutbox's tests and demo use.
  *
- *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-T SECONDS] [-g GROUP]
+ *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-e] [-T SECONDS] [-g GROUP]
  *       Read the topics from the beginning with a new consumer group until
- *       COUNT messages arrived or SECONDS passed (default 60).  Prints one JSON
- *       object per message: topic, partition, offset, key, headers, value.
- *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline),
- *       2 when fewer arrived in time.
+ *       COUNT messages arrived or SECONDS passed (default 60); with -e, go on
+ *       until the end of every partition of the (existing) topics.  Prints one
+ *       JSON object per message: topic, partition, offset, key, headers, value.
+ *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline
+ *       or the end), 2 when fewer arrived in time or the end was not reached.
  *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
  *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
  *       Topic administration through librdkafka's admin API.
@@ -26,6 +27,7 @@
 static const char *brokers = NULL;
 static char *topics = NULL;
 static long count = -1;
+static int	to_end = 0;
 static int timeout_s = 60;
 static int partitions = 1;
 static const char *group = NULL;
@@ -78,28 +80,70 @@ static struct
 }			seen[MAX_PARTITIONS];
 static int	nseen = 0;
 
+static int	at_end[MAX_PARTITIONS];
+
+/* The index of m's topic-partition in seen[], registering it if new. */
 static int
-first_time(rd_kafka_message_t *m)
+partition_slot(rd_kafka_message_t *m)
 {
 	const char *topic = rd_kafka_topic_name(m->rkt);
 	int			i;
 
 	for (i = 0; i < nseen; i++)
 		if (seen[i].partition == m->partition && strcmp(seen[i].topic, topic) == 0)
-			break;
-	if (i == nseen)
-	{
-		if (nseen == MAX_PARTITIONS)
-			die("%s", "too many partitions");
-		snprintf(seen[i].topic, sizeof(seen[i].topic), "%s", topic);
-		seen[i].partition = m->partition;
-		seen[i].next = 0;
-		nseen++;
-	}
+			return i;
+	if (nseen == MAX_PARTITIONS)
+		die("%s", "too many partitions");
+	snprintf(seen[i].topic, sizeof(seen[i].topic), "%s", topic);
+	seen[i].partition = m->partition;
+	seen[i].next = 0;
+	at_end[i] = 0;
+	return nseen++;
+}
+
+static int
+first_time(rd_kafka_message_t *m)
+{
+	int			i = partition_slot(m);
+
+	at_end[i] = 0;
 	if (m->offset < seen[i].next)
 		return 0;
 	seen[i].next = m->offset + 1;
 	return 1;
+}
+
+/* Partitions to read to the end (-e), and which of them are at the end. */
+static int	npartitions_total = 0;
+
+static int
+all_at_end(void)
+{
+	int			n = 0;
+
+	for (int i = 0; i < nseen; i++)
+		n += at_end[i];
+	return npartitions_total > 0 && n >= npartitions_total;
+}
+
+static void
+count_partitions(rd_kafka_t *rk, const char *topic_list)
+{
+	char	   *copy = strdup(topic_list);
+
+	for (char *t = strtok(copy, ","); t; t = strtok(NULL, ","))
+	{
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, t, NULL);
+		const struct rd_kafka_metadata *md;
+
+		if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("could not read the metadata of %s", t);
+		if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+			npartitions_total += md->topics[0].partition_cnt;
+		rd_kafka_metadata_destroy(md);
+		rd_kafka_topic_destroy(rkt);
+	}
+	free(copy);
 }
 
 static void
@@ -154,18 +198,24 @@ consume(void)
 	set(conf, "session.timeout.ms", "6000");
 	set(conf, "heartbeat.interval.ms", "500");
 	set(conf, "log_level", "3");
+	if (to_end)
+		set(conf, "enable.partition.eof", "true");
 	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
 	if (rk == NULL)
 		die("%s", errstr);
 	rd_kafka_poll_set_consumer(rk);
+	if (to_end)
+		count_partitions(rk, topics);
 	for (char *t = strtok(topics, ","); t; t = strtok(NULL, ","))
 		rd_kafka_topic_partition_list_add(subs, t, RD_KAFKA_PARTITION_UA);
 	if (rd_kafka_subscribe(rk, subs) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("%s", "could not subscribe");
 	rd_kafka_topic_partition_list_destroy(subs);
 
-	while ((count < 0 || got < count) && now_s() < deadline)
+	while (now_s() < deadline)
 	{
+		if (to_end ? all_at_end() && (count < 0 || got >= count) : count >= 0 && got >= count)
+			break;
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
 
 		if (m == NULL)
@@ -175,15 +225,20 @@ consume(void)
 			print_message(m);
 			got++;
 		}
+		else if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+		{
+			at_end[partition_slot(m)] = 1;
+		}
 		else if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
-				 m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF &&
 				 m->err != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
 			fprintf(stderr, "vkafka: %s\n", rd_kafka_message_errstr(m));
 		rd_kafka_message_destroy(m);
 	}
 	rd_kafka_consumer_close(rk);
 	rd_kafka_destroy(rk);
-	return count >= 0 && got < count ? 2 : 0;
+	if (count >= 0 && got < count)
+		return 2;
+	return to_end && !all_at_end() ? 2 : 0;
 }
 
 static rd_kafka_t *
@@ -299,7 +354,7 @@ main(int argc, char **argv)
 		die("%s", "usage: vkafka consume|create-topic|alter-topic -b BROKERS -t TOPIC ...");
 	cmd = argv[1];
 	optind = 2;
-	while ((opt = getopt(argc, argv, "b:t:n:T:p:c:g:")) != -1)
+	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:")) != -1)
 	{
 		switch (opt)
 		{
@@ -311,6 +366,9 @@ main(int argc, char **argv)
 				break;
 			case 'n':
 				count = atol(optarg);
+				break;
+			case 'e':
+				to_end = 1;
 				break;
 			case 'T':
 				timeout_s = atoi(optarg);

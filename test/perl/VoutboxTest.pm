@@ -1,0 +1,166 @@
+
+# Helpers shared by voutbox's TAP tests: a throwaway Kafka broker, a
+# PostgreSQL node with voutbox preloaded, and a consumer with a deadline.
+
+package VoutboxTest;
+
+use strict;
+use warnings;
+
+use Cwd qw(abs_path);
+use Exporter qw(import);
+use File::Basename qw(dirname);
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
+  voutbox_node consume_events worker_pid wait_for_delivered save_sql
+  by_key check_key_order);
+
+my $root = abs_path(dirname(__FILE__) . '/../..');
+my $vkafka = "$root/test/tools/vkafka";
+
+# Start (or restart, given the same name) a single-node KRaft broker.
+# Extra arguments are server.properties lines for its first start.
+sub kafka_start
+{
+	my ($name, @props) = @_;
+	my $dir = "$PostgreSQL::Test::Utils::tmp_check/kafka_$name";
+	my $out = `$root/test/kafka/start.sh '$dir' @props`;
+	die "could not start kafka $name" if $? != 0;
+	chomp $out;
+	return { name => $name, dir => $dir, brokers => $out };
+}
+
+# Stop the broker: 'term' (default) or 'kill'.
+sub kafka_stop
+{
+	my ($kafka, $mode) = @_;
+	system("$root/test/kafka/stop.sh", $kafka->{dir}, $mode // 'term') == 0
+	  or die "could not stop kafka $kafka->{name}";
+	return;
+}
+
+sub kafka_create_topic
+{
+	my ($kafka, $topic, $partitions, @configs) = @_;
+	my @c = map { ('-c', $_) } @configs;
+	system($vkafka, 'create-topic', '-b', $kafka->{brokers}, '-t', $topic,
+		'-p', $partitions, @c) == 0
+	  or die "could not create topic $topic";
+	return;
+}
+
+sub kafka_alter_topic
+{
+	my ($kafka, $topic, @configs) = @_;
+	my @c = map { ('-c', $_) } @configs;
+	system($vkafka, 'alter-topic', '-b', $kafka->{brokers}, '-t', $topic, @c) == 0
+	  or die "could not alter topic $topic";
+	return;
+}
+
+# A started node whose worker delivers database "postgres" to $kafka, with
+# the extension created.  %conf adds postgresql.conf settings.
+sub voutbox_node
+{
+	my ($name, $kafka, %conf) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+	my %settings = (
+		shared_preload_libraries => 'voutbox',
+		'voutbox.database' => 'postgres',
+		'voutbox.brokers' => $kafka ? $kafka->{brokers} : '127.0.0.1:9',
+		%conf);
+	$node->append_conf('postgresql.conf',
+		join('', map { "$_ = '$settings{$_}'\n" } sort keys %settings));
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION voutbox');
+	return $node;
+}
+
+# Consume $count messages from the comma-separated $topics, waiting at most
+# $timeout seconds.  Returns the messages, each with its envelope decoded
+# into {event}.  Fails the test if fewer arrive.
+sub consume_events
+{
+	my ($kafka, $topics, $count, $timeout) = @_;
+	$timeout //= $PostgreSQL::Test::Utils::timeout_default;
+	my @lines = `$vkafka consume -b '$kafka->{brokers}' -t '$topics' -n $count -T $timeout`;
+	my $rc = $? >> 8;
+	my @msgs = map {
+		my $m = decode_json($_);
+		$m->{event} = JSON::PP->new->decode($m->{value});
+		$m
+	} @lines;
+	is($rc, 0, "$count messages arrived from $topics")
+	  or diag("got " . scalar(@msgs) . " messages");
+	return @msgs;
+}
+
+sub worker_pid
+{
+	my ($node) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox worker'");
+}
+
+# Wait until $count events have status 'delivered' (with a deadline).
+sub wait_for_delivered
+{
+	my ($node, $count, $where) = @_;
+	$where //= 'true';
+	$node->poll_query_until('postgres',
+		"SELECT count(*) >= $count FROM outbox WHERE status = 'delivered' AND $where")
+	  or die "timed out waiting for $count delivered events";
+	return;
+}
+
+# SQL that saves one event with a JSON payload built from %payload.
+sub save_sql
+{
+	my ($tenant, $type, $agg, $payload) = @_;
+	return "SELECT outbox_save('$tenant', 'test', '$agg', '$type', '"
+	  . encode_json($payload) . "')";
+}
+
+# Group messages by Kafka key, keeping their order of arrival per partition.
+sub by_key
+{
+	my (@msgs) = @_;
+	my %keys;
+	push @{ $keys{ $_->{key} // '' } }, $_
+	  for sort { $a->{partition} <=> $b->{partition} || $a->{offset} <=> $b->{offset} } @msgs;
+	return \%keys;
+}
+
+# Check that within every key, $field of the payload strictly increases,
+# ignoring duplicates (a re-sent event has the same id).
+sub check_key_order
+{
+	my ($msgs, $field, $name) = @_;
+	my $keys = by_key(@$msgs);
+	my $bad = 0;
+	for my $k (sort keys %$keys)
+	{
+		my %seen;
+		my $last = -1;
+		for my $m (@{ $keys->{$k} })
+		{
+			next if $seen{ $m->{event}{id} }++;
+			my $v = $m->{event}{payload}{$field};
+			if ($v <= $last)
+			{
+				diag("key $k: $field $v after $last");
+				$bad++;
+			}
+			$last = $v;
+		}
+	}
+	is($bad, 0, $name);
+	return;
+}
+
+1;
