@@ -30,6 +30,7 @@
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
 #include "storage/latch.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -44,6 +45,7 @@
 struct VoutboxProducer
 {
 	rd_kafka_t *rk;
+	char	   *config;			/* the settings it was built from */
 	int			pipe_r;
 	int			pipe_w;
 	/* outcome of the batch being delivered: written by the report callback */
@@ -202,6 +204,21 @@ conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
 		elog(ERROR, "voutbox: could not set librdkafka property %s: %s", name, errstr);
 }
 
+/* The settings a producer is built from, as one comparable string. */
+static char *
+current_config(void)
+{
+	return psprintf("%s\n%s\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
+					voutbox_kafka_secret_properties, voutbox_batch_size);
+}
+
+/* Whether the settings changed since the producer was built. */
+bool
+voutbox_producer_config_changed(VoutboxProducer *p)
+{
+	return strcmp(p->config, current_config()) != 0;
+}
+
 VoutboxProducer *
 voutbox_producer_create(char **error)
 {
@@ -242,6 +259,7 @@ voutbox_producer_create(char **error)
 		return NULL;
 	}
 	rd_kafka_set_log_queue(p->rk, NULL);
+	p->config = MemoryContextStrdup(TopMemoryContext, current_config());
 
 	if (pipe(fds) != 0 ||
 		fcntl(fds[0], F_SETFL, O_NONBLOCK) != 0 || fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0 ||
@@ -269,6 +287,7 @@ voutbox_producer_destroy(VoutboxProducer *p)
 	emit_logs(p);
 	close(p->pipe_r);
 	close(p->pipe_w);
+	pfree(p->config);
 	pfree(p);
 }
 
@@ -373,6 +392,22 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 		voutbox_producer_serve(p);
 		if (p->pending == 0)
 			return;
+		/*
+		 * A new broker list or librdkafka setting needs a new producer: give
+		 * up on this one, its events come back unsent and go out again.
+		 */
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (!p->purged && voutbox_producer_config_changed(p))
+			{
+				ereport(LOG, (errmsg("voutbox: Kafka settings changed; rebuilding the producer")));
+				rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+				p->purged = true;
+				continue;
+			}
+		}
 		if (ShutdownRequestPending && !p->purged)
 		{
 			TimestampTz now = GetCurrentTimestamp();

@@ -137,6 +137,7 @@ extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail)
 extern VoutboxProducer *voutbox_producer_create(char **error);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);
+extern bool voutbox_producer_config_changed(VoutboxProducer *p);
 extern int	voutbox_producer_socket(VoutboxProducer *p);
 extern void voutbox_producer_serve(VoutboxProducer *p);
 extern void voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events,

@@ -256,7 +256,6 @@ voutbox_launcher_main(Datum arg pg_attribute_unused())
 typedef struct WorkerState
 {
 	VoutboxProducer *producer;
-	char	   *producer_config;	/* the GUCs the producer was built from */
 	char	   *producer_error;		/* why the last build failed, or NULL */
 	VoutboxCursor cursor;
 	TimestampTz next_cleanup;
@@ -286,47 +285,42 @@ publish_worker(void)
 	before_shmem_exit(unpublish_worker, (Datum) 0);
 }
 
-static char *
-producer_config(void)
-{
-	return psprintf("%s\n%s\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
-					voutbox_kafka_secret_properties, voutbox_batch_size);
-}
-
-/* Build the producer if there is none; false if it cannot be built. */
+/*
+ * Build the producer if there is none, or rebuild it if it broke or its
+ * settings changed.  Returns false if it cannot be built; the error is
+ * logged once per configuration.
+ */
 static bool
 ensure_producer(WorkerState *st)
 {
-	char	   *config = producer_config();
 	char	   *error = NULL;
 
 	if (st->producer != NULL &&
-		(voutbox_producer_is_broken(st->producer) || strcmp(config, st->producer_config) != 0))
+		(voutbox_producer_is_broken(st->producer) ||
+		 voutbox_producer_config_changed(st->producer)))
 	{
 		voutbox_producer_destroy(st->producer);
 		st->producer = NULL;
 	}
 	if (st->producer != NULL)
 		return true;
-	if (st->producer_error != NULL && strcmp(config, st->producer_config) == 0)
-		return false;			/* same configuration, same failure: said so */
 
-	if (st->producer_config)
-		pfree(st->producer_config);
-	if (st->producer_error)
-		pfree(st->producer_error);
-	st->producer_error = NULL;
-	st->producer_config = MemoryContextStrdup(TopMemoryContext, config);
 	st->producer = voutbox_producer_create(&error);
-	if (st->producer == NULL)
+	if (st->producer != NULL)
 	{
-		st->producer_error = MemoryContextStrdup(TopMemoryContext, error);
+		if (st->producer_error != NULL)
+			pfree(st->producer_error);
+		st->producer_error = NULL;
+		return true;
+	}
+	if (st->producer_error == NULL || strcmp(st->producer_error, error) != 0)
 		ereport(LOG,
 				(errmsg("voutbox: could not create the Kafka producer: %s", error),
 				 errhint("Fix voutbox.brokers or voutbox.kafka_properties and reload the configuration.")));
-		return false;
-	}
-	return true;
+	if (st->producer_error != NULL)
+		pfree(st->producer_error);
+	st->producer_error = MemoryContextStrdup(TopMemoryContext, error);
+	return false;
 }
 
 static void
