@@ -10,14 +10,15 @@ use warnings;
 use Cwd qw(abs_path);
 use Exporter qw(import);
 use File::Basename qw(dirname);
+use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
-  voutbox_node consume_events worker_pid wait_for_delivered save_sql
-  by_key check_key_order);
+  voutbox_node consume_events consume_all worker_pid wait_for_delivered save_sql
+  by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script);
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my $vkafka = "$root/test/tools/vkafka";
@@ -73,6 +74,8 @@ sub voutbox_node
 		shared_preload_libraries => 'voutbox',
 		'voutbox.database' => 'postgres',
 		'voutbox.brokers' => $kafka ? $kafka->{brokers} : '127.0.0.1:9',
+		# PostgreSQL::Test::Cluster turns it off; crash tests need it.
+		restart_after_crash => 'on',
 		%conf);
 	$node->append_conf('postgresql.conf',
 		join('', map { "$_ = '$settings{$_}'\n" } sort keys %settings));
@@ -98,6 +101,81 @@ sub consume_events
 	is($rc, 0, "$count messages arrived from $topics")
 	  or diag("got " . scalar(@msgs) . " messages");
 	return @msgs;
+}
+
+# Everything in the (existing) $topics, read to the end of every partition.
+sub consume_all
+{
+	my ($kafka, $topics, $timeout) = @_;
+	$timeout //= $PostgreSQL::Test::Utils::timeout_default;
+	my @lines = `$vkafka consume -b '$kafka->{brokers}' -t '$topics' -e -T $timeout`;
+	is($? >> 8, 0, "read $topics to the end");
+	return map {
+		my $m = decode_json($_);
+		$m->{event} = JSON::PP->new->decode($m->{value});
+		$m
+	} @lines;
+}
+
+# The messages carry exactly the committed events of the outbox (matching
+# $where): none lost, none that was not committed.  Re-sent duplicates carry
+# the same id; their number is reported.
+sub check_same_events
+{
+	my ($node, $msgs, $where, $name) = @_;
+	$where //= 'true';
+	my %db = map { $_ => 1 } split /\n/,
+	  $node->safe_psql('postgres', "SELECT id FROM outbox WHERE $where");
+	my %kafka;
+	$kafka{ $_->{event}{id} }++ for @$msgs;
+	my @lost = grep { !$kafka{$_} } keys %db;
+	my @phantom = grep { !$db{$_} } keys %kafka;
+	my $dups = scalar(@$msgs) - scalar(keys %kafka);
+	is(scalar(@lost), 0, "$name: no committed event lost (" . scalar(keys %db) . " events)");
+	is(scalar(@phantom), 0, "$name: no event that was not committed");
+	note("$name: $dups duplicates (re-sent after a crash, same id)");
+	return $dups;
+}
+
+# A pgbench script: bump a per-key counter under a row lock and save it.
+sub counter_script
+{
+	my ($node, $keys) = @_;
+	$node->safe_psql('postgres',
+		"CREATE TABLE IF NOT EXISTS counters (k int PRIMARY KEY, n int NOT NULL DEFAULT 0); "
+		  . "INSERT INTO counters (k) SELECT generate_series(1, $keys) ON CONFLICT DO NOTHING");
+	my $script = "$PostgreSQL::Test::Utils::tmp_check/counter_$keys.sql";
+	unlink $script;
+	PostgreSQL::Test::Utils::append_to_file($script, <<"SQL");
+\\set k random(1, $keys)
+BEGIN;
+UPDATE counters SET n = n + 1 WHERE k = :k RETURNING n \\gset
+SELECT outbox_save('acme', 'counter', :k::text, 'counter.bumped.v1', jsonb_build_object('n', :n));
+COMMIT;
+SQL
+	return $script;
+}
+
+# Start pgbench in the background.  finish_pgbench() waits for it.
+sub start_pgbench
+{
+	my ($node, $script, @args) = @_;
+	my $run = { out => '', err => '' };
+	$run->{h} = IPC::Run::start(
+		[ 'pgbench', '-n', @args, '-f', $script, '-h', $node->host,
+		  '-p', $node->port, 'postgres' ],
+		'>', \$run->{out}, '2>', \$run->{err});
+	return $run;
+}
+
+# Wait for a pgbench started by start_pgbench(); true if it succeeded.
+sub finish_pgbench
+{
+	my ($run) = @_;
+	$run->{h}->finish;
+	my $ok = $run->{h}->result == 0;
+	diag("pgbench: $run->{err}") unless $ok;
+	return $ok;
 }
 
 sub worker_pid
