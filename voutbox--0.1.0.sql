@@ -105,8 +105,15 @@ CREATE TABLE voutbox.batches (
 	CHECK ((hi IS NULL) = (done_seq IS NULL))
 );
 CREATE INDEX batches_reach ON voutbox.batches (reach, batch_id);
-/* Nothing is settled yet: the empty snapshot sees no transaction. */
-INSERT INTO voutbox.batches (lo, reach, events) VALUES ('1:1:', '1', 0);
+/*
+ * Nothing is settled yet: the empty snapshot sees no transaction.  The row
+ * gets an explicit id so that the identity sequence is first used after
+ * this transaction: with wal_level = minimal, values a sequence hands out in
+ * its creating transaction are not WAL-logged, and after a crash it would
+ * hand them out again.
+ */
+INSERT INTO voutbox.batches (batch_id, lo, reach, events) OVERRIDING SYSTEM VALUE
+	VALUES (0, '1:1:', '1', 0);
 
 /*
  * Events that wait, copied out of the ring: retries (attempts > 0), events
@@ -163,7 +170,7 @@ CREATE INDEX outbox_dlq_moved_at ON outbox_dlq (moved_at);
 COMMENT ON TABLE outbox_dlq IS 'voutbox: events that gave up after voutbox.max_retries';
 
 /* When the batch that settled an event was committed; NULL while pending. */
-CREATE FUNCTION voutbox.settled_at(p_txid xid8, p_seq bigint)
+CREATE FUNCTION voutbox.published_at(p_txid xid8, p_seq bigint)
 RETURNS timestamptz
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -179,6 +186,11 @@ AS $$
 	 LIMIT 1
 $$;
 
+/*
+ * Status comes from the newest cursor row alone, so the view is cheap to
+ * scan; published_at looks into the cursor's history and is computed only
+ * when a query asks for it.
+ */
 CREATE VIEW outbox AS
 SELECT e.id,
 	   e.tenant_id,
@@ -194,7 +206,7 @@ SELECT e.id,
 	   e.created_at,
 	   CASE WHEN q.id IS NOT NULL THEN NULL
 			WHEN d.id IS NOT NULL THEN d.delivered_at
-			ELSE s.settled_at END AS published_at,
+			ELSE voutbox.published_at(e.txid, e.seq) END AS published_at,
 	   coalesce(q.retry_count, d.attempts, 0) AS retry_count,
 	   coalesce(q.last_error, d.last_error) AS last_error,
 	   e.scheduled_for,
@@ -209,13 +221,16 @@ SELECT e.id,
 			WHEN d.id IS NOT NULL AND d.attempts > 0 THEN 'retrying'
 			WHEN d.id IS NOT NULL AND d.holds_key THEN 'held'
 			WHEN d.id IS NOT NULL THEN 'scheduled'
-			WHEN s.settled_at IS NOT NULL THEN 'delivered'
+			WHEN pg_visible_in_snapshot(e.txid, c.lo)
+				 OR (c.hi IS NOT NULL AND pg_visible_in_snapshot(e.txid, c.hi)
+					 AND e.seq <= c.done_seq) THEN 'delivered'
 			ELSE 'pending' END AS status,
 	   d.due_at AS next_attempt_at
   FROM voutbox.events e
+ CROSS JOIN (SELECT lo, hi, done_seq FROM voutbox.batches
+			  ORDER BY batch_id DESC LIMIT 1) c
   LEFT JOIN voutbox.deferred d ON d.id = e.id
-  LEFT JOIN outbox_dlq q ON q.id = e.id
-  LEFT JOIN LATERAL (SELECT voutbox.settled_at(e.txid, e.seq) AS settled_at) s ON true;
+  LEFT JOIN outbox_dlq q ON q.id = e.id;
 COMMENT ON VIEW outbox IS 'voutbox: every retained event with its delivery status';
 
 CREATE FUNCTION outbox_save(tenant_id text,

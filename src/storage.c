@@ -241,17 +241,26 @@ load_held_keys(MemoryContext cxt)
  * ---------------------------------------------------------------------
  */
 
-/* Look the extension up; remember the schema of its user-facing relations. */
+/*
+ * Look the extension up; remember the schema of its user-facing relations.
+ * Sets *recreated when it is not the installation seen last time.
+ */
 static bool
-find_extension(void)
+find_extension(bool *recreated)
 {
+	static Oid	ext_oid = InvalidOid;
+	bool		isnull;
+	Oid			oid;
 	char	   *nsp;
 
-	voutbox_spi("SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
+	voutbox_spi("SELECT oid, extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
 				"WHERE extname = '" VOUTBOX_EXTENSION "'", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 		return false;
-	nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	oid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	*recreated = OidIsValid(ext_oid) && oid != ext_oid;
+	ext_oid = oid;
 	if (api_schema == NULL || strcmp(api_schema, nsp) != 0)
 	{
 		if (api_schema != NULL)
@@ -340,6 +349,16 @@ close_window(VoutboxCursor *c)
 	if (portal != NULL)
 		SPI_cursor_close(portal);
 	c->portal_open = false;
+}
+
+/* Forget the cursor: it belongs to an installation that is gone. */
+static void
+forget_cursor(VoutboxCursor *c)
+{
+	if (c->portal_open)
+		close_window(c);
+	set_snapshot(&c->lo, NULL, NULL);
+	set_snapshot(&c->hi, NULL, NULL);
 }
 
 /* Events of voutbox.deferred whose time has come, and the next due time. */
@@ -467,18 +486,18 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
 {
 	MemoryContext round_cxt = CurrentMemoryContext;
 	HTAB	   *held = NULL;
+	bool		recreated;
 
 	memset(r, 0, sizeof(*r));
 	voutbox_xact_begin("reading the next batch");
-	if (!find_extension())
+	if (!find_extension(&recreated))
 	{
-		if (c->portal_open)
-			close_window(c);
-		set_snapshot(&c->lo, NULL, NULL);
-		set_snapshot(&c->hi, NULL, NULL);
+		forget_cursor(c);
 		voutbox_xact_end();
 		return false;
 	}
+	if (recreated)
+		forget_cursor(c);
 	if (c->lo == NULL)
 		load_cursor(c);
 	if (deferred_waiting())

@@ -23,6 +23,14 @@ our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my $vkafka = "$root/test/tools/vkafka";
 
+# Brokers started here, killed at exit if a test dies before stopping them.
+my %started;
+END
+{
+	local $?;    # keep the test's exit status
+	system("$root/test/kafka/stop.sh", $_, 'kill') for keys %started;
+}
+
 # Start (or restart, given the same name) a single-node KRaft broker.
 # Extra arguments are server.properties lines for its first start.
 sub kafka_start
@@ -32,6 +40,7 @@ sub kafka_start
 	my $out = `$root/test/kafka/start.sh '$dir' @props`;
 	die "could not start kafka $name" if $? != 0;
 	chomp $out;
+	$started{$dir} = 1;
 	return { name => $name, dir => $dir, brokers => $out };
 }
 
@@ -41,6 +50,7 @@ sub kafka_stop
 	my ($kafka, $mode) = @_;
 	system("$root/test/kafka/stop.sh", $kafka->{dir}, $mode // 'term') == 0
 	  or die "could not stop kafka $kafka->{name}";
+	delete $started{ $kafka->{dir} };
 	return;
 }
 

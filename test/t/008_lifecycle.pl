@@ -1,0 +1,99 @@
+# A misconfigured worker says so and waits, without crash-looping or losing
+# events: no database, unknown database, extension not created, unreachable
+# broker.  SIGHUP applies new Kafka settings; SIGTERM stops the worker
+# cleanly and the launcher starts a new one.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use VoutboxTest;
+
+my $kafka = kafka_start('lifecycle');
+
+# --- voutbox.database not set: the launcher says so; no worker.
+my $idle = PostgreSQL::Test::Cluster->new('idle');
+$idle->init;
+$idle->append_conf('postgresql.conf', "shared_preload_libraries = 'voutbox'\n");
+$idle->start;
+$idle->wait_for_log(qr/voutbox\.database is not set, so no events are delivered/);
+is($idle->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'voutbox worker'"),
+	'0', 'no worker without voutbox.database');
+$idle->stop;
+
+# --- an unknown database: one message, then the worker starts once it exists.
+my $node = PostgreSQL::Test::Cluster->new('lifecycle');
+$node->init;
+$node->append_conf('postgresql.conf', <<"EOC");
+shared_preload_libraries = 'voutbox'
+voutbox.database = 'app'
+voutbox.brokers = '127.0.0.1:1'
+voutbox.poll_interval = '200ms'
+restart_after_crash = on
+EOC
+$node->start;
+$node->wait_for_log(qr/database "app" named by voutbox\.database does not exist/);
+is($node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'voutbox launcher'"),
+	'waiting for database "app" to exist', 'the launcher waits for the database');
+$node->safe_psql('postgres', 'CREATE DATABASE app');
+$node->wait_for_log(qr/voutbox: delivery worker started for database "app"/);
+
+# --- the extension is not created yet.
+$node->wait_for_log(qr/extension "voutbox" is not installed in database "app"/);
+$node->poll_query_until('app',
+	"SELECT query = 'waiting for CREATE EXTENSION voutbox' FROM pg_stat_activity WHERE backend_type = 'voutbox worker'")
+  or die 'worker not waiting for the extension';
+
+# --- the broker is unreachable: events wait, nothing is lost.
+$node->safe_psql('app', 'CREATE EXTENSION voutbox');
+$node->safe_psql('app', save_sql('acme', 'item.added.v1', "i$_", { n => $_ })) for 1 .. 5;
+$node->poll_query_until('app',
+	"SELECT query LIKE 'waiting for the broker: % events unacknowledged' FROM pg_stat_activity WHERE backend_type = 'voutbox worker'")
+  or die 'the worker does not wait for the broker';
+is($node->safe_psql('app', "SELECT count(*) FROM outbox WHERE status = 'pending'"), '5', 'events stay pending');
+
+# No crash loop: the same worker process all along.
+my $pid = $node->safe_psql('app', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox worker'");
+my $log = slurp_file($node->logfile);
+my $starts = () = $log =~ /delivery worker started/g;
+is($starts, 1, 'the worker started once');
+
+# --- SIGHUP with the right broker: the producer is rebuilt, events arrive.
+$node->safe_psql('app', "ALTER SYSTEM SET voutbox.brokers = '$kafka->{brokers}'");
+$node->reload;
+$node->wait_for_log(qr/Kafka settings changed; rebuilding the producer/);
+$node->poll_query_until('app', "SELECT count(*) = 5 FROM outbox WHERE status = 'delivered'")
+  or die 'events not delivered after the reload';
+pass('delivered after the broker setting was fixed');
+is($node->safe_psql('app', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox worker'"),
+	$pid, 'by the same worker process');
+my @msgs = consume_events($kafka, 'acme.item.added.v1', 5);
+is(scalar(@msgs), 5, 'all five in Kafka');
+
+# --- invalid settings are refused, the old ones stay in force.
+my ($ret, $stdout, $stderr) = $node->psql('app',
+	"ALTER SYSTEM SET voutbox.kafka_properties = 'enable.idempotence=false'");
+like($stderr, qr/voutbox sets "enable.idempotence" itself/, 'guarantee-breaking property refused');
+
+# --- SIGTERM: a clean stop, and the launcher starts a new worker.
+$node->safe_psql('app', "SELECT pg_terminate_backend($pid)");
+$node->poll_query_until('app',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'voutbox worker' AND pid <> $pid")
+  or die 'no new worker after SIGTERM';
+like(slurp_file($node->logfile), qr/voutbox: delivery worker stopped/, 'the worker stopped cleanly');
+$node->safe_psql('app', save_sql('acme', 'item.added.v1', 'i6', { n => 6 }));
+$node->poll_query_until('app', "SELECT count(*) = 6 FROM outbox WHERE status = 'delivered'")
+  or die 'the new worker does not deliver';
+pass('the new worker delivers');
+
+# --- a fast server stop stops the worker cleanly too.
+$node->stop('fast');
+my $stops = () = slurp_file($node->logfile) =~ /voutbox: delivery worker stopped/g;
+is($stops, 2, 'clean stop at server shutdown');
+unlike(slurp_file($node->logfile),
+	qr/background worker "voutbox [a-z]+" \(PID \d+\) (was terminated by signal|exited with exit code 1)/,
+	'no crash of a voutbox process');
+
+kafka_stop($kafka);
+done_testing();
