@@ -8,6 +8,12 @@
  *       JSON object per message: topic, partition, offset, key, headers, value.
  *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline
  *       or the end), 2 when fewer arrived in time or the end was not reached.
+ *   vkafka produce -b BROKERS -t TOPIC -n COUNT -s BYTES [-k KEYS] [-r RATE]
+ *       Benchmark baseline: a plain librdkafka producer with voutbox's settings
+ *       (idempotent, acks=all, murmur2_random) sends COUNT messages of BYTES
+ *       bytes over KEYS keys.  Without -r, as fast as possible, and prints
+ *       the rate; with -r, one message at a time at RATE per second, and
+ *       prints the produce-to-acknowledgement latency percentiles.
  *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
  *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
  *       Topic administration through librdkafka's admin API.
@@ -30,6 +36,9 @@ static long count = -1;
 static int	to_end = 0;
 static int timeout_s = 60;
 static int partitions = 1;
+static int size = 500;
+static int nkeys = 1000;
+static int rate = 0;
 static const char *group = NULL;
 static char *configs[MAX_CONFIGS];
 static int nconfigs = 0;
@@ -241,6 +250,99 @@ consume(void)
 	return to_end && !all_at_end() ? 2 : 0;
 }
 
+static long delivered = 0;
+static long failed = 0;
+
+static void
+on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+	(void) rk;
+	(void) opaque;
+	if (m->err)
+		failed++;
+	else
+		delivered++;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double		x = *(const double *) a,
+				y = *(const double *) b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int
+produce(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	char	   *value = malloc(size);
+	double	   *lat = calloc(count > 0 ? count : 1, sizeof(double));
+	rd_kafka_t *rk;
+	double		start;
+
+	set(conf, "bootstrap.servers", brokers);
+	set(conf, "enable.idempotence", "true");
+	set(conf, "acks", "all");
+	set(conf, "partitioner", "murmur2_random");
+	set(conf, "queue.buffering.max.messages", "1000000");
+	rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+		die("%s", errstr);
+	memset(value, 'x', size);
+
+	/* Connect and learn the topic first, so that only producing is timed. */
+	rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topics), RD_KAFKA_V_VALUE(value, size),
+					  RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+	rd_kafka_flush(rk, 30000);
+	delivered = failed = 0;
+
+	start = now_s();
+	for (long i = 0; i < count; i++)
+	{
+		char		key[32];
+		double		t0 = now_s();
+		rd_kafka_resp_err_t err;
+
+		snprintf(key, sizeof(key), "k%ld", i % nkeys);
+		while ((err = rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topics),
+										RD_KAFKA_V_KEY(key, strlen(key)),
+										RD_KAFKA_V_VALUE(value, size),
+										RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+										RD_KAFKA_V_END)) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			rd_kafka_poll(rk, 10);
+		if (err)
+			die("%s", rd_kafka_err2str(err));
+		if (rate > 0)
+		{
+			long		target = delivered + failed + 1;
+
+			while (delivered + failed < target)
+				rd_kafka_poll(rk, 1);
+			lat[i] = (now_s() - t0) * 1000;
+			while (now_s() < start + (double) (i + 1) / rate)
+				usleep(200);
+		}
+		else
+			rd_kafka_poll(rk, 0);
+	}
+	rd_kafka_flush(rk, 60000);
+	if (rate > 0)
+	{
+		qsort(lat, count, sizeof(double), cmp_double);
+		printf("{\"messages\": %ld, \"failed\": %ld, \"p50_ms\": %.2f, \"p95_ms\": %.2f, \"p99_ms\": %.2f}\n",
+			   delivered, failed, lat[count / 2], lat[count * 95 / 100], lat[count * 99 / 100]);
+	}
+	else
+		printf("{\"messages\": %ld, \"failed\": %ld, \"seconds\": %.3f, \"per_second\": %.0f}\n",
+			   delivered, failed, now_s() - start, delivered / (now_s() - start));
+	rd_kafka_destroy(rk);
+	return failed ? 1 : 0;
+}
+
 static rd_kafka_t *
 admin_client(void)
 {
@@ -351,10 +453,10 @@ main(int argc, char **argv)
 	int			opt;
 
 	if (argc < 2)
-		die("%s", "usage: vkafka consume|create-topic|alter-topic -b BROKERS -t TOPIC ...");
+		die("%s", "usage: vkafka consume|produce|create-topic|alter-topic -b BROKERS -t TOPIC ...");
 	cmd = argv[1];
 	optind = 2;
-	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:")) != -1)
+	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:s:k:r:")) != -1)
 	{
 		switch (opt)
 		{
@@ -379,6 +481,15 @@ main(int argc, char **argv)
 			case 'g':
 				group = optarg;
 				break;
+			case 's':
+				size = atoi(optarg);
+				break;
+			case 'k':
+				nkeys = atoi(optarg);
+				break;
+			case 'r':
+				rate = atoi(optarg);
+				break;
 			case 'c':
 				if (nconfigs == MAX_CONFIGS)
 					die("%s", "too many -c");
@@ -392,6 +503,8 @@ main(int argc, char **argv)
 		die("%s", "-b and -t are required");
 	if (strcmp(cmd, "consume") == 0)
 		return consume();
+	if (strcmp(cmd, "produce") == 0)
+		return produce();
 	if (strcmp(cmd, "create-topic") == 0)
 		return create_topic();
 	if (strcmp(cmd, "alter-topic") == 0)
