@@ -25,7 +25,8 @@
 #include "voutbox.h"
 
 static int
-raw_json_serialize(struct json_object *jso, struct printbuf *pb, int level, int flags)
+raw_json_serialize(struct json_object *jso, struct printbuf *pb,
+				   int level pg_attribute_unused(), int flags pg_attribute_unused())
 {
 	const char *text = json_object_get_userdata(jso);
 
@@ -33,7 +34,7 @@ raw_json_serialize(struct json_object *jso, struct printbuf *pb, int level, int 
 }
 
 static void
-raw_json_free(struct json_object *jso, void *userdata)
+raw_json_free(struct json_object *jso pg_attribute_unused(), void *userdata)
 {
 	free(userdata);
 }
