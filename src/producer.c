@@ -30,7 +30,10 @@
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
 #include "storage/latch.h"
+#include "lib/stringinfo.h"
+#include "storage/fd.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -52,15 +55,22 @@ struct VoutboxProducer
 	int		   *errs;
 	int			nevents;
 	int			pending;
+	TimestampTz last_notice;	/* when the log last said we wait */
+	TimestampTz shutdown_at;	/* when a shutdown request was seen */
 	bool		fatal;
 	bool		purged;
 	/* librdkafka log lines and errors, written by callbacks, logged later */
 	int			nlogs;
 	int			dropped_logs;
 	char		logs[MAX_PENDING_LOGS][512];
-	int			last_error;
-	TimestampTz last_error_logged;
 };
+
+/*
+ * The contents of voutbox.kafka_secrets_file, read when the configuration is
+ * (re)loaded, or why it could not be read.  Both in TopMemoryContext.
+ */
+static char *secrets = NULL;
+static char *secrets_error = NULL;
 
 /* Properties voutbox sets itself: overriding them would break a guarantee. */
 static const char *const reserved_properties[] = {
@@ -71,29 +81,31 @@ static const char *const reserved_properties[] = {
 };
 
 /*
- * Apply "name=value; name=value" to conf.  On failure returns false with a
- * palloc'd explanation in *detail.
+ * Apply "name=value; name=value" (or one per line; "#" starts a comment
+ * line) to conf.  On failure returns false with a palloc'd explanation in
+ * *detail, which for secret properties never shows a value.
  */
 static bool
-apply_properties(rd_kafka_conf_t *conf, const char *props, char **detail)
+apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **detail)
 {
 	char	   *copy = pstrdup(props ? props : "");
 	char	   *save = NULL;
 
-	for (char *item = strtok_r(copy, ";", &save); item; item = strtok_r(NULL, ";", &save))
+	for (char *item = strtok_r(copy, ";\n", &save); item; item = strtok_r(NULL, ";\n", &save))
 	{
 		char	   *eq = strchr(item, '=');
 		char	   *name = item;
 		char	   *value;
 		char		errstr[512];
 
-		while (*name == ' ' || *name == '\t' || *name == '\n')
+		while (*name == ' ' || *name == '\t' || *name == '\r')
 			name++;
-		if (*name == '\0')
+		if (*name == '\0' || *name == '#')
 			continue;
 		if (eq == NULL)
 		{
-			*detail = psprintf("\"%s\" is not of the form name=value.", name);
+			*detail = secret ? pstrdup("voutbox.kafka_secrets_file has a line not of the form name=value.") :
+				psprintf("\"%s\" is not of the form name=value.", name);
 			return false;
 		}
 		*eq = '\0';
@@ -102,7 +114,7 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, char **detail)
 			*end = '\0';
 		while (*value == ' ' || *value == '\t')
 			value++;
-		for (char *end = value + strlen(value) - 1; end >= value && (*end == ' ' || *end == '\t' || *end == '\n'); end--)
+		for (char *end = value + strlen(value) - 1; end >= value && (*end == ' ' || *end == '\t' || *end == '\r'); end--)
 			*end = '\0';
 		for (size_t i = 0; i < lengthof(reserved_properties); i++)
 			if (strcmp(name, reserved_properties[i]) == 0)
@@ -115,7 +127,9 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, char **detail)
 			}
 		if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
 		{
-			*detail = psprintf("librdkafka: %s", errstr);
+			*detail = secret ?
+				psprintf("librdkafka refused the value of \"%s\" in voutbox.kafka_secrets_file.", name) :
+				psprintf("librdkafka: %s", errstr);
 			return false;
 		}
 	}
@@ -127,7 +141,7 @@ bool
 voutbox_kafka_properties_are_valid(const char *props, char **detail)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
-	bool		ok = apply_properties(conf, props, detail);
+	bool		ok = apply_properties(conf, props, false, detail);
 
 	rd_kafka_conf_destroy(conf);
 	return ok;
@@ -164,7 +178,6 @@ on_error(rd_kafka_t *rk pg_attribute_unused(), int err, const char *reason, void
 				 rd_kafka_err2name(err), reason);
 	else
 		p->dropped_logs++;
-	p->last_error = err;
 }
 
 static void
@@ -204,12 +217,64 @@ conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
 		elog(ERROR, "voutbox: could not set librdkafka property %s: %s", name, errstr);
 }
 
+/*
+ * Read voutbox.kafka_secrets_file (relative paths are relative to the data
+ * directory).  Its contents go only to librdkafka, never to the log.
+ */
+static void
+load_secrets(void)
+{
+	const char *path = voutbox_kafka_secrets_file;
+	FILE	   *f;
+	StringInfoData buf;
+	char		chunk[1024];
+	size_t		n;
+
+	if (secrets != NULL)
+		pfree(secrets);
+	if (secrets_error != NULL)
+		pfree(secrets_error);
+	secrets = secrets_error = NULL;
+	if (path == NULL || path[0] == '\0')
+		return;
+	if ((f = AllocateFile(path, "r")) == NULL)
+	{
+		secrets_error = MemoryContextStrdup(TopMemoryContext,
+											psprintf("could not read voutbox.kafka_secrets_file \"%s\": %m", path));
+		return;
+	}
+	initStringInfo(&buf);
+	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+		appendBinaryStringInfo(&buf, chunk, n);
+	FreeFile(f);
+	secrets = MemoryContextStrdup(TopMemoryContext, buf.data);
+	explicit_bzero(buf.data, buf.len);
+	pfree(buf.data);
+}
+
+/* Reload the configuration file, and the secrets file with it. */
+void
+voutbox_reload_config(void)
+{
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	load_secrets();
+}
+
+/* The first load, when the worker starts. */
+void
+voutbox_producer_init(void)
+{
+	load_secrets();
+}
+
 /* The settings a producer is built from, as one comparable string. */
 static char *
 current_config(void)
 {
-	return psprintf("%s\n%s\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
-					voutbox_kafka_secret_properties, voutbox_batch_size);
+	return psprintf("%s\n%s\n%s\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
+					secrets ? secrets : "", secrets_error ? secrets_error : "",
+					voutbox_batch_size);
 }
 
 /* Whether the settings changed since the producer was built. */
@@ -238,8 +303,11 @@ voutbox_producer_create(char **error)
 	conf_set(conf, "log.queue", "true");
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
-	if (!apply_properties(conf, voutbox_kafka_properties, error) ||
-		!apply_properties(conf, voutbox_kafka_secret_properties, error))
+	if (secrets_error != NULL)
+		*error = pstrdup(secrets_error);
+	if (secrets_error != NULL ||
+		!apply_properties(conf, voutbox_kafka_properties, false, error) ||
+		!apply_properties(conf, secrets, true, error))
 	{
 		rd_kafka_conf_destroy(conf);
 		pfree(p);
@@ -383,10 +451,6 @@ produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
 static void
 wait_for_reports(VoutboxProducer *p, bool until_all)
 {
-	TimestampTz started = GetCurrentTimestamp();
-	TimestampTz last_notice = started;
-	TimestampTz shutdown_at = 0;
-
 	for (;;)
 	{
 		voutbox_producer_serve(p);
@@ -398,8 +462,7 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 		 */
 		if (ConfigReloadPending)
 		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
+			voutbox_reload_config();
 			if (!p->purged && voutbox_producer_config_changed(p))
 			{
 				ereport(LOG, (errmsg("voutbox: Kafka settings changed; rebuilding the producer")));
@@ -412,18 +475,18 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 		{
 			TimestampTz now = GetCurrentTimestamp();
 
-			if (shutdown_at == 0)
-				shutdown_at = now;
-			else if (TimestampDifferenceExceeds(shutdown_at, now, SHUTDOWN_GRACE_MS))
+			if (p->shutdown_at == 0)
+				p->shutdown_at = now;
+			else if (TimestampDifferenceExceeds(p->shutdown_at, now, SHUTDOWN_GRACE_MS))
 			{
 				rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 				p->purged = true;
 				continue;
 			}
 		}
-		if (TimestampDifferenceExceeds(last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
+		if (TimestampDifferenceExceeds(p->last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
 		{
-			last_notice = GetCurrentTimestamp();
+			p->last_notice = GetCurrentTimestamp();
 			ereport(LOG,
 					(errmsg("voutbox: still waiting for the broker to acknowledge %d of %d events",
 							p->pending, p->nevents),
@@ -450,24 +513,46 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 void
 voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, int *errs)
 {
+	HTAB	   *refused = voutbox_key_set_new("voutbox refused keys");
+
 	p->errs = errs;
 	p->nevents = n;
 	p->pending = 0;
+	p->last_notice = GetCurrentTimestamp();
+	p->shutdown_at = 0;
 
-	for (int i = 0; i < n && !p->purged; i++)
+	for (int i = 0; i < n && !p->purged && !ShutdownRequestPending; i++)
 	{
 		rd_kafka_resp_err_t err;
+		uint64		h = 0;
 
 		if (errs[i] != VOUTBOX_DELIVERY_PENDING)
 			continue;
 		CHECK_FOR_INTERRUPTS();
+
+		/*
+		 * librdkafka refused an earlier event of this key at once: sending
+		 * this one would overtake it.  It stays unsent, behind it.
+		 */
+		if (events[i].msg_key != NULL)
+		{
+			h = voutbox_key_hash(events[i].topic, events[i].msg_key);
+			if (hash_search(refused, &h, HASH_FIND, NULL) != NULL)
+			{
+				errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+				continue;
+			}
+		}
 		p->pending++;
-		while ((err = produce_one(p, &events[i], i)) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+		while ((err = produce_one(p, &events[i], i)) == RD_KAFKA_RESP_ERR__QUEUE_FULL &&
+			   !p->purged && !ShutdownRequestPending)
 			wait_for_reports(p, false);
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
 			errs[i] = err;
 			p->pending--;
+			if (events[i].msg_key != NULL)
+				(void) hash_search(refused, &h, HASH_ENTER, NULL);
 		}
 	}
 	wait_for_reports(p, true);
@@ -486,13 +571,15 @@ voutbox_delivery_error_text(int err)
 
 /*
  * Whether a failed delivery counts as an attempt of the event.  A purge (at
- * shutdown, or after the producer itself failed) says nothing about the
+ * shutdown, or after the producer itself failed), a full local queue at
+ * shutdown, or holding an event back behind its key says nothing about the
  * event: it is sent again, in order, without using up a retry.
  */
 bool
 voutbox_delivery_error_counts(int err)
 {
 	return err != RD_KAFKA_RESP_ERR__PURGE_QUEUE &&
+		err != RD_KAFKA_RESP_ERR__QUEUE_FULL &&
 		err != RD_KAFKA_RESP_ERR__PURGE_INFLIGHT &&
 		err != RD_KAFKA_RESP_ERR__FATAL;
 }

@@ -74,9 +74,13 @@ static char *api_schema = NULL;
  * ---------------------------------------------------------------------
  */
 
+/* The caller's memory context: CommitTransactionCommand leaves TopMemoryContext. */
+static MemoryContext xact_caller_cxt = NULL;
+
 void
 voutbox_xact_begin(const char *activity)
 {
+	xact_caller_cxt = CurrentMemoryContext;
 	voutbox_report_activity(activity);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -91,6 +95,7 @@ voutbox_xact_end(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(xact_caller_cxt);
 	pgstat_report_stat(false);
 }
 
@@ -370,18 +375,23 @@ read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
 	MemoryContext old;
 
 	/*
-	 * A held key's events are due when its head (lowest seq) is; events that
-	 * hold no key are due on their own.
+	 * A held key's events are due when its head (lowest seq) is.  A head that
+	 * failed before goes alone: were it to fail again, events sent behind it
+	 * could get through and overtake it.  A head never tried (held, or
+	 * unsent at a shutdown) takes its key's queue along.  Events that hold
+	 * no key are due on their own.
 	 */
 	voutbox_spi("WITH heads AS ("
-				"  SELECT DISTINCT ON (topic, msg_key) topic, msg_key, due_at "
+				"  SELECT DISTINCT ON (topic, msg_key) topic, msg_key, seq, due_at, attempts "
 				"    FROM " VOUTBOX_SCHEMA ".deferred "
 				"   WHERE delivered_at IS NULL AND holds_key ORDER BY topic, msg_key, seq) "
 				"SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
 				"  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
 				"       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
 				" WHERE e.delivered_at IS NULL "
-				"   AND CASE WHEN e.holds_key THEN h.due_at ELSE e.due_at END <= now() "
+				"   AND CASE WHEN e.holds_key "
+				"            THEN h.due_at <= now() AND (e.seq = h.seq OR h.attempts = 0) "
+				"            ELSE e.due_at <= now() END "
 				" ORDER BY e.seq LIMIT $1",
 				1, &type, &limit, NULL, SPI_OK_SELECT);
 

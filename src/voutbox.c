@@ -44,7 +44,7 @@ char	   *voutbox_producer = NULL;
 int			voutbox_max_payload_bytes = 512 * 1024;
 char	   *voutbox_traceparent = NULL;
 char	   *voutbox_kafka_properties = NULL;
-char	   *voutbox_kafka_secret_properties = NULL;
+char	   *voutbox_kafka_secrets_file = NULL;
 
 VoutboxShared *voutbox_shared = NULL;
 
@@ -175,12 +175,11 @@ define_gucs(void)
 							   NULL,
 							   &voutbox_kafka_properties, "",
 							   PGC_SIGHUP, 0, check_kafka_properties, NULL, NULL);
-	DefineCustomStringVariable("voutbox.kafka_secret_properties",
-							   "Like voutbox.kafka_properties, for secrets (passwords, keys); only superusers can read it.",
-							   NULL,
-							   &voutbox_kafka_secret_properties, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-							   check_kafka_properties, NULL, NULL);
+	DefineCustomStringVariable("voutbox.kafka_secrets_file",
+							   "File of librdkafka properties holding secrets (passwords, keys), name=value per line; read by the worker.",
+							   "Relative paths are relative to the data directory. Only superusers can see the setting.",
+							   &voutbox_kafka_secrets_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("voutbox");
 }

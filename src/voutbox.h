@@ -44,7 +44,7 @@ extern char *voutbox_producer;
 extern int	voutbox_max_payload_bytes;
 extern char *voutbox_traceparent;
 extern char *voutbox_kafka_properties;
-extern char *voutbox_kafka_secret_properties;
+extern char *voutbox_kafka_secrets_file;
 
 /*
  * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
@@ -134,6 +134,8 @@ extern bool voutbox_traceparent_is_valid(const char *value);
 typedef struct VoutboxProducer VoutboxProducer;
 
 extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail);
+extern void voutbox_producer_init(void);
+extern void voutbox_reload_config(void);
 extern VoutboxProducer *voutbox_producer_create(char **error);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);

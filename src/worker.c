@@ -111,6 +111,7 @@ static Oid
 lookup_database(void)
 {
 	Oid			dboid = InvalidOid;
+	MemoryContext cxt = CurrentMemoryContext;
 	Relation	rel;
 	TableScanDesc scan;
 	HeapTuple	tup;
@@ -132,6 +133,7 @@ lookup_database(void)
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	return dboid;
 }
 
@@ -170,9 +172,13 @@ voutbox_launcher_main(Datum arg pg_attribute_unused())
 	long		delay = RESTART_DELAY_MIN_MS;
 	bool		told_missing = false;
 
+	MemoryContext loop_cxt;
+
 	setup_signals();
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname("voutbox launcher");
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "voutbox launcher loop",
+									 ALLOCSET_SMALL_SIZES);
 
 	if (voutbox_database == NULL || voutbox_database[0] == '\0')
 		ereport(LOG,
@@ -184,6 +190,8 @@ voutbox_launcher_main(Datum arg pg_attribute_unused())
 		long		timeout = RECHECK_MS;
 
 		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
 		if (ConfigReloadPending)
 		{
 			ConfigReloadPending = false;
@@ -229,7 +237,9 @@ voutbox_launcher_main(Datum arg pg_attribute_unused())
 			{
 				told_missing = false;
 				started_at = now;
+				MemoryContextSwitchTo(TopMemoryContext);
 				handle = start_worker(dboid);
+				MemoryContextSwitchTo(loop_cxt);
 				report_idle(handle ? "supervising the delivery worker" : "could not start the worker");
 			}
 		}
@@ -242,10 +252,17 @@ voutbox_launcher_main(Datum arg pg_attribute_unused())
 		ResetLatch(MyLatch);
 	}
 
-	/* The worker belongs to this launcher; stop it too. */
+	/*
+	 * The worker belongs to this launcher: stop it, and wait, so that a
+	 * restarted launcher never finds it still running.  Exit with 1 so that
+	 * the postmaster restarts the launcher unless the server is shutting down.
+	 */
 	if (handle != NULL)
+	{
 		TerminateBackgroundWorker(handle);
-	proc_exit(0);
+		(void) WaitForBackgroundWorkerShutdown(handle);
+	}
+	proc_exit(1);
 }
 
 /* ---------------------------------------------------------------------
@@ -257,6 +274,7 @@ typedef struct WorkerState
 {
 	VoutboxProducer *producer;
 	char	   *producer_error;		/* why the last build failed, or NULL */
+	TimestampTz producer_built_at;	/* last attempt to build it */
 	VoutboxCursor cursor;
 	TimestampTz next_cleanup;
 	bool		told_not_installed;
@@ -274,15 +292,41 @@ unpublish_worker(int code pg_attribute_unused(), Datum arg pg_attribute_unused()
 	SpinLockRelease(&voutbox_shared->mutex);
 }
 
-/* Make committing backends set this process's latch. */
+/*
+ * Make committing backends set this process's latch.  Only one worker may
+ * deliver: if another one is published (it unpublishes itself at exit, and a
+ * crash resets shared memory), wait for it to go away.
+ */
 static void
 publish_worker(void)
 {
-	SpinLockAcquire(&voutbox_shared->mutex);
-	voutbox_shared->worker_pgprocno = MyProc->pgprocno;
-	voutbox_shared->worker_pid = MyProcPid;
-	SpinLockRelease(&voutbox_shared->mutex);
+	bool		told = false;
+
 	before_shmem_exit(unpublish_worker, (Datum) 0);
+	for (;;)
+	{
+		pid_t		other;
+
+		SpinLockAcquire(&voutbox_shared->mutex);
+		other = voutbox_shared->worker_pid;
+		if (other == 0)
+		{
+			voutbox_shared->worker_pgprocno = MyProc->pgprocno;
+			voutbox_shared->worker_pid = MyProcPid;
+		}
+		SpinLockRelease(&voutbox_shared->mutex);
+		if (other == 0)
+			return;
+		if (!told)
+			ereport(LOG,
+					(errmsg("voutbox: another delivery worker (PID %d) is running; waiting for it to exit",
+							(int) other)));
+		told = true;
+		report_idle("waiting for the other voutbox worker to exit");
+		wait_for_work(1000, -1);
+		if (ShutdownRequestPending)
+			proc_exit(0);
+	}
 }
 
 /*
@@ -294,6 +338,7 @@ static bool
 ensure_producer(WorkerState *st)
 {
 	char	   *error = NULL;
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (st->producer != NULL &&
 		(voutbox_producer_is_broken(st->producer) ||
@@ -305,6 +350,14 @@ ensure_producer(WorkerState *st)
 	if (st->producer != NULL)
 		return true;
 
+	/*
+	 * Build at most once a second, and retry a configuration that failed
+	 * only every few seconds: a producer that keeps failing must not spin.
+	 */
+	if (!TimestampDifferenceExceeds(st->producer_built_at, now,
+									st->producer_error ? RECHECK_MS : 1000))
+		return false;
+	st->producer_built_at = now;
 	st->producer = voutbox_producer_create(&error);
 	if (st->producer != NULL)
 	{
@@ -316,7 +369,7 @@ ensure_producer(WorkerState *st)
 	if (st->producer_error == NULL || strcmp(st->producer_error, error) != 0)
 		ereport(LOG,
 				(errmsg("voutbox: could not create the Kafka producer: %s", error),
-				 errhint("Fix voutbox.brokers or voutbox.kafka_properties and reload the configuration.")));
+				 errhint("Fix voutbox.brokers, voutbox.kafka_properties or voutbox.kafka_secrets_file and reload the configuration.")));
 	if (st->producer_error != NULL)
 		pfree(st->producer_error);
 	st->producer_error = MemoryContextStrdup(TopMemoryContext, error);
@@ -348,7 +401,10 @@ maybe_cleanup(WorkerState *st)
 	st->next_cleanup = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), voutbox_cleanup_interval);
 }
 
-/* How long to sleep: until the poll interval, a deferred event or cleanup. */
+/*
+ * How long to sleep: until the poll interval, a deferred event, or cleanup
+ * (when cleanup can run at all: with a producer and the extension installed).
+ */
 static long
 sleep_ms(WorkerState *st, TimestampTz next_due)
 {
@@ -357,7 +413,7 @@ sleep_ms(WorkerState *st, TimestampTz next_due)
 
 	if (next_due != 0 && next_due < until)
 		until = next_due;
-	if (st->next_cleanup < until)
+	if (st->producer != NULL && st->cursor.lo != NULL && st->next_cleanup < until)
 		until = st->next_cleanup;
 	return until <= now ? 0 : (long) ((until - now + 999) / 1000);
 }
@@ -411,6 +467,7 @@ voutbox_worker_main(Datum arg)
 	pgstat_report_appname("voutbox worker");
 	publish_worker();
 	check_librdkafka_version();
+	voutbox_producer_init();
 
 	/* The window logic wants READ COMMITTED; no server default may interfere. */
 	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
@@ -433,10 +490,7 @@ voutbox_worker_main(Datum arg)
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+			voutbox_reload_config();
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
 

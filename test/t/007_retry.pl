@@ -1,7 +1,9 @@
 # A failed delivery is retried later with growing delays and never lost;
-# later events of its key wait behind it while other keys flow; after
-# voutbox.max_retries it moves to the dead-letter queue and its key goes on.
-# The failure is real: a topic whose max.message.bytes is below the event.
+# later events of its key wait behind it while other keys flow, also when
+# librdkafka refuses the event before sending it; after voutbox.max_retries
+# it moves to the dead-letter queue and its key goes on.  The failures are
+# real: a topic whose max.message.bytes is below the event, and a producer
+# whose message.max.bytes is.
 use strict;
 use warnings;
 
@@ -57,6 +59,31 @@ wait_for_delivered($node, 3);
 my @msgs = consume_events($kafka, 'acme.order.placed.v1', 3);
 is_deeply([ map { $_->{event}{payload}{n} } grep { $_->{key} eq 'K' } @msgs ], [ 1, 2 ],
 	'key K arrives in order after the retries');
+
+# --- librdkafka refuses an event at once (larger than message.max.bytes):
+# the later events of its key are not sent behind it, and stay held while it
+# is retried again and again, each retry alone.
+$node->append_conf('postgresql.conf', "voutbox.kafka_properties = 'message.max.bytes=3000'\n");
+$node->reload;
+$node->safe_psql('postgres',
+	"BEGIN; "
+	  . save_sql('acme', 'order.packed.v1', 'P', { n => 1 }) . "; "
+	  . "SELECT outbox_save('acme', 'order', 'P', 'order.packed.v1', jsonb_build_object('n', 2, 'pad', repeat('x', 5000))); "
+	  . save_sql('acme', 'order.packed.v1', 'P', { n => 3 }) . "; COMMIT");
+$node->poll_query_until('postgres',
+	"SELECT retry_count >= 3 FROM outbox WHERE aggregate_id = 'P' AND status = 'retrying'")
+  or die 'the refused event is not retried';
+is( $node->safe_psql('postgres',
+		"SELECT string_agg((payload->>'n') || ':' || status, ',' ORDER BY created_at, (payload->>'n')) FROM outbox WHERE aggregate_id = 'P'"),
+	'1:delivered,2:retrying,3:held',
+	'the event behind a refused one is held through every retry');
+like($node->safe_psql('postgres', "SELECT last_error FROM outbox WHERE aggregate_id = 'P' AND status = 'retrying'"),
+	qr/^MSG_SIZE_TOO_LARGE: /, 'librdkafka\'s refusal is recorded');
+$node->append_conf('postgresql.conf', "voutbox.kafka_properties = ''\n");
+$node->reload;
+wait_for_delivered($node, 3, "aggregate_id = 'P'");
+@msgs = consume_events($kafka, 'acme.order.packed.v1', 3);
+is_deeply([ map { $_->{event}{payload}{n} } @msgs ], [ 1, 2, 3 ], 'key P arrives in order');
 
 # --- max_retries: the head goes to the dead-letter queue, its key proceeds.
 $node->append_conf('postgresql.conf', "voutbox.max_retries = 2\n");

@@ -46,6 +46,20 @@ $node->poll_query_until('app',
 	"SELECT query = 'waiting for CREATE EXTENSION voutbox' FROM pg_stat_activity WHERE backend_type = 'voutbox worker'")
   or die 'worker not waiting for the extension';
 
+# Waiting costs nothing: over three seconds the worker uses (almost) no CPU.
+sub cpu_ticks
+{
+	my ($pid) = @_;
+	my @f = split ' ', slurp_file("/proc/$pid/stat");
+	return $f[13] + $f[14];
+}
+my $waiting_pid = $node->safe_psql('app', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox worker'");
+my $ticks = cpu_ticks($waiting_pid);
+my $t0 = $node->safe_psql('app', 'SELECT now()');
+$node->poll_query_until('app', "SELECT now() > '$t0'::timestamptz + interval '3 seconds'")
+  or die 'clock did not advance';
+ok(cpu_ticks($waiting_pid) - $ticks < 30, 'the waiting worker does not spin');
+
 # --- the broker is unreachable: events wait, nothing is lost.
 $node->safe_psql('app', 'CREATE EXTENSION voutbox');
 $node->safe_psql('app', save_sql('acme', 'item.added.v1', "i$_", { n => $_ })) for 1 .. 5;
@@ -88,6 +102,42 @@ $node->poll_query_until('app', "SELECT count(*) = 6 FROM outbox WHERE status = '
   or die 'the new worker does not deliver';
 pass('the new worker delivers');
 
+# --- secrets come from a file that only the server reads; they never reach
+# the log, and only superusers can see where the file is.
+my $secrets = $node->data_dir . '/kafka.secrets';
+PostgreSQL::Test::Utils::append_to_file($secrets, "# SASL, unused here\nsasl.username=svc\nsasl.password=hunter2\n");
+$node->safe_psql('app', "ALTER SYSTEM SET voutbox.kafka_secrets_file = 'kafka.secrets'");
+$node->reload;
+$node->safe_psql('app', save_sql('acme', 'item.added.v1', 's1', { n => 7 }));
+$node->poll_query_until('app', "SELECT count(*) = 7 FROM outbox WHERE status = 'delivered'")
+  or die 'not delivered with a secrets file';
+pass('delivered with properties from the secrets file');
+$node->safe_psql('app', 'CREATE ROLE app_user LOGIN');
+($ret, $stdout, $stderr) = $node->psql('app', 'SHOW voutbox.kafka_secrets_file', extra_params => [ '-U', 'app_user' ]);
+like($stderr, qr/permission denied|must be superuser|privileges/, 'non-superusers cannot see the setting');
+unlink $secrets;
+PostgreSQL::Test::Utils::append_to_file($secrets, "socket.timeout.ms=hunter3\n");
+$node->reload;
+$node->wait_for_log(qr/librdkafka refused the value of "socket.timeout.ms" in voutbox.kafka_secrets_file/);
+unlike(slurp_file($node->logfile), qr/hunter[23]/, 'no secret value in the log');
+$node->safe_psql('app', 'ALTER SYSTEM RESET voutbox.kafka_secrets_file');
+$node->reload;
+$node->safe_psql('app', save_sql('acme', 'item.added.v1', 's2', { n => 8 }));
+$node->poll_query_until('app', "SELECT count(*) = 8 FROM outbox WHERE status = 'delivered'")
+  or die 'not delivered after the secrets file was removed from the settings';
+
+# --- terminating the launcher: it comes back, with exactly one worker.
+my $launcher = $node->safe_psql('app', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox launcher'");
+$node->safe_psql('app', "SELECT pg_terminate_backend($launcher)");
+$node->poll_query_until('app',
+	"SELECT count(*) FILTER (WHERE backend_type = 'voutbox launcher' AND pid <> $launcher) = 1 "
+	  . "AND count(*) FILTER (WHERE backend_type = 'voutbox worker') = 1 FROM pg_stat_activity")
+  or die 'launcher and worker not back';
+pass('the launcher is restarted and starts one worker');
+$node->safe_psql('app', save_sql('acme', 'item.added.v1', 's3', { n => 9 }));
+$node->poll_query_until('app', "SELECT count(*) = 9 FROM outbox WHERE status = 'delivered'")
+  or die 'not delivered after the launcher restart';
+
 # --- an ERROR ends the worker; the launcher starts another, and nothing is
 # lost.  Here the cursor table refuses new rows until the constraint goes.
 $node->safe_psql('app', 'ALTER TABLE voutbox.batches ADD CONSTRAINT broken CHECK (events < 0) NOT VALID');
@@ -98,15 +148,33 @@ $node->wait_for_log(qr/voutbox: the delivery worker exited; starting a new one i
 is($node->safe_psql('app', "SELECT count(*) FROM outbox WHERE status = 'pending'"), '3',
 	'events stay pending while the worker fails');
 $node->safe_psql('app', 'ALTER TABLE voutbox.batches DROP CONSTRAINT broken');
-$node->poll_query_until('app', "SELECT count(*) = 9 FROM outbox WHERE status = 'delivered'")
+$node->poll_query_until('app', "SELECT count(*) = 12 FROM outbox WHERE status = 'delivered'")
   or die 'events not delivered after the error went away';
 @msgs = consume_all($kafka, 'acme.item.added.v1');
-is(scalar(keys %{ { map { $_->{event}{id} => 1 } @msgs } }), 9, 'all nine events in Kafka (re-sent ones with the same id)');
+is(scalar(keys %{ { map { $_->{event}{id} => 1 } @msgs } }), 12, 'all twelve events in Kafka (re-sent ones with the same id)');
 
-# --- a fast server stop stops the worker cleanly too.
+# --- a fast server stop stops the worker cleanly too, also while it waits
+# for a broker that is gone with librdkafka's queue full.
+$node->safe_psql('app', "ALTER SYSTEM SET voutbox.brokers = '127.0.0.1:1'");
+$node->safe_psql('app', "ALTER SYSTEM SET voutbox.kafka_properties = 'queue.buffering.max.messages=10'");
+$node->reload;
+$node->wait_for_log(qr/parameter "voutbox.kafka_properties" changed/);
+$node->safe_psql('app',
+	"SELECT count(outbox_save('acme', 'test', 'q-' || g, 'item.added.v1', '{}')) FROM generate_series(1, 100) g");
+$node->poll_query_until('app',
+	"SELECT query LIKE 'waiting for the broker%' FROM pg_stat_activity WHERE backend_type = 'voutbox worker'")
+  or die 'worker not waiting for the broker';
+$node->safe_psql('app', "ALTER SYSTEM SET voutbox.brokers = '$kafka->{brokers}'");
+$node->safe_psql('app', 'ALTER SYSTEM RESET voutbox.kafka_properties');
+$node->stop('fast');
+pass('fast stop while the local queue is full');
+$node->start;
+$node->poll_query_until('app', "SELECT count(*) = 112 FROM outbox WHERE status = 'delivered'")
+  or die 'events waiting at the stop were not delivered after it';
+pass('the events that waited at the stop are delivered after it');
 $node->stop('fast');
 my $stops = () = slurp_file($node->logfile) =~ /voutbox: delivery worker stopped/g;
-is($stops, 2, 'clean stop at server shutdown');
+is($stops, 4, 'clean stops at server shutdowns and launcher termination');
 unlike(slurp_file($node->logfile),
 	qr/background worker "voutbox [a-z]+" \(PID \d+\) was terminated by signal/,
 	'no crash of a voutbox process');
