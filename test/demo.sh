@@ -9,24 +9,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 
-sudo=
-[ "$(id -u)" -eq 0 ] || sudo=sudo
-bash test/install-deps.sh
-export PATH=/usr/lib/postgresql/15/bin:$PATH
-test/kafka/fetch.sh >/dev/null
-make -s PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config all test-tools
-$sudo make -s PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config install
+. test/setup.sh
+voutbox_build
 
-# PostgreSQL does not run as root: use an unprivileged user for the server.
 work=$(mktemp -d /tmp/voutbox-demo.XXXXXX)
-if [ "$(id -u)" -eq 0 ]; then
-	user=${VOUTBOX_DEMO_USER:-voutbox_demo}
-	id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
-	chown "$user" "$work"
-	as=(runuser -u "$user" --)
-else
-	as=()
-fi
+voutbox_as_user "$work"
 pgdata=$work/pgdata
 cleanup() {
 	"${as[@]}" pg_ctl -D "$pgdata" -m fast stop >/dev/null 2>&1 || true

@@ -10,33 +10,20 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 
-sudo=
-[ "$(id -u)" -eq 0 ] || sudo=sudo
-
-bash test/install-deps.sh
-export PATH=/usr/lib/postgresql/15/bin:$PATH
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-test/kafka/fetch.sh >/dev/null
-
-make -s PG_CONFIG=$PG_CONFIG
-$sudo make -s PG_CONFIG=$PG_CONFIG install
+. test/setup.sh
+voutbox_build
 
 if [ "$(id -u)" -eq 0 ]; then
-	user=${VOUTBOX_TEST_USER:-voutbox_test}
-	id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 	workdir=$(mktemp -d /tmp/voutbox-test.XXXXXX)
 	cp -a "$here/." "$workdir/"
-	chown -R "$user" "$workdir"
-	chmod 755 "$workdir"
 	cd "$workdir"
-	run=(runuser -u "$user" --)
 else
 	workdir=$here
-	run=()
 fi
+voutbox_as_user "$workdir"
 
 status=0
-"${run[@]}" make -s PG_CONFIG=$PG_CONFIG installcheck || status=$?
+"${as[@]}" make -s PG_CONFIG=$PG_CONFIG installcheck || status=$?
 
 if [ $status -ne 0 ]; then
 	echo "=== test failures ===" >&2
