@@ -366,6 +366,18 @@ forget_cursor(VoutboxCursor *c)
 	set_snapshot(&c->hi, NULL, NULL);
 }
 
+/*
+ * Room for "capacity" events in the round: the deferred ones that are due,
+ * and a chunk of the window after them.  Actions start as VOUTBOX_SEND.
+ */
+static void
+round_alloc(VoutboxRound *r, int capacity, MemoryContext round_cxt)
+{
+	r->events = MemoryContextAlloc(round_cxt, sizeof(VoutboxEvent) * capacity);
+	r->actions = MemoryContextAllocZero(round_cxt, sizeof(VoutboxAction) * capacity);
+	r->errs = MemoryContextAlloc(round_cxt, sizeof(int) * capacity);
+}
+
 /* Events of voutbox.deferred whose time has come, and the next due time. */
 static void
 read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
@@ -395,8 +407,8 @@ read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
 				" ORDER BY e.seq LIMIT $1",
 				1, &type, &limit, NULL, SPI_OK_SELECT);
 
+	round_alloc(r, SPI_processed + voutbox_batch_size, round_cxt);
 	old = MemoryContextSwitchTo(round_cxt);
-	r->events = palloc(sizeof(VoutboxEvent) * (SPI_processed + voutbox_batch_size));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -456,8 +468,6 @@ read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cx
 	r->window_done = SPI_processed < (uint64) voutbox_batch_size;
 
 	old = MemoryContextSwitchTo(round_cxt);
-	if (r->events == NULL)
-		r->events = palloc(sizeof(VoutboxEvent) * voutbox_batch_size);
 	for (uint64 i = 0; i < SPI_processed; i++)
 		read_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &r->events[first + i]);
 	r->nevents += SPI_processed;
@@ -519,19 +529,12 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
 		open_window(c);
 	if (c->portal_open)
 	{
-		MemoryContext old = MemoryContextSwitchTo(round_cxt);
-
 		if (r->events == NULL)
-			r->events = palloc(sizeof(VoutboxEvent) * voutbox_batch_size);
-		r->actions = palloc0(sizeof(VoutboxAction) * (r->nevents + voutbox_batch_size));
-		MemoryContextSwitchTo(old);
+			round_alloc(r, voutbox_batch_size, round_cxt);
 		read_chunk(c, r, held, round_cxt);
 	}
-	else
-		r->actions = MemoryContextAllocZero(round_cxt, sizeof(VoutboxAction) * Max(r->nevents, 1));
 	voutbox_xact_end();
 
-	r->errs = MemoryContextAlloc(round_cxt, sizeof(int) * Max(r->nevents, 1));
 	for (int i = 0; i < r->nevents; i++)
 		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
 			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
