@@ -4,12 +4,22 @@
  *		The worker's Kafka producer, a thin layer over librdkafka.
  *
  * The producer is idempotent with acks=all, and librdkafka retries every
- * retriable error itself without a deadline (message.timeout.ms=0): an
- * idempotent producer keeps a partition's messages in order across its own
- * retries, whereas a message that times out leaves a gap that later
- * messages of the same key would fill out of order.  So while the broker is
- * down the worker simply waits; what comes back failed is what librdkafka
- * gives up on (a permanent error, or a purge at shutdown).
+ * retriable error itself without a deadline of its own
+ * (message.timeout.ms=0): an idempotent producer keeps a partition's
+ * messages in order across its own retries, whereas a message that times
+ * out inside librdkafka leaves a gap that later messages of the same key
+ * would fill out of order.  enable.gapless.guarantee makes a permanent error
+ * on one batch stop the producer instead of letting the batches behind it
+ * through.
+ *
+ * The deadline is the worker's: when no delivery report arrives for
+ * voutbox.delivery_timeout while events are outstanding, the producer is
+ * purged and rebuilt, and its unacknowledged events come back as timed out
+ * (a retriable error: storage.c retries them with backoff, each key's later
+ * events behind them).  Purging in-flight messages leaves no gap either: the
+ * broker accepts a partition's batches of one producer only in sequence.
+ * While no broker can be reached at all, the worker waits without giving up:
+ * an outage is nobody's event's fault and must not use up retries.
  *
  * Threads: librdkafka calls back only from rd_kafka_poll() on the worker's
  * thread (log.queue is on and logs go to the main queue).  The callbacks only
@@ -57,6 +67,10 @@ struct VoutboxProducer
 	int			pending;
 	TimestampTz last_notice;	/* when the log last said we wait */
 	TimestampTz shutdown_at;	/* when a shutdown request was seen */
+	TimestampTz last_progress;	/* last delivery report, or start of the batch */
+	bool		progress;		/* a report arrived since the last check */
+	bool		brokers_down;	/* no broker reachable since the last report */
+	bool		timed_out;		/* purged for want of reports: they time out */
 	bool		fatal;
 	bool		purged;
 	/* librdkafka log lines and errors, written by callbacks, logged later */
@@ -159,10 +173,15 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	VoutboxProducer *p = opaque;
 	intptr_t	i = (intptr_t) msg->_private;
 
+	p->progress = true;
 	if (p->errs == NULL || i < 0 || i >= p->nevents ||
 		p->errs[i] != VOUTBOX_DELIVERY_PENDING)
 		return;
 	p->errs[i] = msg->err;
+	/* Purged for want of a report: what the event gets is a timeout. */
+	if (p->timed_out && (msg->err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
+						 msg->err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT))
+		p->errs[i] = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
 	p->pending--;
 }
 
@@ -173,6 +192,8 @@ on_error(rd_kafka_t *rk pg_attribute_unused(), int err, const char *reason, void
 
 	if (err == RD_KAFKA_RESP_ERR__FATAL)
 		p->fatal = true;
+	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+		p->brokers_down = true;
 	if (p->nlogs < MAX_PENDING_LOGS)
 		snprintf(p->logs[p->nlogs++], sizeof(p->logs[0]), "error %s: %s",
 				 rd_kafka_err2name(err), reason);
@@ -185,6 +206,9 @@ on_log(const rd_kafka_t *rk, int level pg_attribute_unused(), const char *fac, c
 {
 	VoutboxProducer *p = rd_kafka_opaque(rk);
 
+	/* Said at every start, and the README explains why it is set. */
+	if (strcmp(fac, "CONFWARN") == 0 && strstr(buf, "enable.gapless.guarantee") != NULL)
+		return;
 	if (p->nlogs < MAX_PENDING_LOGS)
 		snprintf(p->logs[p->nlogs++], sizeof(p->logs[0]), "%s: %s", fac, buf);
 	else
@@ -300,6 +324,7 @@ voutbox_producer_create(char **error)
 	conf_set(conf, "acks", "all");
 	conf_set(conf, "partitioner", "murmur2_random");
 	conf_set(conf, "message.timeout.ms", "0");
+	conf_set(conf, "enable.gapless.guarantee", "true");
 	conf_set(conf, "log.queue", "true");
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
@@ -338,6 +363,7 @@ voutbox_producer_create(char **error)
 	mainq = rd_kafka_queue_get_main(p->rk);
 	rd_kafka_queue_io_event_enable(mainq, p->pipe_w, "1", 1);
 	rd_kafka_queue_destroy(mainq);
+	voutbox_stats_producer_built();
 	return p;
 }
 
@@ -381,6 +407,12 @@ voutbox_producer_serve(VoutboxProducer *p)
 		;
 	while (rd_kafka_poll(p->rk, 0) > 0)
 		;
+	if (p->progress)
+	{
+		p->progress = false;
+		p->brokers_down = false;
+		p->last_progress = GetCurrentTimestamp();
+	}
 	emit_logs(p);
 	if (p->fatal && !p->purged)
 	{
@@ -484,17 +516,38 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 				continue;
 			}
 		}
+		/*
+		 * No report for delivery_timeout while some broker answers: give up
+		 * on the outstanding events, which time out and are retried.
+		 */
+		if (!p->purged && !p->brokers_down &&
+			TimestampDifferenceExceeds(p->last_progress, GetCurrentTimestamp(),
+									   voutbox_delivery_timeout))
+		{
+			ereport(LOG,
+					(errmsg("voutbox: no delivery report for %d ms; %d of %d events time out",
+							voutbox_delivery_timeout, p->pending, p->nevents),
+					 errdetail("They are retried with backoff by a new producer, each key's later events behind them.")));
+			p->timed_out = true;
+			rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+			p->purged = true;
+			continue;
+		}
 		if (TimestampDifferenceExceeds(p->last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
 		{
 			p->last_notice = GetCurrentTimestamp();
 			ereport(LOG,
 					(errmsg("voutbox: still waiting for the broker to acknowledge %d of %d events",
 							p->pending, p->nevents),
-					 errdetail("Kafka brokers: %s. Nothing is lost; delivery resumes when the broker answers.",
-							   voutbox_brokers)));
+					 errdetail("Kafka brokers: %s. %s", voutbox_brokers,
+							   p->brokers_down ?
+							   "No broker can be reached; delivery resumes, in order, when one answers. Waiting uses up no retry." :
+							   "Nothing is lost.")));
 		}
 		voutbox_report_activity(psprintf("waiting for the broker: %d of %d events unacknowledged",
 										 p->pending, p->nevents));
+		voutbox_stats_set_state(p->brokers_down ? "broker unreachable" : "waiting for broker",
+								psprintf("%d of %d events unacknowledged", p->pending, p->nevents));
 		(void) WaitLatchOrSocket(MyLatch,
 								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 								 p->pipe_r, 1000, PG_WAIT_EXTENSION);
@@ -519,6 +572,7 @@ voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, 
 	p->nevents = n;
 	p->pending = 0;
 	p->last_notice = GetCurrentTimestamp();
+	p->last_progress = p->last_notice;
 	p->shutdown_at = 0;
 
 	for (int i = 0; i < n && !p->purged && !ShutdownRequestPending; i++)
@@ -569,17 +623,58 @@ voutbox_delivery_error_text(int err)
 	return psprintf("%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
 }
 
-/*
- * Whether a failed delivery counts as an attempt of the event.  A purge (at
- * shutdown, or after the producer itself failed), a full local queue at
- * shutdown, or holding an event back behind its key says nothing about the
- * event: it is sent again, in order, without using up a retry.
- */
-bool
-voutbox_delivery_error_counts(int err)
+const char *
+voutbox_delivery_error_name(int err)
 {
-	return err != RD_KAFKA_RESP_ERR__PURGE_QUEUE &&
-		err != RD_KAFKA_RESP_ERR__QUEUE_FULL &&
-		err != RD_KAFKA_RESP_ERR__PURGE_INFLIGHT &&
-		err != RD_KAFKA_RESP_ERR__FATAL;
+	return rd_kafka_err2name(err);
+}
+
+/*
+ * The error classes.  Retriable errors that librdkafka retries itself
+ * (transport, request timeouts, leader or replica not available, not enough
+ * replicas, throttling) reach the worker only as a timeout of
+ * voutbox.delivery_timeout; any error not listed here is retriable too, so
+ * that an unknown error costs retries, never an event.
+ */
+VoutboxErrorClass
+voutbox_delivery_error_class(int err)
+{
+	switch (err)
+	{
+			/*
+			 * The producer's trouble, not the event's: a purge (shutdown, a
+			 * new configuration, a fatal error), a full local queue, or the
+			 * idempotent producer losing its sequence.  Sent again, in order.
+			 */
+		case RD_KAFKA_RESP_ERR__PURGE_QUEUE:
+		case RD_KAFKA_RESP_ERR__PURGE_INFLIGHT:
+		case RD_KAFKA_RESP_ERR__QUEUE_FULL:
+		case RD_KAFKA_RESP_ERR__FATAL:
+		case RD_KAFKA_RESP_ERR__GAPLESS_GUARANTEE:
+		case RD_KAFKA_RESP_ERR__FENCED:
+		case RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER:
+		case RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH:
+		case RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID:
+		case RD_KAFKA_RESP_ERR_PRODUCER_FENCED:
+			return VOUTBOX_ERROR_PRODUCER;
+
+			/* The event can never be delivered as it is, or not to this topic. */
+		case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_INVALID_MSG_SIZE:
+		case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_INVALID_RECORD:
+		case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
+		case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+		case RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED:
+		case RD_KAFKA_RESP_ERR_UNSUPPORTED_FOR_MESSAGE_FORMAT:
+		case RD_KAFKA_RESP_ERR_POLICY_VIOLATION:
+		case RD_KAFKA_RESP_ERR_INVALID_REQUIRED_ACKS:
+		case RD_KAFKA_RESP_ERR_UNSUPPORTED_COMPRESSION_TYPE:
+		case RD_KAFKA_RESP_ERR__INVALID_ARG:
+		case RD_KAFKA_RESP_ERR__BAD_MSG:
+			return VOUTBOX_ERROR_PERMANENT;
+
+		default:
+			return VOUTBOX_ERROR_RETRIABLE;
+	}
 }

@@ -17,7 +17,8 @@
  * which only inserts into the current table anyway, never waits for it.
  *
  * The small side tables (the cursor's history, delivered deferred events,
- * the dead-letter queue) are trimmed with DELETE in bounded steps.
+ * the dead-letter queue after voutbox.dlq_retention, the tombstones of
+ * discarded dead events) are trimmed with DELETE in bounded steps.
  *
  *-------------------------------------------------------------------------
  */
@@ -174,6 +175,11 @@ voutbox_retention_run(const VoutboxCursor *cursor)
 		 "  SELECT id FROM " VOUTBOX_SCHEMA ".deferred "
 		 "   WHERE delivered_at < now() - make_interval(secs => $1) LIMIT $2)",
 		 voutbox_retention);
+	/* An event is kept at most 1.5 x retention; so is its tombstone. */
+	trim("DELETE FROM " VOUTBOX_SCHEMA ".discarded WHERE id IN ("
+		 "  SELECT id FROM " VOUTBOX_SCHEMA ".discarded "
+		 "   WHERE discarded_at < now() - make_interval(secs => $1) LIMIT $2)",
+		 (int) Min((int64) voutbox_retention * 3 / 2, (int64) INT_MAX));
 	dlq_sql = psprintf("DELETE FROM %s.outbox_dlq WHERE id IN ("
 					   "  SELECT id FROM %s.outbox_dlq "
 					   "   WHERE moved_at < now() - make_interval(secs => $1) LIMIT $2)",

@@ -596,6 +596,17 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 	}
 }
 
+static void
+wake_worker_at_commit(void)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(voutbox_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	saved_in_xact = true;
+}
+
 Datum
 voutbox_outbox_save(PG_FUNCTION_ARGS)
 {
@@ -621,11 +632,20 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 	insert_event(&req, id);
 	SPI_finish();
 
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(voutbox_xact_callback, NULL);
-		xact_callback_registered = true;
-	}
-	saved_in_xact = true;
+	wake_worker_at_commit();
 	PG_RETURN_UUID_P(uuid);
+}
+
+/*
+ * voutbox.wake_worker_at_commit(): events were made due by other means than
+ * outbox_save() (outbox_dlq_requeue), so wake the worker when, and only if,
+ * the transaction commits.
+ */
+PG_FUNCTION_INFO_V1(voutbox_wake_worker_at_commit);
+
+Datum
+voutbox_wake_worker_at_commit(PG_FUNCTION_ARGS pg_attribute_unused())
+{
+	wake_worker_at_commit();
+	PG_RETURN_VOID();
 }

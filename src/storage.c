@@ -248,20 +248,25 @@ load_held_keys(MemoryContext cxt)
 
 /*
  * Look the extension up; remember the schema of its user-facing relations.
- * Sets *recreated when it is not the installation seen last time.
+ * Sets *recreated when it is not the installation seen last time.  An
+ * installation whose SQL objects are of another version than this library
+ * is not used: its tables may lack columns the worker writes.
  */
-static bool
-find_extension(bool *recreated)
+static VoutboxStorageStatus
+find_extension(bool *recreated, char **version)
 {
 	static Oid	ext_oid = InvalidOid;
 	bool		isnull;
 	Oid			oid;
 	char	   *nsp;
 
-	voutbox_spi("SELECT oid, extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
+	voutbox_spi("SELECT oid, extnamespace::regnamespace::text, extversion FROM pg_catalog.pg_extension "
 				"WHERE extname = '" VOUTBOX_EXTENSION "'", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
-		return false;
+		return VOUTBOX_STORAGE_MISSING;
+	*version = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+	if (strcmp(*version, VOUTBOX_SQL_VERSION) != 0)
+		return VOUTBOX_STORAGE_OTHER_VERSION;
 	oid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 	*recreated = OidIsValid(ext_oid) && oid != ext_oid;
@@ -272,7 +277,7 @@ find_extension(bool *recreated)
 			pfree(api_schema);
 		api_schema = MemoryContextStrdup(TopMemoryContext, nsp);
 	}
-	return true;
+	return VOUTBOX_STORAGE_READY;
 }
 
 const char *
@@ -378,13 +383,56 @@ round_alloc(VoutboxRound *r, int capacity, MemoryContext round_cxt)
 	r->errs = MemoryContextAlloc(round_cxt, sizeof(int) * capacity);
 }
 
+/* Copy the rows of a query over voutbox.deferred into the round. */
+static void
+load_deferred_rows(VoutboxRound *r, MemoryContext round_cxt)
+{
+	MemoryContext old;
+
+	round_alloc(r, SPI_processed + voutbox_batch_size, round_cxt);
+	old = MemoryContextSwitchTo(round_cxt);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+
+		read_event(tup, SPI_tuptable->tupdesc, &r->events[i]);
+		r->events[i].holds_key = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 22, &isnull));
+		r->events[i].attempts = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 23, &isnull));
+	}
+	r->ndeferred = r->nevents = SPI_processed;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * An event that must go alone (a permanent error hit it in a shared batch)
+ * and is due makes a round of its own.  Returns whether there is one.
+ */
+static bool
+read_alone_deferred(VoutboxRound *r, MemoryContext round_cxt)
+{
+	voutbox_spi("SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
+				"  FROM " VOUTBOX_SCHEMA ".deferred e "
+				" WHERE e.delivered_at IS NULL AND e.alone AND e.due_at <= now() "
+				"   AND NOT (e.holds_key AND EXISTS ("
+				"        SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h "
+				"         WHERE h.delivered_at IS NULL AND h.holds_key "
+				"           AND h.topic = e.topic AND h.msg_key = e.msg_key AND h.seq < e.seq)) "
+				" ORDER BY e.seq LIMIT 1",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+	load_deferred_rows(r, round_cxt);
+	r->alone = true;
+	return true;
+}
+
 /* Events of voutbox.deferred whose time has come, and the next due time. */
 static void
 read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
 {
 	Datum		limit = Int32GetDatum(voutbox_batch_size);
 	Oid			type = INT4OID;
-	MemoryContext old;
 
 	/*
 	 * A held key's events are due when its head (lowest seq) is.  A head that
@@ -400,27 +448,13 @@ read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
 				"SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
 				"  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
 				"       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
-				" WHERE e.delivered_at IS NULL "
+				" WHERE e.delivered_at IS NULL AND NOT e.alone "
 				"   AND CASE WHEN e.holds_key "
 				"            THEN h.due_at <= now() AND (e.seq = h.seq OR h.attempts = 0) "
 				"            ELSE e.due_at <= now() END "
 				" ORDER BY e.seq LIMIT $1",
 				1, &type, &limit, NULL, SPI_OK_SELECT);
-
-	round_alloc(r, SPI_processed + voutbox_batch_size, round_cxt);
-	old = MemoryContextSwitchTo(round_cxt);
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		bool		isnull;
-
-		read_event(tup, SPI_tuptable->tupdesc, &r->events[i]);
-		r->events[i].holds_key = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 22, &isnull));
-		r->events[i].attempts = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 23, &isnull));
-	}
-	r->ndeferred = r->nevents = SPI_processed;
-	MemoryContextSwitchTo(old);
-
+	load_deferred_rows(r, round_cxt);
 	r->next_due = voutbox_next_due();
 }
 
@@ -498,23 +532,27 @@ read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cx
 }
 
 /*
- * Read the next round in one short transaction.  Returns false when the
- * extension is not installed in the worker's database.
+ * Read the next round in one short transaction.  Returns whether the
+ * extension is installed, in this library's version, in the worker's
+ * database; if another version is, *version is set to it.
  */
-bool
-voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
+VoutboxStorageStatus
+voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
 {
 	MemoryContext round_cxt = CurrentMemoryContext;
 	HTAB	   *held = NULL;
 	bool		recreated;
+	VoutboxStorageStatus status;
 
 	memset(r, 0, sizeof(*r));
 	voutbox_xact_begin("reading the next batch");
-	if (!find_extension(&recreated))
+	if ((status = find_extension(&recreated, version)) != VOUTBOX_STORAGE_READY)
 	{
+		if (*version != NULL)
+			*version = MemoryContextStrdup(round_cxt, *version);
 		forget_cursor(c);
 		voutbox_xact_end();
-		return false;
+		return status;
 	}
 	if (recreated)
 		forget_cursor(c);
@@ -522,6 +560,12 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
 		load_cursor(c);
 	if (deferred_waiting())
 	{
+		if (read_alone_deferred(r, round_cxt))
+		{
+			voutbox_xact_end();
+			r->errs[0] = VOUTBOX_DELIVERY_PENDING;
+			return VOUTBOX_STORAGE_READY;
+		}
 		read_due_deferred(r, round_cxt);
 		held = load_held_keys(round_cxt);
 	}
@@ -538,7 +582,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r)
 	for (int i = 0; i < r->nevents; i++)
 		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
 			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
-	return true;
+	return VOUTBOX_STORAGE_READY;
 }
 
 /* ---------------------------------------------------------------------
@@ -560,9 +604,9 @@ retry_due(int attempts)
 }
 
 /*
- * Per round, only the first failure of a key counts as an attempt: later
- * events of the key were sent behind it and stay behind it.  Returns true
- * the first time a key is seen.
+ * Only the first failure of a key in a round is the key's: later events of
+ * the key were sent behind it and stay behind it.  Returns true the first
+ * time a key is seen; events without a key are always first.
  */
 static bool
 first_failure_of_key(HTAB *failed, const VoutboxEvent *ev)
@@ -577,7 +621,18 @@ first_failure_of_key(HTAB *failed, const VoutboxEvent *ev)
 	return !found;
 }
 
-/* Columns of a batch of rows for voutbox.deferred, built as arrays. */
+static bool
+key_failed(HTAB *failed, const VoutboxEvent *ev)
+{
+	uint64		h;
+
+	if (ev->msg_key == NULL)
+		return false;
+	h = voutbox_key_hash(ev->topic, ev->msg_key);
+	return hash_search(failed, &h, HASH_FIND, NULL) != NULL;
+}
+
+/* Rows to insert into, or update in, voutbox.deferred, as column arrays. */
 typedef struct DeferredRows
 {
 	int			n;
@@ -586,6 +641,9 @@ typedef struct DeferredRows
 	Datum	   *attempts;
 	Datum	   *due;
 	char	  **errors;
+	char	  **codes;
+	Datum	   *alone;
+	char	  **dead;			/* reason to move it to the DLQ, or NULL */
 } DeferredRows;
 
 static void
@@ -598,11 +656,15 @@ deferred_rows_init(DeferredRows *rows, int capacity)
 	rows->attempts = palloc(sizeof(Datum) * capacity);
 	rows->due = palloc(sizeof(Datum) * capacity);
 	rows->errors = palloc(sizeof(char *) * capacity);
+	rows->codes = palloc(sizeof(char *) * capacity);
+	rows->alone = palloc(sizeof(Datum) * capacity);
+	rows->dead = palloc(sizeof(char *) * capacity);
 }
 
+/* err 0: no error to record. */
 static void
-deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds,
-				  int attempts, TimestampTz due, const char *error)
+deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds, int attempts,
+				  TimestampTz due, int err, bool alone, const char *dead)
 {
 	int			i = rows->n++;
 
@@ -610,12 +672,85 @@ deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds,
 	rows->holds[i] = BoolGetDatum(holds);
 	rows->attempts[i] = Int32GetDatum(attempts);
 	rows->due[i] = TimestampTzGetDatum(due);
-	rows->errors[i] = (char *) error;
+	rows->errors[i] = err ? (char *) voutbox_delivery_error_text(err) : NULL;
+	rows->codes[i] = err ? (char *) voutbox_delivery_error_name(err) : NULL;
+	rows->alone[i] = BoolGetDatum(alone);
+	rows->dead[i] = (char *) dead;
 }
 
-/* Update the deferred events that were sent again in this round. */
-static bool
-settle_deferred(VoutboxRound *r, HTAB *failed)
+/* What settling a round found, for the log and the statistics. */
+typedef struct SettleState
+{
+	HTAB	   *failed;			/* keys that failed in this round */
+	int			nsent;			/* events handed to the producer */
+	int			charged;		/* failures that used up an attempt */
+	int			alone;			/* of them, sent again alone */
+	int			dead;			/* of them, to the DLQ */
+	int			overtaken;		/* acknowledged behind a failed event of their key */
+	const VoutboxEvent *first;	/* the first charged event, for the log */
+	int			first_err;
+	TimestampTz first_due;
+	VoutboxStatsBatch *stats;
+} SettleState;
+
+/*
+ * A sent event failed, first of its key in the round, with an error that is
+ * the event's (not the producer's).  A permanent error kills the event when
+ * it was sent alone; in a round shared with others the fault may be theirs
+ * (a batch too large for the topic fails all of it), so it goes again at
+ * once, alone.  A retriable error waits with backoff, and after
+ * max_retries failed attempts the event goes to the DLQ.
+ */
+static void
+charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int err)
+{
+	int			attempts = ev->attempts + 1;
+	const char *dead = NULL;
+	bool		alone = false;
+	TimestampTz due = DT_NOBEGIN;
+
+	if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PERMANENT)
+	{
+		if (st->nsent == 1)
+			dead = "permanent_error";
+		else
+			alone = true;
+	}
+	else if (attempts > voutbox_max_retries)
+		dead = "max_retries_exceeded";
+	else
+		due = retry_due(attempts);
+	deferred_rows_add(rows, ev, ev->msg_key != NULL, attempts, due, err, alone, dead);
+
+	if (st->charged++ == 0)
+	{
+		st->first = ev;
+		st->first_err = err;
+		st->first_due = due;
+	}
+	st->alone += alone;
+	st->dead += dead != NULL;
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
+							voutbox_delivery_error_text(err));
+}
+
+/* An event acknowledged by the broker. */
+static void
+count_delivered(SettleState *st, const VoutboxEvent *ev)
+{
+	/*
+	 * Behind a failed event of its key, an acknowledged event means that the
+	 * broker let a later batch through after a failed one (a real broker
+	 * refuses it: its sequence has a gap).  Nothing can undo it; say so.
+	 */
+	if (key_failed(st->failed, ev))
+		st->overtaken++;
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 1, 0, 0, NULL);
+}
+
+/* Settle the deferred events that were sent again in this round. */
+static void
+settle_deferred(VoutboxRound *r, SettleState *st)
 {
 	DeferredRows charged;
 	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
@@ -628,11 +763,14 @@ settle_deferred(VoutboxRound *r, HTAB *failed)
 		int			err = r->errs[i];
 
 		if (err == 0)
+		{
 			delivered[ndelivered++] = ev->id;
-		else if (voutbox_delivery_error_counts(err) &&
-				 (!ev->holds_key || first_failure_of_key(failed, ev)))
-			deferred_rows_add(&charged, ev, ev->holds_key, ev->attempts + 1,
-							  retry_due(ev->attempts + 1), voutbox_delivery_error_text(err));
+			count_delivered(st, ev);
+		}
+		else if (first_failure_of_key(st->failed, ev) &&
+				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
+			charge_failure(st, &charged, ev, err);
+		/* else: its row stays as it is, and it goes again in order */
 	}
 	if (ndelivered > 0)
 	{
@@ -640,64 +778,63 @@ settle_deferred(VoutboxRound *r, HTAB *failed)
 		Datum		ids = text_array(delivered, ndelivered);
 
 		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred "
-					"SET delivered_at = now(), holds_key = false "
+					"SET delivered_at = now(), holds_key = false, alone = false "
 					"WHERE id = ANY ($1::uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
 	}
 	if (charged.n > 0)
 	{
-		Oid			types[4] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID};
-		Datum		values[4];
+		Oid			types[7] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+		TIMESTAMPTZARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
+		Datum		values[7];
 
 		values[0] = text_array(charged.ids, charged.n);
 		values[1] = text_array(charged.errors, charged.n);
-		values[2] = scalar_array(charged.attempts, charged.n, INT4OID, 4, true, TYPALIGN_INT);
-		values[3] = scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		values[2] = text_array(charged.codes, charged.n);
+		values[3] = scalar_array(charged.attempts, charged.n, INT4OID, 4, true, TYPALIGN_INT);
+		values[4] = scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		values[5] = scalar_array(charged.alone, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+		values[6] = text_array(charged.dead, charged.n);
 		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
-					"SET attempts = x.attempts, last_error = x.error, last_error_at = now(), "
-					"    due_at = x.due "
-					"FROM unnest($1::uuid[], $2, $3, $4) AS x(id, error, attempts, due) "
-					"WHERE d.id = x.id", 4, types, values, NULL, SPI_OK_UPDATE);
+					"SET attempts = x.attempts, last_error = x.error, last_error_code = x.code, "
+					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead "
+					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7) "
+					"     AS x(id, error, code, attempts, due, alone, dead) "
+					"WHERE d.id = x.id", 7, types, values, NULL, SPI_OK_UPDATE);
 	}
-	return charged.n > 0;
 }
 
 /*
  * Copy the chunk's events that were not delivered into voutbox.deferred:
- * held and scheduled ones, and failed ones with those of their key behind
- * them.  Returns whether a failure counted as an attempt.
+ * held and scheduled ones, failed ones, and the later events of a failed
+ * one's key.  Returns whether it copied any.
  */
 static bool
-defer_chunk_events(VoutboxRound *r, HTAB *failed, bool *deferred)
+defer_chunk_events(VoutboxRound *r, SettleState *st)
 {
 	DeferredRows rows;
-	bool		charged = false;
-	Oid			types[5] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
-	Datum		values[5];
+	Oid			types[8] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
+	Datum		values[8];
 
 	deferred_rows_init(&rows, r->nevents - r->ndeferred);
 	for (int i = r->ndeferred; i < r->nevents; i++)
 	{
 		VoutboxEvent *ev = &r->events[i];
 		int			err = r->errs[i];
-		bool		keyed = ev->msg_key != NULL;
 
 		if (r->actions[i] == VOUTBOX_HOLD)
-			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, NULL);
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
 		else if (r->actions[i] == VOUTBOX_SCHEDULE)
-			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, NULL);
+			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, 0, false, NULL);
 		else if (err == 0)
-			continue;
-		else if (!first_failure_of_key(failed, ev))
-			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, NULL);
-		else if (voutbox_delivery_error_counts(err))
-		{
-			deferred_rows_add(&rows, ev, keyed, 1, retry_due(1), voutbox_delivery_error_text(err));
-			charged = true;
-		}
+			count_delivered(st, ev);
+		else if (!first_failure_of_key(st->failed, ev))
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
+		else if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PRODUCER)
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, 0, false, NULL);
 		else
-			deferred_rows_add(&rows, ev, keyed, 0, DT_NOBEGIN, NULL);
+			charge_failure(st, &rows, ev, err);
 	}
-	*deferred = rows.n > 0;
 	if (rows.n == 0)
 		return false;
 
@@ -706,44 +843,57 @@ defer_chunk_events(VoutboxRound *r, HTAB *failed, bool *deferred)
 	values[2] = scalar_array(rows.attempts, rows.n, INT4OID, 4, true, TYPALIGN_INT);
 	values[3] = scalar_array(rows.due, rows.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 	values[4] = text_array(rows.errors, rows.n);
+	values[5] = text_array(rows.codes, rows.n);
+	values[6] = scalar_array(rows.alone, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+	values[7] = text_array(rows.dead, rows.n);
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" EVENT_COLUMNS ", "
-				"  holds_key, attempts, due_at, last_error, last_error_at) "
-				"SELECT " EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, "
-				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END "
-				"  FROM unnest($1::uuid[], $2, $3, $4, $5) AS x(xid, holds, attempts, due, error) "
+				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
+				"  alone, dead_reason) "
+				"SELECT " EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, x.code, "
+				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END, x.alone, x.dead "
+				"  FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
+				"       AS x(xid, holds, attempts, due, error, code, alone, dead) "
 				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
-				5, types, values, NULL, SPI_OK_INSERT);
+				8, types, values, NULL, SPI_OK_INSERT);
 	if (SPI_processed != (uint64) rows.n)
 		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",
 			 rows.n, SPI_processed);
-	return charged;
+	return true;
 }
 
-/* Move events that used up their retries to the dead-letter queue, atomically. */
+/*
+ * Move the events marked dead to the dead-letter queue.  Deleting the
+ * deferred row and inserting the DLQ row is one statement in the settling
+ * transaction: an event is never in both places, nor in neither.
+ */
 static void
-move_exhausted_to_dlq(void)
+move_dead_to_dlq(SettleState *st)
 {
-	Oid			type = INT4OID;
-	Datum		max = Int32GetDatum(voutbox_max_retries);
 	char	   *sql = psprintf("WITH moved AS ("
 							   "  DELETE FROM " VOUTBOX_SCHEMA ".deferred "
-							   "   WHERE delivered_at IS NULL AND attempts > $1 RETURNING *) "
+							   "   WHERE dead_reason IS NOT NULL RETURNING *) "
 							   "INSERT INTO %s.outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, "
 							   "  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
 							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
-							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, reason) "
+							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, "
+							   "  error_code, reason) "
 							   "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, "
 							   "  payload, metadata, coalesce(idempotency_key, id::text), trace_id, "
 							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
 							   "  consent, producer, topic, msg_key, seq, attempts, last_error, "
-							   "  'max_retries_exceeded' "
-							   "  FROM moved",
+							   "  last_error_code, dead_reason "
+							   "  FROM moved "
+							   "RETURNING tenant_id, topic",
 							   api_schema);
 
-	if (voutbox_spi(sql, 1, &type, &max, NULL, SPI_OK_INSERT) > 0)
-		ereport(LOG,
-				(errmsg("voutbox: moved " UINT64_FORMAT " events to the dead-letter queue after %d failed attempts",
-						SPI_processed, voutbox_max_retries + 1)));
+	voutbox_spi(sql, 0, NULL, NULL, NULL, SPI_OK_INSERT_RETURNING);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+
+		voutbox_stats_batch_add(st->stats, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
+								SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), 0, 0, 1, NULL);
+	}
 }
 
 /* Append the cursor row of the chunk just settled. */
@@ -772,6 +922,30 @@ append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 				4, types, values, nulls, SPI_OK_INSERT);
 }
 
+static void
+log_failures(const SettleState *st)
+{
+	if (st->charged > 0)
+	{
+		long		delay = 0;
+
+		if (st->first_due != DT_NOBEGIN)
+			delay = (long) ((st->first_due - GetCurrentTimestamp()) / 1000);
+		ereport(LOG,
+				(errmsg("voutbox: %d of %d events sent failed: %d wait for a retry, %d go again alone, %d moved to the dead-letter queue",
+						st->charged, st->nsent, st->charged - st->alone - st->dead,
+						st->alone, st->dead),
+				 errdetail("First: event %s (topic \"%s\", attempt %d): %s; next attempt in %ld ms.",
+						   st->first->id, st->first->topic, st->first->attempts + 1,
+						   voutbox_delivery_error_text(st->first_err), Max(delay, 0))));
+	}
+	if (st->overtaken > 0)
+		ereport(WARNING,
+				(errmsg("voutbox: the broker acknowledged %d events behind a failed event of their key",
+						st->overtaken),
+				 errdetail("The order of those keys may be broken; a Kafka broker refuses such batches of an idempotent producer.")));
+}
+
 /*
  * Record the outcome of a round in one transaction, then move the cursor in
  * memory.  If anything fails, the worker exits and reads the round again.
@@ -781,24 +955,31 @@ voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
 {
 	bool		chunk = r->nevents > r->ndeferred;
 	bool		deferred = false;
-	HTAB	   *failed;
-	bool		charged;
+	SettleState st;
+
+	memset(&st, 0, sizeof(st));
+	st.failed = voutbox_key_set_new("voutbox failed keys");
+	st.stats = voutbox_stats_batch_new();
+	for (int i = 0; i < r->nevents; i++)
+		st.nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
 
 	voutbox_xact_begin("settling a batch");
-	failed = voutbox_key_set_new("voutbox failed keys");
-	charged = settle_deferred(r, failed);
+	settle_deferred(r, &st);
 	if (chunk)
 	{
-		charged |= defer_chunk_events(r, failed, &deferred);
+		deferred = defer_chunk_events(r, &st);
 		append_batch_row(c, r);
 		if (r->window_done)
 			close_window(c);
 	}
-	if (charged)
-		move_exhausted_to_dlq();
+	if (st.dead > 0)
+		move_dead_to_dlq(&st);
 	if (deferred || r->ndeferred > 0)
 		r->next_due = voutbox_next_due();
 	voutbox_xact_end();
+
+	voutbox_stats_batch_flush(st.stats);
+	log_failures(&st);
 
 	if (chunk && r->window_done)
 	{

@@ -45,6 +45,8 @@ int			voutbox_max_payload_bytes = 512 * 1024;
 char	   *voutbox_traceparent = NULL;
 char	   *voutbox_kafka_properties = NULL;
 char	   *voutbox_kafka_secrets_file = NULL;
+int			voutbox_delivery_timeout = 60000;
+int			voutbox_stats_max_topics = 1000;
 
 VoutboxShared *voutbox_shared = NULL;
 
@@ -95,11 +97,18 @@ define_gucs(void)
 {
 	/* PostgreSQL allows postmaster-level custom GUCs only while preloading. */
 	if (process_shared_preload_libraries_in_progress)
+	{
 		DefineCustomStringVariable("voutbox.database",
 								   "Database whose outbox the voutbox worker delivers.",
 								   "Empty: no worker runs.",
 								   &voutbox_database, "",
 								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+		DefineCustomIntVariable("voutbox.stats_max_topics",
+								"How many tenant and topic pairs the statistics count separately.",
+								"Further pairs are counted together under the topic \"(other)\".",
+								&voutbox_stats_max_topics, 1000, 1, 1000000,
+								PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	}
 	DefineCustomStringVariable("voutbox.brokers",
 							   "Kafka bootstrap servers (host:port, comma-separated).",
 							   NULL,
@@ -150,6 +159,11 @@ define_gucs(void)
 							NULL,
 							&voutbox_dlq_retention, 30 * 24 * 3600, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.delivery_timeout",
+							"How long the worker waits without any delivery report before it gives up on the unacknowledged events of a batch.",
+							"They are retried with backoff. While no broker can be reached at all, the worker waits without using up retries.",
+							&voutbox_delivery_timeout, 60000, 100, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("voutbox.cleanup_interval",
 							"How often the worker applies retention.",
 							NULL,
@@ -189,7 +203,9 @@ voutbox_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(VoutboxShared)));
+	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(VoutboxShared)),
+									voutbox_stats_shmem_size()));
+	RequestNamedLWLockTranche("voutbox", 1);
 }
 
 static void
@@ -204,10 +220,13 @@ voutbox_shmem_startup(void)
 	voutbox_shared = ShmemInitStruct("voutbox", sizeof(VoutboxShared), &found);
 	if (!found)
 	{
+		memset(voutbox_shared, 0, sizeof(VoutboxShared));
 		SpinLockInit(&voutbox_shared->mutex);
 		voutbox_shared->worker_pgprocno = -1;
 		voutbox_shared->worker_pid = 0;
+		voutbox_shared->topics_lock = &(GetNamedLWLockTranche("voutbox"))->lock;
 	}
+	voutbox_stats_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 

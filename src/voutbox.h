@@ -20,6 +20,7 @@
 
 #include "datatype/timestamp.h"
 #include "utils/palloc.h"
+#include "storage/lwlock.h"
 #include "storage/spin.h"
 
 /* Names of the storage; the install script is the other place they appear. */
@@ -45,17 +46,40 @@ extern int	voutbox_max_payload_bytes;
 extern char *voutbox_traceparent;
 extern char *voutbox_kafka_properties;
 extern char *voutbox_kafka_secrets_file;
+extern int	voutbox_delivery_timeout;	/* ms */
+extern int	voutbox_stats_max_topics;
+
+/* The version of the SQL objects this library works with. */
+#define VOUTBOX_SQL_VERSION		"0.2.0"
 
 /*
  * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
  * worker publishes itself at start and clears itself at exit; committing
  * backends read them to set the worker's latch.
  */
+#define VOUTBOX_STATE_LEN		32
+#define VOUTBOX_DETAIL_LEN		128
+#define VOUTBOX_ERROR_LEN		256
+
 typedef struct VoutboxShared
 {
 	slock_t		mutex;
 	int			worker_pgprocno;	/* -1 when no worker runs */
 	pid_t		worker_pid;
+	/* what the worker does, and its counters since the server started */
+	char		state[VOUTBOX_STATE_LEN];
+	TimestampTz state_since;
+	char		detail[VOUTBOX_DETAIL_LEN];
+	TimestampTz started_at;
+	uint64		rounds;
+	uint64		delivered;
+	uint64		failed_attempts;
+	uint64		dead;
+	uint64		producers_built;
+	char		last_error[VOUTBOX_ERROR_LEN];
+	TimestampTz last_error_at;
+	/* counters per tenant and topic (stats.c) */
+	LWLock	   *topics_lock;
 } VoutboxShared;
 
 extern VoutboxShared *voutbox_shared;
@@ -145,7 +169,22 @@ extern void voutbox_producer_serve(VoutboxProducer *p);
 extern void voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events,
 									 int n, int *errs);
 extern const char *voutbox_delivery_error_text(int err);
-extern bool voutbox_delivery_error_counts(int err);
+extern const char *voutbox_delivery_error_name(int err);
+
+/*
+ * What a failed delivery means for the event (see the table in producer.c):
+ * the producer's own trouble (send it again, in order, no retry used up), a
+ * retriable error (retry with backoff), or a permanent one (the event can
+ * never be delivered as it is: dead-letter queue).
+ */
+typedef enum VoutboxErrorClass
+{
+	VOUTBOX_ERROR_PRODUCER,
+	VOUTBOX_ERROR_RETRIABLE,
+	VOUTBOX_ERROR_PERMANENT
+} VoutboxErrorClass;
+
+extern VoutboxErrorClass voutbox_delivery_error_class(int err);
 
 /*
  * Batches (storage.c).  A round is what the worker sends at once: the
@@ -177,10 +216,19 @@ typedef struct VoutboxRound
 	VoutboxAction *actions;
 	int		   *errs;			/* delivery outcome per event */
 	bool		window_done;	/* the chunk ends the window */
+	bool		alone;			/* one deferred event that goes alone */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
 } VoutboxRound;
 
-extern bool voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round);
+typedef enum VoutboxStorageStatus
+{
+	VOUTBOX_STORAGE_READY,
+	VOUTBOX_STORAGE_MISSING,		/* CREATE EXTENSION has not run */
+	VOUTBOX_STORAGE_OTHER_VERSION	/* ALTER EXTENSION UPDATE has not run */
+} VoutboxStorageStatus;
+
+extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
+													   char **version);
 extern void voutbox_storage_settle_round(VoutboxCursor *cursor, VoutboxRound *round);
 extern TimestampTz voutbox_next_due(void);
 extern const char *voutbox_api_schema(void);
@@ -198,5 +246,20 @@ extern void voutbox_retention_run(const VoutboxCursor *cursor);
 
 /* Worker status (worker.c) */
 extern void voutbox_report_activity(const char *what);
+
+/* Statistics in shared memory (stats.c) */
+extern Size voutbox_stats_shmem_size(void);
+extern void voutbox_stats_shmem_init(void);
+extern void voutbox_stats_worker_started(void);
+extern void voutbox_stats_worker_stopped(int code, Datum arg);
+extern void voutbox_stats_set_state(const char *state, const char *detail);
+extern void voutbox_stats_producer_built(void);
+
+typedef struct VoutboxStatsBatch VoutboxStatsBatch;
+
+extern VoutboxStatsBatch *voutbox_stats_batch_new(void);
+extern void voutbox_stats_batch_add(VoutboxStatsBatch *b, const char *tenant_id, const char *topic,
+									int delivered, int failed, int dead, const char *error);
+extern void voutbox_stats_batch_flush(VoutboxStatsBatch *b);
 
 #endif							/* VOUTBOX_H */

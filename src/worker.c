@@ -76,6 +76,14 @@ report_idle(const char *what)
 	pgstat_report_activity(STATE_IDLE, what);
 }
 
+/* The delivery worker's state for outbox_worker, and pg_stat_activity's. */
+static void
+worker_state(const char *state, const char *what, bool running)
+{
+	pgstat_report_activity(running ? STATE_RUNNING : STATE_IDLE, what);
+	voutbox_stats_set_state(state, what);
+}
+
 static void
 setup_signals(void)
 {
@@ -277,7 +285,7 @@ typedef struct WorkerState
 	TimestampTz producer_built_at;	/* last attempt to build it */
 	VoutboxCursor cursor;
 	TimestampTz next_cleanup;
-	bool		told_not_installed;
+	VoutboxStorageStatus told_not_installed;	/* what the log said last */
 } WorkerState;
 
 static void
@@ -322,7 +330,7 @@ publish_worker(void)
 					(errmsg("voutbox: another delivery worker (PID %d) is running; waiting for it to exit",
 							(int) other)));
 		told = true;
-		report_idle("waiting for the other voutbox worker to exit");
+		worker_state("waiting for other worker", "waiting for the other voutbox worker to exit", false);
 		wait_for_work(1000, -1);
 		if (ShutdownRequestPending)
 			proc_exit(0);
@@ -427,27 +435,43 @@ deliver_round(WorkerState *st, TimestampTz *next_due)
 {
 	VoutboxRound round;
 	int			nsend = 0;
+	char	   *version = NULL;
+	VoutboxStorageStatus status;
 
-	if (!voutbox_storage_read_round(&st->cursor, &round))
+	status = voutbox_storage_read_round(&st->cursor, &round, &version);
+	if (status != VOUTBOX_STORAGE_READY)
 	{
-		if (!st->told_not_installed)
-			ereport(LOG,
-					(errmsg("voutbox: extension \"voutbox\" is not installed in database \"%s\"",
-							voutbox_database),
-					 errhint("Run CREATE EXTENSION voutbox in that database.")));
-		st->told_not_installed = true;
+		if (st->told_not_installed != status)
+		{
+			if (status == VOUTBOX_STORAGE_MISSING)
+				ereport(LOG,
+						(errmsg("voutbox: extension \"voutbox\" is not installed in database \"%s\"",
+								voutbox_database),
+						 errhint("Run CREATE EXTENSION voutbox in that database.")));
+			else
+				ereport(LOG,
+						(errmsg("voutbox: extension \"voutbox\" in database \"%s\" is version %s, but the library is version %s",
+								voutbox_database, version, VOUTBOX_SQL_VERSION),
+						 errdetail("No event is delivered until the versions agree; nothing is lost."),
+						 errhint("Run ALTER EXTENSION voutbox UPDATE in that database.")));
+		}
+		st->told_not_installed = status;
 		*next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RECHECK_MS);
-		report_idle("waiting for CREATE EXTENSION voutbox");
+		if (status == VOUTBOX_STORAGE_MISSING)
+			worker_state("not installed", "waiting for CREATE EXTENSION voutbox", false);
+		else
+			worker_state("needs update", "waiting for ALTER EXTENSION voutbox UPDATE", false);
 		return false;
 	}
-	st->told_not_installed = false;
+	st->told_not_installed = VOUTBOX_STORAGE_READY;
 	*next_due = round.next_due;
 	if (round.nevents == 0)
 		return false;
 
 	for (int i = 0; i < round.nevents; i++)
 		nsend += round.errs[i] == VOUTBOX_DELIVERY_PENDING;
-	voutbox_report_activity(psprintf("delivering %d events", nsend));
+	worker_state("delivering", psprintf("delivering %d events%s", nsend,
+										round.alone ? " (one failed event alone)" : ""), true);
 	if (nsend > 0)
 		voutbox_producer_deliver(st->producer, round.events, round.nevents, round.errs);
 	voutbox_storage_settle_round(&st->cursor, &round);
@@ -466,6 +490,8 @@ voutbox_worker_main(Datum arg)
 	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid, 0);
 	pgstat_report_appname("voutbox worker");
 	publish_worker();
+	voutbox_stats_worker_started();
+	before_shmem_exit(voutbox_stats_worker_stopped, (Datum) 0);
 	check_librdkafka_version();
 	voutbox_producer_init();
 
@@ -501,20 +527,20 @@ voutbox_worker_main(Datum arg)
 				maybe_cleanup(&st);
 		}
 		else
-			report_idle("waiting for a valid Kafka configuration");
+			worker_state("no kafka configuration", "waiting for a valid Kafka configuration", false);
 
 		if (st.producer != NULL)
 			voutbox_producer_serve(st.producer);
 		if (!busy)
 		{
 			if (st.producer != NULL && st.cursor.lo != NULL)
-				report_idle("waiting for events");
+				worker_state("idle", "waiting for events", false);
 			wait_for_work(sleep_ms(&st, next_due),
 						  st.producer ? voutbox_producer_socket(st.producer) : -1);
 		}
 	}
 
-	report_idle("shutting down");
+	worker_state("stopping", "shutting down", false);
 	if (st.producer != NULL)
 		voutbox_producer_destroy(st.producer);
 	ereport(LOG, (errmsg("voutbox: delivery worker stopped")));
