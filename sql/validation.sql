@@ -121,6 +121,29 @@ ALTER SYSTEM SET voutbox.kafka_properties = 'linger.ms';
 \echo :LAST_ERROR_SQLSTATE
 ALTER SYSTEM RESET voutbox.kafka_properties;
 
+-- lengths: names up to 255 bytes, keys up to 1024 (they are indexed)
+SELECT outbox_save(repeat('t', 256), 'lead', '1', 'lead.created.v1', '{}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT outbox_save('acme', repeat('é', 128), '1', 'lead.created.v1', '{}');
+SELECT outbox_save('acme', 'lead', repeat('a', 1025), 'lead.created.v1', '{}');
+SELECT outbox_save('acme', 'lead', '1', repeat('e', 260) || '.v1', '{}');
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', idempotency_key => repeat('k', 1025));
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', correlation_id => repeat('c', 1025));
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', producer => repeat('p', 256));
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', trace_id => repeat('0', 256));
+SET voutbox.key_template = '{aggregate_id}-{aggregate_id}';
+SELECT outbox_save('acme', 'lead', repeat('a', 600), 'lead.created.v1', '{}');
+RESET voutbox.key_template;
+-- at the limits, with values that do not compress (the index rows fit)
+SET voutbox.topic_template = 'limits';
+SELECT string_agg(md5(g::text), '') AS noise FROM generate_series(1, 32) g \gset
+SELECT count(*) AS at_the_limits FROM (
+  SELECT outbox_save(left(:'noise', 255), left(:'noise', 255), :'noise', 'lead.created.v1', '{}',
+                     idempotency_key => :'noise', correlation_id => :'noise',
+                     producer => left(:'noise', 255))) s;
+RESET voutbox.topic_template;
+DELETE FROM voutbox.events WHERE topic = 'limits';
+
 -- a failed call aborts the transaction and takes earlier events with it
 BEGIN;
 SELECT outbox_save('acme', 'lead', 'tx-1', 'lead.created.v1', '{}') IS NOT NULL AS saved;

@@ -106,8 +106,29 @@ PG_FUNCTION_INFO_V1(voutbox_outbox_save);
  * ---------------------------------------------------------------------
  */
 
+/*
+ * Longest text arguments, in bytes.  Names (tenant, types) and keys (the
+ * aggregate id, which makes the message key by default, the idempotency key)
+ * are indexed, and an index row must stay well below PostgreSQL's limit of
+ * about 2.7 kB; the correlation id and producer become Kafka headers.
+ */
+#define MAX_NAME_BYTES		255
+#define MAX_KEY_BYTES		1024
+
+static void
+check_length(const char *s, const char *name, int max_bytes)
+{
+	size_t		len = strlen(s);
+
+	if (len > (size_t) max_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("%s is longer than %d bytes", name, max_bytes),
+				 errdetail("It is %zu bytes long.", len)));
+}
+
 static char *
-required_text(FunctionCallInfo fcinfo, int argno, const char *name)
+required_text(FunctionCallInfo fcinfo, int argno, const char *name, int max_bytes)
 {
 	char	   *s;
 
@@ -120,12 +141,13 @@ required_text(FunctionCallInfo fcinfo, int argno, const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must not be empty", name)));
+	check_length(s, name, max_bytes);
 	return s;
 }
 
 /* NULL when the argument is NULL; an error when it is empty. */
 static char *
-optional_text(FunctionCallInfo fcinfo, int argno, const char *name)
+optional_text(FunctionCallInfo fcinfo, int argno, const char *name, int max_bytes)
 {
 	char	   *s;
 
@@ -137,6 +159,7 @@ optional_text(FunctionCallInfo fcinfo, int argno, const char *name)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must not be empty", name),
 				 errhint("Pass NULL to use the default.")));
+	check_length(s, name, max_bytes);
 	return s;
 }
 
@@ -218,7 +241,7 @@ resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
 	const char *session = voutbox_traceparent;
 	bool		have_session = session != NULL && session[0] != '\0';
 
-	req->trace_id = optional_text(fcinfo, ARG_TRACE_ID, "trace_id");
+	req->trace_id = optional_text(fcinfo, ARG_TRACE_ID, "trace_id", MAX_NAME_BYTES);
 	if (req->trace_id != NULL && !is_trace_id(req->trace_id))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
@@ -314,6 +337,14 @@ render_routing(SaveRequest *req)
 	req->msg_key = voutbox_render_template(voutbox_key_template, &f);
 	if (req->msg_key[0] == '\0')
 		req->msg_key = NULL;
+	else if (strlen(req->msg_key) > MAX_KEY_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("the message key rendered from voutbox.key_template is longer than %d bytes",
+						MAX_KEY_BYTES),
+				 errdetail("It is %zu bytes long; voutbox.key_template is \"%s\".",
+						   strlen(req->msg_key), voutbox_key_template),
+				 errhint("Shorten the arguments the template uses, or change voutbox.key_template.")));
 }
 
 static void
@@ -322,10 +353,10 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	int32		type_version;
 
 	memset(req, 0, sizeof(*req));
-	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id");
-	req->aggregate_type = required_text(fcinfo, ARG_AGGREGATE_TYPE, "aggregate_type");
-	req->aggregate_id = required_text(fcinfo, ARG_AGGREGATE_ID, "aggregate_id");
-	req->event_type = required_text(fcinfo, ARG_EVENT_TYPE, "event_type");
+	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id", MAX_NAME_BYTES);
+	req->aggregate_type = required_text(fcinfo, ARG_AGGREGATE_TYPE, "aggregate_type", MAX_NAME_BYTES);
+	req->aggregate_id = required_text(fcinfo, ARG_AGGREGATE_ID, "aggregate_id", MAX_KEY_BYTES);
+	req->event_type = required_text(fcinfo, ARG_EVENT_TYPE, "event_type", MAX_NAME_BYTES);
 	type_version = parse_event_type(req->event_type);
 	req->event_version = PG_ARGISNULL(ARG_EVENT_VERSION) ? type_version :
 		PG_GETARG_INT32(ARG_EVENT_VERSION);
@@ -352,8 +383,8 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("metadata must be a JSON object")));
 	}
-	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key");
-	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id");
+	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key", MAX_KEY_BYTES);
+	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id", MAX_KEY_BYTES);
 	if (req->correlation_id == NULL)
 		req->correlation_id = req->aggregate_id;
 	resolve_trace(req, fcinfo);
@@ -371,7 +402,7 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	}
 	if (!PG_ARGISNULL(ARG_CONSENT))
 		req->consent = PG_GETARG_JSONB_P(ARG_CONSENT);
-	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer");
+	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer", MAX_NAME_BYTES);
 	if (req->producer == NULL && voutbox_producer != NULL && voutbox_producer[0] != '\0')
 		req->producer = pstrdup(voutbox_producer);
 
