@@ -16,9 +16,76 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+# Sanitizer pass (test/run.sh, test/setup.sh voutbox_sanitize_build): the
+# installed voutbox.so is built with -fsanitize=address,undefined and
+# VOUTBOX_SANITIZE_PRELOAD is the LD_PRELOAD list it needs (libasan first).
+# Only the server gets it: it is set while pg_ctl starts the postmaster, whose
+# children inherit it; psql, pgbench, vkafka and the Kafka JVM run without.
+# ASan writes its reports to tmp_check/sanitizer/TEST.PID, UBSan (whose log_path
+# is ignored when ASan is loaded too) to stderr, i.e. the server log.  Any
+# report fails the test; test/run.sh checks the whole run again.
+if (my $preload = $ENV{VOUTBOX_SANITIZE_PRELOAD})
+{
+	my $test = File::Basename::basename($0);
+	$test =~ s/\.[^.]+$//;
+	my $report_dir = sub { "$PostgreSQL::Test::Utils::tmp_check/sanitizer" };
+	no strict 'refs';
+	no warnings 'redefine';
+	for my $method (qw(start restart))
+	{
+		my $orig = \&{"PostgreSQL::Test::Cluster::$method"};
+		*{"PostgreSQL::Test::Cluster::$method"} = sub {
+			mkdir $report_dir->();
+			# detect_leaks=0: the postmaster and its children exit without
+			# freeing.  abort_on_error=1: a finding is a crash (signal 6) the
+			# postmaster and the test notice, not an exit(1).
+			local $ENV{ASAN_OPTIONS} = 'abort_on_error=1:detect_leaks=0:log_path='
+			  . $report_dir->() . "/$test";
+			local $ENV{UBSAN_OPTIONS} = 'abort_on_error=1:halt_on_error=1:print_stacktrace=1';
+			local $ENV{LD_PRELOAD} =
+			  $ENV{LD_PRELOAD} ? "$preload $ENV{LD_PRELOAD}" : $preload;
+			return $orig->(@_);
+		};
+	}
+}
+
+# The sanitizer reports of this test: ASan's files, UBSan's and any other
+# "runtime error"/"Sanitizer" lines of its servers' logs.
+sub _sanitizer_reports
+{
+	my $test = File::Basename::basename($0);
+	$test =~ s/\.[^.]+$//;
+	my @reports;
+	for my $f (glob("$PostgreSQL::Test::Utils::tmp_check/sanitizer/$test.*"))
+	{
+		push @reports, "--- $f\n" . PostgreSQL::Test::Utils::slurp_file($f);
+	}
+	for my $f (glob("$PostgreSQL::Test::Utils::log_path/${test}_*.log"))
+	{
+		my @lines = grep { /runtime error:|Sanitizer/ }
+		  split /^/, PostgreSQL::Test::Utils::slurp_file($f);
+		push @reports, "--- $f\n" . join('', @lines) if @lines;
+	}
+	return @reports;
+}
+
+END
+{
+	if ($ENV{VOUTBOX_SANITIZE_PRELOAD} && defined $PostgreSQL::Test::Utils::tmp_check)
+	{
+		my @reports = _sanitizer_reports();
+		if (@reports)
+		{
+			diag("sanitizer reports:\n" . join('', @reports));
+			$? = 1 if $? == 0;    # fails the test (Test::Builder keeps it)
+		}
+	}
+}
+
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
   voutbox_node consume_events consume_all worker_pid wait_for_delivered save_sql
-  by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script);
+  by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
+  mock_start mock_cmd mock_stop);
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my $vkafka = "$root/test/tools/vkafka";
@@ -248,6 +315,84 @@ sub check_key_order
 		}
 	}
 	is($bad, 0, $name);
+	return;
+}
+
+
+# librdkafka mock clusters ("vkafka mock") started here, killed at exit if a
+# test dies before stopping them.
+my %mocks;
+my $nmocks = 0;
+END
+{
+	local $?;    # keep the test's exit status
+	eval { $_->{h}->kill_kill(grace => 2); 1 } for values %mocks;
+}
+
+# The next line the mock printed, or undef if none came in time or it exited.
+sub _mock_line
+{
+	my ($mock) = @_;
+	$mock->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	while (1)
+	{
+		return $1 if $mock->{out} =~ s/\A([^\n]*)\n//;
+		return undef if $mock->{timer}->is_expired || !$mock->{h}->pumpable;
+		$mock->{h}->pump;
+	}
+}
+
+# Start a librdkafka mock cluster.  %opts: brokers (how many, default 1, ids
+# 1..N), name (of its log file in the test's log directory), debug
+# (librdkafka debug contexts, e.g. 'mock,protocol').  Returns a hashref
+# usable as $kafka: {brokers} is the bootstrap list.  No topic exists: create
+# them with mock_cmd($mock, "create-topic TOPIC PARTITIONS") (a topic that a
+# client asks for is otherwise auto-created with 4 partitions).
+sub mock_start
+{
+	my (%opts) = @_;
+	my $name = $opts{name} // 'mock' . ++$nmocks;
+	my $mock = {
+		name => $name,
+		in => '',
+		out => '',
+		log => "$PostgreSQL::Test::Utils::log_path/vkafka_$name.log",
+		timer => IPC::Run::timer($PostgreSQL::Test::Utils::timeout_default),
+	};
+	my @cmd = ($vkafka, 'mock', '-n', $opts{brokers} // 1);
+	push @cmd, '-c', "debug=$opts{debug}" if $opts{debug};
+	# stderr to a file: a full pipe would block the cluster's logging thread.
+	$mock->{h} = IPC::Run::start(\@cmd, '<', \$mock->{in}, '>', \$mock->{out},
+		'2>>', $mock->{log}, $mock->{timer});
+	$mocks{$mock} = $mock;
+	$mock->{brokers} = _mock_line($mock)
+	  // die "vkafka mock $name did not start (see $mock->{log})";
+	return $mock;
+}
+
+# Send one command to the mock (see test/tools/vkafka.c) and wait for its
+# answer; dies unless it is "ok".
+sub mock_cmd
+{
+	my ($mock, $cmd) = @_;
+	$mock->{in} .= "$cmd\n";
+	my $answer = _mock_line($mock);
+	die "vkafka mock $mock->{name}: no answer to \"$cmd\"" unless defined $answer;
+	die "vkafka mock $mock->{name}: $cmd: $answer" unless $answer eq 'ok';
+	return;
+}
+
+# Stop the mock cluster and wait for it to exit (killed after the timeout).
+sub mock_stop
+{
+	my ($mock) = @_;
+	$mock->{in} .= "quit\n";
+	_mock_line($mock);
+	$mock->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	$mock->{h}->pump while $mock->{h}->pumpable && !$mock->{timer}->is_expired;
+	$mock->{h}->kill_kill(grace => 2) if $mock->{timer}->is_expired;
+	$mock->{h}->finish;
+	delete $mocks{$mock};
 	return;
 }
 

@@ -17,16 +17,35 @@
  *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
  *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
  *       Topic administration through librdkafka's admin API.
+ *   vkafka mock [-n BROKERS] [-c name=value ...]
+ *       Run a librdkafka mock cluster of BROKERS brokers (default 1, ids 1..N;
+ *       -c sets properties of its handle, e.g. debug=mock).  Prints the
+ *       bootstrap servers as the first line, then reads commands from stdin,
+ *       one a line, and answers each with one line, "ok" or "error: ...":
+ *         create-topic TOPIC PARTITIONS
+ *         push-errors APIKEY ERR [ERR ...]        one error per next request
+ *         broker-errors BROKER APIKEY ERR:RTT_MS [ERR:RTT_MS ...]
+ *         clear-errors APIKEY                     push-errors' ones only
+ *         down BROKER | up BROKER                 BROKER -1: all of them
+ *         rtt BROKER MS
+ *         leader TOPIC PARTITION BROKER           BROKER -1: leaderless
+ *         quit
+ *       APIKEY is a Kafka request type number (Produce 0, Metadata 3,
+ *       InitProducerId 22), ERR an error name without RD_KAFKA_RESP_ERR_
+ *       (NOT_ENOUGH_REPLICAS, _TRANSPORT, ...) or number.  Exits 0 at quit
+ *       or the end of its input.
  */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
 #include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
 
 #define MAX_CONFIGS 16
 
@@ -446,6 +465,236 @@ alter_topic(void)
 	return 0;
 }
 
+/* Parse a whole string as an integer; 0 if it is not one. */
+static int
+parse_int(const char *s, long *v)
+{
+	char	   *end;
+
+	if (s == NULL || *s == '\0')
+		return 0;
+	*v = strtol(s, &end, 10);
+	return *end == '\0';
+}
+
+/* An error code by librdkafka name (with or without RD_KAFKA_RESP_ERR_) or number. */
+static int
+parse_err(const char *s, rd_kafka_resp_err_t *err)
+{
+	const struct rd_kafka_err_desc *descs;
+	size_t		n;
+	long		v;
+
+	if (strncasecmp(s, "RD_KAFKA_RESP_ERR_", 18) == 0)
+		s += 18;
+	if (parse_int(s, &v))
+	{
+		*err = (rd_kafka_resp_err_t) v;
+		return 1;
+	}
+	rd_kafka_get_err_descs(&descs, &n);
+	for (size_t i = 0; i < n; i++)
+	{
+		if (descs[i].name && strcasecmp(descs[i].name, s) == 0)
+		{
+			*err = descs[i].code;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Apply fn (set_down, set_up) to one broker, or with -1 to all: through
+ * librdkafka's own -1 if it takes it, else broker by broker.
+ */
+static rd_kafka_resp_err_t
+for_brokers(rd_kafka_mock_cluster_t *mc, int nbrokers, long broker,
+			rd_kafka_resp_err_t (*fn) (rd_kafka_mock_cluster_t *, int32_t))
+{
+	rd_kafka_resp_err_t err = fn(mc, (int32_t) broker);
+
+	if (err && broker == -1)
+	{
+		err = RD_KAFKA_RESP_ERR_NO_ERROR;
+		for (int32_t id = 1; id <= nbrokers && !err; id++)
+			err = fn(mc, id);
+	}
+	return err;
+}
+
+#define MOCK_MAX_ARGS 64
+
+/*
+ * Run one mock command (argv[0] is its name).  Returns NULL when done, or an
+ * error message (in errbuf or static).
+ */
+static const char *
+mock_command(rd_kafka_mock_cluster_t *mc, int nbrokers, int argc, char **argv,
+			 char *errbuf, size_t errsize)
+{
+	const char *cmd = argv[0];
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	long		a, b, c;
+
+	if (strcmp(cmd, "create-topic") == 0)
+	{
+		if (argc != 3 || !parse_int(argv[2], &a) || a < 1)
+			return "usage: create-topic TOPIC PARTITIONS";
+		err = rd_kafka_mock_topic_create(mc, argv[1], (int) a, 1);
+	}
+	else if (strcmp(cmd, "push-errors") == 0)
+	{
+		rd_kafka_resp_err_t errs[MOCK_MAX_ARGS];
+
+		if (argc < 3 || !parse_int(argv[1], &a))
+			return "usage: push-errors APIKEY ERR [ERR ...]";
+		for (int i = 2; i < argc; i++)
+		{
+			if (!parse_err(argv[i], &errs[i - 2]))
+			{
+				snprintf(errbuf, errsize, "unknown error code %s", argv[i]);
+				return errbuf;
+			}
+		}
+		rd_kafka_mock_push_request_errors_array(mc, (int16_t) a, argc - 2, errs);
+	}
+	else if (strcmp(cmd, "broker-errors") == 0)
+	{
+		rd_kafka_resp_err_t errs[MOCK_MAX_ARGS];
+		int			rtts[MOCK_MAX_ARGS];
+
+		if (argc < 4 || !parse_int(argv[1], &a) || !parse_int(argv[2], &b))
+			return "usage: broker-errors BROKER APIKEY ERR:RTT_MS [ERR:RTT_MS ...]";
+		for (int i = 3; i < argc; i++)
+		{
+			char	   *colon = strchr(argv[i], ':');
+
+			if (colon == NULL || !parse_int(colon + 1, &c) || c < 0)
+			{
+				snprintf(errbuf, errsize, "expected ERR:RTT_MS, not %s", argv[i]);
+				return errbuf;
+			}
+			*colon = '\0';
+			if (!parse_err(argv[i], &errs[i - 3]))
+			{
+				snprintf(errbuf, errsize, "unknown error code %s", argv[i]);
+				return errbuf;
+			}
+			rtts[i - 3] = (int) c;
+		}
+
+		/*
+		 * Only a variadic form exists: push one tuple at a time (each is
+		 * appended to the broker's stack, so the order is kept).
+		 */
+		for (int i = 0; i < argc - 3 && !err; i++)
+			err = rd_kafka_mock_broker_push_request_error_rtts(mc, (int32_t) a, (int16_t) b, 1,
+															   errs[i], rtts[i]);
+	}
+	else if (strcmp(cmd, "clear-errors") == 0)
+	{
+		if (argc != 2 || !parse_int(argv[1], &a))
+			return "usage: clear-errors APIKEY";
+		rd_kafka_mock_clear_request_errors(mc, (int16_t) a);
+	}
+	else if (strcmp(cmd, "down") == 0 || strcmp(cmd, "up") == 0)
+	{
+		if (argc != 2 || !parse_int(argv[1], &a))
+			return "usage: down|up BROKER";
+		err = for_brokers(mc, nbrokers, a, strcmp(cmd, "down") == 0 ?
+						  rd_kafka_mock_broker_set_down : rd_kafka_mock_broker_set_up);
+	}
+	else if (strcmp(cmd, "rtt") == 0)
+	{
+		if (argc != 3 || !parse_int(argv[1], &a) || !parse_int(argv[2], &b) || b < 0)
+			return "usage: rtt BROKER MS";
+		err = rd_kafka_mock_broker_set_rtt(mc, (int32_t) a, (int) b);
+		for (int32_t id = 1; err && a == -1 && id <= nbrokers; id++)
+			err = rd_kafka_mock_broker_set_rtt(mc, id, (int) b);
+	}
+	else if (strcmp(cmd, "leader") == 0)
+	{
+		if (argc != 4 || !parse_int(argv[2], &a) || !parse_int(argv[3], &b))
+			return "usage: leader TOPIC PARTITION BROKER";
+		err = rd_kafka_mock_partition_set_leader(mc, argv[1], (int32_t) a, (int32_t) b);
+	}
+	else
+	{
+		snprintf(errbuf, errsize, "unknown command %s", cmd);
+		return errbuf;
+	}
+	if (err)
+	{
+		snprintf(errbuf, errsize, "%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
+		return errbuf;
+	}
+	return NULL;
+}
+
+static int
+mock(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	char		line[4096];
+	int			nbrokers = count > 0 ? (int) count : 1;
+	rd_kafka_t *rk;
+	rd_kafka_mock_cluster_t *mc;
+
+	/* The handle only owns the cluster: it never connects anywhere. */
+	set(conf, "log_level", "4");
+	for (int i = 0; i < nconfigs; i++)
+	{
+		char	   *name, *value;
+
+		split_config(configs[i], &name, &value);
+		set(conf, name, value);
+	}
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+		die("%s", errstr);
+	mc = rd_kafka_mock_cluster_new(rk, nbrokers);
+	if (mc == NULL)
+		die("%s", "could not create the mock cluster");
+	printf("%s\n", rd_kafka_mock_cluster_bootstraps(mc));
+	fflush(stdout);
+
+	while (fgets(line, sizeof(line), stdin) != NULL)
+	{
+		char	   *argv[MOCK_MAX_ARGS + 4];
+		int			argc = 0;
+		const char *error;
+
+		for (char *w = strtok(line, " \t\r\n"); w; w = strtok(NULL, " \t\r\n"))
+		{
+			if (argc == MOCK_MAX_ARGS + 3)
+				break;
+			argv[argc++] = w;
+		}
+		if (argc == 0)
+			error = "empty command";
+		else if (argc > MOCK_MAX_ARGS + 2)
+			error = "too many arguments";
+		else if (strcmp(argv[0], "quit") == 0)
+		{
+			printf("ok\n");
+			fflush(stdout);
+			break;
+		}
+		else
+			error = mock_command(mc, nbrokers, argc, argv, errstr, sizeof(errstr));
+		if (error)
+			printf("error: %s\n", error);
+		else
+			printf("ok\n");
+		fflush(stdout);
+	}
+	rd_kafka_mock_cluster_destroy(mc);
+	rd_kafka_destroy(rk);
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -453,7 +702,7 @@ main(int argc, char **argv)
 	int			opt;
 
 	if (argc < 2)
-		die("%s", "usage: vkafka consume|produce|create-topic|alter-topic -b BROKERS -t TOPIC ...");
+		die("%s", "usage: vkafka consume|produce|create-topic|alter-topic -b BROKERS -t TOPIC ... | mock [-n BROKERS]");
 	cmd = argv[1];
 	optind = 2;
 	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:s:k:r:")) != -1)
@@ -499,6 +748,8 @@ main(int argc, char **argv)
 				exit(1);
 		}
 	}
+	if (strcmp(cmd, "mock") == 0)
+		return mock();
 	if (brokers == NULL || topics == NULL)
 		die("%s", "-b and -t are required");
 	if (strcmp(cmd, "consume") == 0)
