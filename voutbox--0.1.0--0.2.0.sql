@@ -259,6 +259,8 @@ WITH cursor AS (
 	SELECT d.tenant_id, d.topic, d.created_at, d.scheduled_for,
 		   CASE WHEN d.attempts > 0 THEN 'retrying'
 				WHEN d.holds_key THEN 'held'
+				WHEN d.due_at > now() AND (d.scheduled_for IS NULL OR d.scheduled_for <= now())
+				THEN 'held'
 				ELSE 'pending' END
 	  FROM voutbox.deferred d
 	 WHERE d.delivered_at IS NULL
@@ -283,7 +285,7 @@ SELECT tenant_id,
 	   coalesce(w.pending, 0) AS pending,
 	   now() - w.oldest AS oldest_pending_age,
 	   coalesce(w.retrying, 0) AS waiting_for_retry,
-	   coalesce(w.held, 0) AS held_behind_key,
+	   coalesce(w.held, 0) AS held,
 	   coalesce(w.scheduled, 0) AS scheduled,
 	   coalesce(q.dead, 0) AS in_dlq,
 	   coalesce(k.delivered, 0) AS delivered_since_start,
@@ -301,7 +303,8 @@ COMMENT ON VIEW @extschema@.outbox_stats IS
 
 /*
  * The outbox view: a deferred event that is due and heads its key (a
- * requeued one, or one sent again after a shutdown) is pending, not held;
+ * requeued one, or one sent again after a shutdown) is pending; one that
+ * waits for its topic to answer again is held;
  * an event discarded from the DLQ is "discarded"; the time of the last
  * error and its code are shown too.
  */
@@ -340,7 +343,8 @@ SELECT e.id,
 							  WHERE h.delivered_at IS NULL AND h.holds_key
 								AND h.topic = d.topic AND h.msg_key = d.msg_key
 								AND h.seq < d.seq) THEN 'held'
-			WHEN d.id IS NOT NULL AND d.due_at > now() THEN 'scheduled'
+			WHEN d.id IS NOT NULL AND d.due_at > now() AND d.scheduled_for > now() THEN 'scheduled'
+			WHEN d.id IS NOT NULL AND d.due_at > now() THEN 'held'
 			WHEN d.id IS NOT NULL THEN 'pending'
 			WHEN pg_visible_in_snapshot(e.txid, c.lo)
 				 OR (c.hi IS NOT NULL AND pg_visible_in_snapshot(e.txid, c.hi)

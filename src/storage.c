@@ -25,7 +25,8 @@
  *
  * Events that cannot be sent now are copied to voutbox.deferred: failed ones
  * wait for a retry with backoff, later events of their key wait behind them
- * (so a key's order holds), and scheduled ones wait for their time.
+ * (so a key's order holds), and scheduled ones wait for their time.  What
+ * becomes of each event of a round is settle.c's part of the settling.
  *
  * All functions here run their own short transactions in the worker.
  *
@@ -36,7 +37,6 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
-#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/array.h"
@@ -59,12 +59,6 @@
 	"e.correlation_id, e.created_at, e.scheduled_for, e.pii, e.pii_fields, " \
 	"e.consent::text, e.producer, e.topic, e.msg_key"
 
-/* The columns of voutbox.events, which voutbox.deferred repeats. */
-#define EVENT_COLUMNS \
-	"id, seq, txid, tenant_id, aggregate_type, aggregate_id, event_type, " \
-	"event_version, payload, metadata, idempotency_key, trace_id, traceparent, " \
-	"correlation_id, created_at, scheduled_for, pii, pii_fields, consent, " \
-	"producer, topic, msg_key"
 
 /* Quoted schema of the user-facing relations (outbox_dlq). */
 static char *api_schema = NULL;
@@ -113,8 +107,8 @@ voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 }
 
 /* A text[] datum of the given strings (NULL entries are SQL NULLs). */
-static Datum
-text_array(char **values, int n)
+Datum
+voutbox_text_array(char **values, int n)
 {
 	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
 	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
@@ -130,8 +124,8 @@ text_array(char **values, int n)
 											  TEXTOID, -1, false, TYPALIGN_INT));
 }
 
-static Datum
-scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align)
+Datum
+voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align)
 {
 	return PointerGetDatum(construct_array(values, n, type, len, byval, align));
 }
@@ -518,6 +512,8 @@ read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cx
 				 (h = voutbox_key_hash(ev->topic, ev->msg_key),
 				  hash_search(held, &h, HASH_FIND, NULL) != NULL))
 			r->actions[i] = VOUTBOX_HOLD;
+		else if ((ev->wait_until = voutbox_topic_stalled_until(ev->topic, now)) != 0)
+			r->actions[i] = VOUTBOX_WAIT_TOPIC;
 		else
 			r->actions[i] = VOUTBOX_SEND;
 	}
@@ -590,312 +586,6 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
  * ---------------------------------------------------------------------
  */
 
-/* Delay before attempt n+1 after n failures: exponential, with equal jitter. */
-static TimestampTz
-retry_due(int attempts)
-{
-	double		delay = voutbox_backoff_base;
-
-	for (int i = 1; i < attempts && delay < voutbox_backoff_max; i++)
-		delay *= 2;
-	delay = Min(delay, (double) voutbox_backoff_max);
-	delay = delay / 2 + pg_prng_double(&pg_global_prng_state) * delay / 2;
-	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
-}
-
-/*
- * Only the first failure of a key in a round is the key's: later events of
- * the key were sent behind it and stay behind it.  Returns true the first
- * time a key is seen; events without a key are always first.
- */
-static bool
-first_failure_of_key(HTAB *failed, const VoutboxEvent *ev)
-{
-	uint64		h;
-	bool		found;
-
-	if (ev->msg_key == NULL)
-		return true;
-	h = voutbox_key_hash(ev->topic, ev->msg_key);
-	(void) hash_search(failed, &h, HASH_ENTER, &found);
-	return !found;
-}
-
-static bool
-key_failed(HTAB *failed, const VoutboxEvent *ev)
-{
-	uint64		h;
-
-	if (ev->msg_key == NULL)
-		return false;
-	h = voutbox_key_hash(ev->topic, ev->msg_key);
-	return hash_search(failed, &h, HASH_FIND, NULL) != NULL;
-}
-
-/* Rows to insert into, or update in, voutbox.deferred, as column arrays. */
-typedef struct DeferredRows
-{
-	int			n;
-	char	  **ids;
-	Datum	   *holds;
-	Datum	   *attempts;
-	Datum	   *due;
-	char	  **errors;
-	char	  **codes;
-	Datum	   *alone;
-	char	  **dead;			/* reason to move it to the DLQ, or NULL */
-} DeferredRows;
-
-static void
-deferred_rows_init(DeferredRows *rows, int capacity)
-{
-	capacity = Max(capacity, 1);
-	rows->n = 0;
-	rows->ids = palloc(sizeof(char *) * capacity);
-	rows->holds = palloc(sizeof(Datum) * capacity);
-	rows->attempts = palloc(sizeof(Datum) * capacity);
-	rows->due = palloc(sizeof(Datum) * capacity);
-	rows->errors = palloc(sizeof(char *) * capacity);
-	rows->codes = palloc(sizeof(char *) * capacity);
-	rows->alone = palloc(sizeof(Datum) * capacity);
-	rows->dead = palloc(sizeof(char *) * capacity);
-}
-
-/* err 0: no error to record. */
-static void
-deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds, int attempts,
-				  TimestampTz due, int err, bool alone, const char *dead)
-{
-	int			i = rows->n++;
-
-	rows->ids[i] = ev->id;
-	rows->holds[i] = BoolGetDatum(holds);
-	rows->attempts[i] = Int32GetDatum(attempts);
-	rows->due[i] = TimestampTzGetDatum(due);
-	rows->errors[i] = err ? (char *) voutbox_delivery_error_text(err) : NULL;
-	rows->codes[i] = err ? (char *) voutbox_delivery_error_name(err) : NULL;
-	rows->alone[i] = BoolGetDatum(alone);
-	rows->dead[i] = (char *) dead;
-}
-
-/* What settling a round found, for the log and the statistics. */
-typedef struct SettleState
-{
-	HTAB	   *failed;			/* keys that failed in this round */
-	int			nsent;			/* events handed to the producer */
-	int			charged;		/* failures that used up an attempt */
-	int			alone;			/* of them, sent again alone */
-	int			dead;			/* of them, to the DLQ */
-	int			overtaken;		/* acknowledged behind a failed event of their key */
-	const VoutboxEvent *first;	/* the first charged event, for the log */
-	int			first_err;
-	TimestampTz first_due;
-	VoutboxStatsBatch *stats;
-} SettleState;
-
-/*
- * A sent event failed, first of its key in the round, with an error that is
- * the event's (not the producer's).  A permanent error kills the event when
- * it was sent alone; in a round shared with others the fault may be theirs
- * (a batch too large for the topic fails all of it), so it goes again at
- * once, alone.  A retriable error waits with backoff, and after
- * max_retries failed attempts the event goes to the DLQ.
- */
-static void
-charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int err)
-{
-	int			attempts = ev->attempts + 1;
-	const char *dead = NULL;
-	bool		alone = false;
-	TimestampTz due = DT_NOBEGIN;
-
-	if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PERMANENT)
-	{
-		if (st->nsent == 1)
-			dead = "permanent_error";
-		else
-			alone = true;
-	}
-	else if (attempts > voutbox_max_retries)
-		dead = "max_retries_exceeded";
-	else
-		due = retry_due(attempts);
-	deferred_rows_add(rows, ev, ev->msg_key != NULL, attempts, due, err, alone, dead);
-
-	if (st->charged++ == 0)
-	{
-		st->first = ev;
-		st->first_err = err;
-		st->first_due = due;
-	}
-	st->alone += alone;
-	st->dead += dead != NULL;
-	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
-							voutbox_delivery_error_text(err));
-}
-
-/* An event acknowledged by the broker. */
-static void
-count_delivered(SettleState *st, const VoutboxEvent *ev)
-{
-	/*
-	 * Behind a failed event of its key, an acknowledged event means that the
-	 * broker let a later batch through after a failed one (a real broker
-	 * refuses it: its sequence has a gap).  Nothing can undo it; say so.
-	 */
-	if (key_failed(st->failed, ev))
-		st->overtaken++;
-	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 1, 0, 0, NULL);
-}
-
-/* Settle the deferred events that were sent again in this round. */
-static void
-settle_deferred(VoutboxRound *r, SettleState *st)
-{
-	DeferredRows charged;
-	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
-	int			ndelivered = 0;
-
-	deferred_rows_init(&charged, r->ndeferred);
-	for (int i = 0; i < r->ndeferred; i++)
-	{
-		VoutboxEvent *ev = &r->events[i];
-		int			err = r->errs[i];
-
-		if (err == 0)
-		{
-			delivered[ndelivered++] = ev->id;
-			count_delivered(st, ev);
-		}
-		else if (first_failure_of_key(st->failed, ev) &&
-				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
-			charge_failure(st, &charged, ev, err);
-		/* else: its row stays as it is, and it goes again in order */
-	}
-	if (ndelivered > 0)
-	{
-		Oid			type = TEXTARRAYOID;
-		Datum		ids = text_array(delivered, ndelivered);
-
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred "
-					"SET delivered_at = now(), holds_key = false, alone = false "
-					"WHERE id = ANY ($1::uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
-	}
-	if (charged.n > 0)
-	{
-		Oid			types[7] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
-		TIMESTAMPTZARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
-		Datum		values[7];
-
-		values[0] = text_array(charged.ids, charged.n);
-		values[1] = text_array(charged.errors, charged.n);
-		values[2] = text_array(charged.codes, charged.n);
-		values[3] = scalar_array(charged.attempts, charged.n, INT4OID, 4, true, TYPALIGN_INT);
-		values[4] = scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
-		values[5] = scalar_array(charged.alone, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
-		values[6] = text_array(charged.dead, charged.n);
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
-					"SET attempts = x.attempts, last_error = x.error, last_error_code = x.code, "
-					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead "
-					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7) "
-					"     AS x(id, error, code, attempts, due, alone, dead) "
-					"WHERE d.id = x.id", 7, types, values, NULL, SPI_OK_UPDATE);
-	}
-}
-
-/*
- * Copy the chunk's events that were not delivered into voutbox.deferred:
- * held and scheduled ones, failed ones, and the later events of a failed
- * one's key.  Returns whether it copied any.
- */
-static bool
-defer_chunk_events(VoutboxRound *r, SettleState *st)
-{
-	DeferredRows rows;
-	Oid			types[8] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
-	Datum		values[8];
-
-	deferred_rows_init(&rows, r->nevents - r->ndeferred);
-	for (int i = r->ndeferred; i < r->nevents; i++)
-	{
-		VoutboxEvent *ev = &r->events[i];
-		int			err = r->errs[i];
-
-		if (r->actions[i] == VOUTBOX_HOLD)
-			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
-		else if (r->actions[i] == VOUTBOX_SCHEDULE)
-			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, 0, false, NULL);
-		else if (err == 0)
-			count_delivered(st, ev);
-		else if (!first_failure_of_key(st->failed, ev))
-			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
-		else if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PRODUCER)
-			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, 0, false, NULL);
-		else
-			charge_failure(st, &rows, ev, err);
-	}
-	if (rows.n == 0)
-		return false;
-
-	values[0] = text_array(rows.ids, rows.n);
-	values[1] = scalar_array(rows.holds, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
-	values[2] = scalar_array(rows.attempts, rows.n, INT4OID, 4, true, TYPALIGN_INT);
-	values[3] = scalar_array(rows.due, rows.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
-	values[4] = text_array(rows.errors, rows.n);
-	values[5] = text_array(rows.codes, rows.n);
-	values[6] = scalar_array(rows.alone, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
-	values[7] = text_array(rows.dead, rows.n);
-	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" EVENT_COLUMNS ", "
-				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
-				"  alone, dead_reason) "
-				"SELECT " EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, x.code, "
-				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END, x.alone, x.dead "
-				"  FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
-				"       AS x(xid, holds, attempts, due, error, code, alone, dead) "
-				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
-				8, types, values, NULL, SPI_OK_INSERT);
-	if (SPI_processed != (uint64) rows.n)
-		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",
-			 rows.n, SPI_processed);
-	return true;
-}
-
-/*
- * Move the events marked dead to the dead-letter queue.  Deleting the
- * deferred row and inserting the DLQ row is one statement in the settling
- * transaction: an event is never in both places, nor in neither.
- */
-static void
-move_dead_to_dlq(SettleState *st)
-{
-	char	   *sql = psprintf("WITH moved AS ("
-							   "  DELETE FROM " VOUTBOX_SCHEMA ".deferred "
-							   "   WHERE dead_reason IS NOT NULL RETURNING *) "
-							   "INSERT INTO %s.outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, "
-							   "  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
-							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
-							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, "
-							   "  error_code, reason) "
-							   "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, "
-							   "  payload, metadata, coalesce(idempotency_key, id::text), trace_id, "
-							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
-							   "  consent, producer, topic, msg_key, seq, attempts, last_error, "
-							   "  last_error_code, dead_reason "
-							   "  FROM moved "
-							   "RETURNING tenant_id, topic",
-							   api_schema);
-
-	voutbox_spi(sql, 0, NULL, NULL, NULL, SPI_OK_INSERT_RETURNING);
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-
-		voutbox_stats_batch_add(st->stats, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
-								SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), 0, 0, 1, NULL);
-	}
-}
-
 /* Append the cursor row of the chunk just settled. */
 static void
 append_batch_row(VoutboxCursor *c, VoutboxRound *r)
@@ -922,64 +612,30 @@ append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 				4, types, values, nulls, SPI_OK_INSERT);
 }
 
-static void
-log_failures(const SettleState *st)
-{
-	if (st->charged > 0)
-	{
-		long		delay = 0;
-
-		if (st->first_due != DT_NOBEGIN)
-			delay = (long) ((st->first_due - GetCurrentTimestamp()) / 1000);
-		ereport(LOG,
-				(errmsg("voutbox: %d of %d events sent failed: %d wait for a retry, %d go again alone, %d moved to the dead-letter queue",
-						st->charged, st->nsent, st->charged - st->alone - st->dead,
-						st->alone, st->dead),
-				 errdetail("First: event %s (topic \"%s\", attempt %d): %s; next attempt in %ld ms.",
-						   st->first->id, st->first->topic, st->first->attempts + 1,
-						   voutbox_delivery_error_text(st->first_err), Max(delay, 0))));
-	}
-	if (st->overtaken > 0)
-		ereport(WARNING,
-				(errmsg("voutbox: the broker acknowledged %d events behind a failed event of their key",
-						st->overtaken),
-				 errdetail("The order of those keys may be broken; a Kafka broker refuses such batches of an idempotent producer.")));
-}
-
 /*
- * Record the outcome of a round in one transaction, then move the cursor in
- * memory.  If anything fails, the worker exits and reads the round again.
+ * Record the outcome of a round in one transaction (settle.c judges the
+ * events), advance the cursor in it, then in memory.  If anything fails, the
+ * worker exits and reads the round again.
  */
 void
 voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
 {
 	bool		chunk = r->nevents > r->ndeferred;
-	bool		deferred = false;
-	SettleState st;
-
-	memset(&st, 0, sizeof(st));
-	st.failed = voutbox_key_set_new("voutbox failed keys");
-	st.stats = voutbox_stats_batch_new();
-	for (int i = 0; i < r->nevents; i++)
-		st.nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
+	bool		deferred;
+	VoutboxSettlement *settlement = voutbox_settle_begin(r);
 
 	voutbox_xact_begin("settling a batch");
-	settle_deferred(r, &st);
+	deferred = voutbox_settle_events(settlement, r);
 	if (chunk)
 	{
-		deferred = defer_chunk_events(r, &st);
 		append_batch_row(c, r);
 		if (r->window_done)
 			close_window(c);
 	}
-	if (st.dead > 0)
-		move_dead_to_dlq(&st);
 	if (deferred || r->ndeferred > 0)
 		r->next_due = voutbox_next_due();
 	voutbox_xact_end();
-
-	voutbox_stats_batch_flush(st.stats);
-	log_failures(&st);
+	voutbox_settle_end(settlement);
 
 	if (chunk && r->window_done)
 	{

@@ -28,6 +28,13 @@
 #define VOUTBOX_SCHEMA			"voutbox"
 #define VOUTBOX_RING_SLOTS		3
 
+/* The columns of voutbox.events, which voutbox.deferred repeats. */
+#define VOUTBOX_EVENT_COLUMNS \
+	"id, seq, txid, tenant_id, aggregate_type, aggregate_id, event_type, " \
+	"event_version, payload, metadata, idempotency_key, trace_id, traceparent, " \
+	"correlation_id, created_at, scheduled_for, pii, pii_fields, consent, " \
+	"producer, topic, msg_key"
+
 /* GUCs (voutbox.c) */
 extern char *voutbox_database;
 extern char *voutbox_brokers;
@@ -123,6 +130,8 @@ typedef struct VoutboxEvent
 	/* only for events read back from voutbox.deferred */
 	bool		holds_key;
 	int32		attempts;
+	/* for VOUTBOX_WAIT_TOPIC: when its topic is tried again */
+	TimestampTz wait_until;
 } VoutboxEvent;
 
 /* Routing (routing.c) */
@@ -196,7 +205,8 @@ typedef enum VoutboxAction
 {
 	VOUTBOX_SEND,
 	VOUTBOX_HOLD,				/* an earlier event of its key waits */
-	VOUTBOX_SCHEDULE			/* scheduled_for is in the future */
+	VOUTBOX_SCHEDULE,			/* scheduled_for is in the future */
+	VOUTBOX_WAIT_TOPIC			/* its topic's events time out just now */
 } VoutboxAction;
 
 typedef struct VoutboxCursor
@@ -240,6 +250,16 @@ extern void voutbox_xact_begin(const char *activity);
 extern void voutbox_xact_end(void);
 extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 						  const char *nulls, int expected);
+extern Datum voutbox_text_array(char **values, int n);
+extern Datum voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align);
+
+/* What becomes of the events of a round (settle.c) */
+typedef struct VoutboxSettlement VoutboxSettlement;
+
+extern VoutboxSettlement *voutbox_settle_begin(const VoutboxRound *round);
+extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round);
+extern void voutbox_settle_end(VoutboxSettlement *settlement);
+extern TimestampTz voutbox_topic_stalled_until(const char *topic, TimestampTz now);
 
 /* Retention (retention.c) */
 extern void voutbox_retention_run(const VoutboxCursor *cursor);

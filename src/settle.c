@@ -1,0 +1,520 @@
+/*-------------------------------------------------------------------------
+ *
+ * settle.c
+ *		What becomes of the events of a round once their delivery reports are
+ *		in: delivered, retried with backoff, held behind their key or their
+ *		topic, or moved to the dead-letter queue.
+ *
+ * The error class of each failure (producer.c) decides: the producer's own
+ * trouble costs the event nothing and it goes again in order; a retriable
+ * error costs an attempt and a backoff delay, and after voutbox.max_retries
+ * the event is dead; a permanent error kills an event sent alone, and sends
+ * an event that shared its round once more, alone.  Only the first failure
+ * of a key in a round is the key's; its later events wait behind it.
+ *
+ * Everything here but the topic memory and the final log and statistics runs
+ * in the worker's settling transaction (storage.c), which also advances the
+ * cursor: the outcome of a round is recorded all at once or not at all.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <librdkafka/rdkafka.h>
+
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+/* ---------------------------------------------------------------------
+ * Topics that do not answer
+ *
+ * When events of a topic time out (the broker is up, but does not
+ * acknowledge them: a topic that does not exist yet, a partition without a
+ * leader), every round that sent one more event of that topic would wait
+ * voutbox.delivery_timeout, and the other topics with it.  So until the
+ * topic's next retry has had its chance, new events of that topic are not
+ * sent: they wait in voutbox.deferred (in key order, like held events) and
+ * are released as soon as an event of the topic is acknowledged.  This
+ * memory is the worker's only; a new worker learns it again, at the cost of
+ * one timeout.
+ * ---------------------------------------------------------------------
+ */
+
+typedef struct StalledTopic
+{
+	uint64		hash;
+	TimestampTz until;
+} StalledTopic;
+
+static HTAB *stalled_topics = NULL;
+
+static uint64
+topic_hash(const char *topic)
+{
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) topic, strlen(topic), 0));
+}
+
+/* When the topic is tried again, if its events wait; else 0. */
+TimestampTz
+voutbox_topic_stalled_until(const char *topic, TimestampTz now)
+{
+	uint64		h;
+	StalledTopic *t;
+
+	if (stalled_topics == NULL || hash_get_num_entries(stalled_topics) == 0)
+		return 0;
+	h = topic_hash(topic);
+	t = hash_search(stalled_topics, &h, HASH_FIND, NULL);
+	return t != NULL && t->until > now ? t->until : 0;
+}
+
+static void
+topic_stalls(const char *topic, TimestampTz until)
+{
+	uint64		h = topic_hash(topic);
+	StalledTopic *t;
+
+	if (stalled_topics == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(uint64);
+		ctl.entrysize = sizeof(StalledTopic);
+		ctl.hcxt = TopMemoryContext;
+		stalled_topics = hash_create("voutbox stalled topics", 16, &ctl,
+									 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	t = hash_search(stalled_topics, &h, HASH_ENTER, NULL);
+	t->until = until;
+
+	/* Events already waiting for the topic wait for this retry too. */
+	{
+		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
+		Datum		values[2] = {CStringGetTextDatum(topic), TimestampTzGetDatum(until)};
+
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred SET due_at = $2 "
+					" WHERE delivered_at IS NULL AND attempts = 0 AND topic = $1 "
+					"   AND due_at > '-infinity' AND due_at < $2 "
+					"   AND (scheduled_for IS NULL OR scheduled_for <= now())",
+					2, types, values, NULL, SPI_OK_UPDATE);
+	}
+}
+
+/*
+ * An event of the topic was acknowledged: the topic answers again, and the
+ * events that wait for it are due now.  Like topic_stalls(), called in the
+ * settling transaction.
+ */
+static void
+topic_flows(const char *topic)
+{
+	uint64		h;
+	Oid			type = TEXTOID;
+	Datum		value;
+
+	if (stalled_topics == NULL || hash_get_num_entries(stalled_topics) == 0)
+		return;
+	h = topic_hash(topic);
+	if (hash_search(stalled_topics, &h, HASH_REMOVE, NULL) == NULL)
+		return;
+	value = CStringGetTextDatum(topic);
+	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred SET due_at = '-infinity' "
+				" WHERE delivered_at IS NULL AND attempts = 0 AND topic = $1 "
+				"   AND due_at > now() AND (scheduled_for IS NULL OR scheduled_for <= now())",
+				1, &type, &value, NULL, SPI_OK_UPDATE);
+}
+
+/* ---------------------------------------------------------------------
+ * What becomes of the events of a round
+ * ---------------------------------------------------------------------
+ */
+
+/* Delay before attempt n+1 after n failures: exponential, with equal jitter. */
+static TimestampTz
+retry_due(int attempts)
+{
+	double		delay = voutbox_backoff_base;
+
+	for (int i = 1; i < attempts && delay < voutbox_backoff_max; i++)
+		delay *= 2;
+	delay = Min(delay, (double) voutbox_backoff_max);
+	delay = delay / 2 + pg_prng_double(&pg_global_prng_state) * delay / 2;
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
+}
+
+/*
+ * Only the first failure of a key in a round is the key's: later events of
+ * the key were sent behind it and stay behind it.  Returns true the first
+ * time a key is seen; events without a key are always first.
+ */
+static bool
+first_failure_of_key(HTAB *failed, const VoutboxEvent *ev)
+{
+	uint64		h;
+	bool		found;
+
+	if (ev->msg_key == NULL)
+		return true;
+	h = voutbox_key_hash(ev->topic, ev->msg_key);
+	(void) hash_search(failed, &h, HASH_ENTER, &found);
+	return !found;
+}
+
+static bool
+key_failed(HTAB *failed, const VoutboxEvent *ev)
+{
+	uint64		h;
+
+	if (ev->msg_key == NULL)
+		return false;
+	h = voutbox_key_hash(ev->topic, ev->msg_key);
+	return hash_search(failed, &h, HASH_FIND, NULL) != NULL;
+}
+
+/* Rows to insert into, or update in, voutbox.deferred, as column arrays. */
+typedef struct DeferredRows
+{
+	int			n;
+	char	  **ids;
+	Datum	   *holds;
+	Datum	   *attempts;
+	Datum	   *due;
+	char	  **errors;
+	char	  **codes;
+	Datum	   *alone;
+	char	  **dead;			/* reason to move it to the DLQ, or NULL */
+} DeferredRows;
+
+static void
+deferred_rows_init(DeferredRows *rows, int capacity)
+{
+	capacity = Max(capacity, 1);
+	rows->n = 0;
+	rows->ids = palloc(sizeof(char *) * capacity);
+	rows->holds = palloc(sizeof(Datum) * capacity);
+	rows->attempts = palloc(sizeof(Datum) * capacity);
+	rows->due = palloc(sizeof(Datum) * capacity);
+	rows->errors = palloc(sizeof(char *) * capacity);
+	rows->codes = palloc(sizeof(char *) * capacity);
+	rows->alone = palloc(sizeof(Datum) * capacity);
+	rows->dead = palloc(sizeof(char *) * capacity);
+}
+
+/* err 0: no error to record. */
+static void
+deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds, int attempts,
+				  TimestampTz due, int err, bool alone, const char *dead)
+{
+	int			i = rows->n++;
+
+	rows->ids[i] = ev->id;
+	rows->holds[i] = BoolGetDatum(holds);
+	rows->attempts[i] = Int32GetDatum(attempts);
+	rows->due[i] = TimestampTzGetDatum(due);
+	rows->errors[i] = err ? (char *) voutbox_delivery_error_text(err) : NULL;
+	rows->codes[i] = err ? (char *) voutbox_delivery_error_name(err) : NULL;
+	rows->alone[i] = BoolGetDatum(alone);
+	rows->dead[i] = (char *) dead;
+}
+
+/* What settling a round found, for the log and the statistics. */
+typedef struct SettleState
+{
+	HTAB	   *failed;			/* keys that failed in this round */
+	int			nsent;			/* events handed to the producer */
+	int			charged;		/* failures that used up an attempt */
+	int			alone;			/* of them, sent again alone */
+	int			dead;			/* of them, to the DLQ */
+	int			overtaken;		/* acknowledged behind a failed event of their key */
+	const VoutboxEvent *first;	/* the first charged event, for the log */
+	int			first_err;
+	TimestampTz first_due;
+	VoutboxStatsBatch *stats;
+} SettleState;
+
+/*
+ * A sent event failed, first of its key in the round, with an error that is
+ * the event's (not the producer's).  A permanent error kills the event when
+ * it was sent alone; in a round shared with others the fault may be theirs
+ * (a batch too large for the topic fails all of it), so it goes again at
+ * once, alone.  A retriable error waits with backoff, and after
+ * max_retries failed attempts the event goes to the DLQ.
+ */
+static void
+charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int err)
+{
+	int			attempts = ev->attempts + 1;
+	const char *dead = NULL;
+	bool		alone = false;
+	TimestampTz due = DT_NOBEGIN;
+
+	if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PERMANENT)
+	{
+		if (st->nsent == 1)
+			dead = "permanent_error";
+		else
+			alone = true;
+	}
+	else if (attempts > voutbox_max_retries)
+		dead = "max_retries_exceeded";
+	else
+		due = retry_due(attempts);
+	deferred_rows_add(rows, ev, ev->msg_key != NULL, attempts, due, err, alone, dead);
+
+	if (st->charged++ == 0)
+	{
+		st->first = ev;
+		st->first_err = err;
+		st->first_due = due;
+	}
+	st->alone += alone;
+	st->dead += dead != NULL;
+	if (err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT && dead == NULL)
+		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, voutbox_delivery_timeout));
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
+							voutbox_delivery_error_text(err));
+}
+
+/* An event acknowledged by the broker. */
+static void
+count_delivered(SettleState *st, const VoutboxEvent *ev)
+{
+	/*
+	 * Behind a failed event of its key, an acknowledged event means that the
+	 * broker let a later batch through after a failed one (a real broker
+	 * refuses it: its sequence has a gap).  Nothing can undo it; say so.
+	 */
+	if (key_failed(st->failed, ev))
+		st->overtaken++;
+	topic_flows(ev->topic);
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 1, 0, 0, NULL);
+}
+
+/* Settle the deferred events that were sent again in this round. */
+static void
+settle_deferred(VoutboxRound *r, SettleState *st)
+{
+	DeferredRows charged;
+	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	int			ndelivered = 0;
+
+	deferred_rows_init(&charged, r->ndeferred);
+	for (int i = 0; i < r->ndeferred; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		int			err = r->errs[i];
+
+		if (err == 0)
+		{
+			delivered[ndelivered++] = ev->id;
+			count_delivered(st, ev);
+		}
+		else if (first_failure_of_key(st->failed, ev) &&
+				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
+			charge_failure(st, &charged, ev, err);
+		/* else: its row stays as it is, and it goes again in order */
+	}
+	if (ndelivered > 0)
+	{
+		Oid			type = TEXTARRAYOID;
+		Datum		ids = voutbox_text_array(delivered, ndelivered);
+
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred "
+					"SET delivered_at = now(), holds_key = false, alone = false "
+					"WHERE id = ANY ($1::uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
+	}
+	if (charged.n > 0)
+	{
+		Oid			types[7] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+		TIMESTAMPTZARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
+		Datum		values[7];
+
+		values[0] = voutbox_text_array(charged.ids, charged.n);
+		values[1] = voutbox_text_array(charged.errors, charged.n);
+		values[2] = voutbox_text_array(charged.codes, charged.n);
+		values[3] = voutbox_scalar_array(charged.attempts, charged.n, INT4OID, 4, true, TYPALIGN_INT);
+		values[4] = voutbox_scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		values[5] = voutbox_scalar_array(charged.alone, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+		values[6] = voutbox_text_array(charged.dead, charged.n);
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"SET attempts = x.attempts, last_error = x.error, last_error_code = x.code, "
+					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead "
+					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7) "
+					"     AS x(id, error, code, attempts, due, alone, dead) "
+					"WHERE d.id = x.id", 7, types, values, NULL, SPI_OK_UPDATE);
+	}
+}
+
+/*
+ * Copy the chunk's events that were not delivered into voutbox.deferred:
+ * held and scheduled ones, failed ones, and the later events of a failed
+ * one's key.  Returns whether it copied any.
+ */
+static bool
+defer_chunk_events(VoutboxRound *r, SettleState *st)
+{
+	DeferredRows rows;
+	Oid			types[8] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
+	Datum		values[8];
+
+	deferred_rows_init(&rows, r->nevents - r->ndeferred);
+	for (int i = r->ndeferred; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		int			err = r->errs[i];
+
+		if (r->actions[i] == VOUTBOX_HOLD)
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
+		else if (r->actions[i] == VOUTBOX_SCHEDULE)
+			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, 0, false, NULL);
+		else if (r->actions[i] == VOUTBOX_WAIT_TOPIC)
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, ev->wait_until, 0, false, NULL);
+		else if (err == 0)
+			count_delivered(st, ev);
+		else if (!first_failure_of_key(st->failed, ev))
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
+		else if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PRODUCER)
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, 0, false, NULL);
+		else
+			charge_failure(st, &rows, ev, err);
+	}
+	if (rows.n == 0)
+		return false;
+
+	values[0] = voutbox_text_array(rows.ids, rows.n);
+	values[1] = voutbox_scalar_array(rows.holds, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+	values[2] = voutbox_scalar_array(rows.attempts, rows.n, INT4OID, 4, true, TYPALIGN_INT);
+	values[3] = voutbox_scalar_array(rows.due, rows.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+	values[4] = voutbox_text_array(rows.errors, rows.n);
+	values[5] = voutbox_text_array(rows.codes, rows.n);
+	values[6] = voutbox_scalar_array(rows.alone, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+	values[7] = voutbox_text_array(rows.dead, rows.n);
+	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" VOUTBOX_EVENT_COLUMNS ", "
+				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
+				"  alone, dead_reason) "
+				"SELECT " VOUTBOX_EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, x.code, "
+				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END, x.alone, x.dead "
+				"  FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
+				"       AS x(xid, holds, attempts, due, error, code, alone, dead) "
+				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
+				8, types, values, NULL, SPI_OK_INSERT);
+	if (SPI_processed != (uint64) rows.n)
+		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",
+			 rows.n, SPI_processed);
+	return true;
+}
+
+/*
+ * Move the events marked dead to the dead-letter queue.  Deleting the
+ * deferred row and inserting the DLQ row is one statement in the settling
+ * transaction: an event is never in both places, nor in neither.
+ */
+static void
+move_dead_to_dlq(SettleState *st)
+{
+	char	   *sql = psprintf("WITH moved AS ("
+							   "  DELETE FROM " VOUTBOX_SCHEMA ".deferred "
+							   "   WHERE dead_reason IS NOT NULL RETURNING *) "
+							   "INSERT INTO %s.outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, "
+							   "  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
+							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
+							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, "
+							   "  error_code, reason) "
+							   "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, "
+							   "  payload, metadata, coalesce(idempotency_key, id::text), trace_id, "
+							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
+							   "  consent, producer, topic, msg_key, seq, attempts, last_error, "
+							   "  last_error_code, dead_reason "
+							   "  FROM moved "
+							   "RETURNING tenant_id, topic",
+							   voutbox_api_schema());
+
+	voutbox_spi(sql, 0, NULL, NULL, NULL, SPI_OK_INSERT_RETURNING);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+
+		voutbox_stats_batch_add(st->stats, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
+								SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), 0, 0, 1, NULL);
+	}
+}
+
+static void
+log_failures(const SettleState *st)
+{
+	if (st->charged > 0)
+	{
+		long		delay = 0;
+
+		if (st->first_due != DT_NOBEGIN)
+			delay = (long) ((st->first_due - GetCurrentTimestamp()) / 1000);
+		ereport(LOG,
+				(errmsg("voutbox: %d of %d events sent failed: %d wait for a retry, %d go again alone, %d moved to the dead-letter queue",
+						st->charged, st->nsent, st->charged - st->alone - st->dead,
+						st->alone, st->dead),
+				 errdetail("First: event %s (topic \"%s\", attempt %d): %s; next attempt in %ld ms.",
+						   st->first->id, st->first->topic, st->first->attempts + 1,
+						   voutbox_delivery_error_text(st->first_err), Max(delay, 0))));
+	}
+	if (st->overtaken > 0)
+		ereport(WARNING,
+				(errmsg("voutbox: the broker acknowledged %d events behind a failed event of their key",
+						st->overtaken),
+				 errdetail("The order of those keys may be broken; a Kafka broker refuses such batches of an idempotent producer.")));
+}
+
+/* ---------------------------------------------------------------------
+ * Entry points (storage.c)
+ * ---------------------------------------------------------------------
+ */
+
+/* Before the settling transaction: what the round needs to be judged. */
+VoutboxSettlement *
+voutbox_settle_begin(const VoutboxRound *r)
+{
+	SettleState *st = palloc0(sizeof(SettleState));
+
+	st->failed = voutbox_key_set_new("voutbox failed keys");
+	st->stats = voutbox_stats_batch_new();
+	for (int i = 0; i < r->nevents; i++)
+		st->nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
+	return (VoutboxSettlement *) st;
+}
+
+/*
+ * In the settling transaction: record the outcome of every event of the
+ * round.  Returns whether events of the chunk were copied to
+ * voutbox.deferred.
+ */
+bool
+voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r)
+{
+	SettleState *st = (SettleState *) s;
+	bool		deferred = false;
+
+	settle_deferred(r, st);
+	if (r->nevents > r->ndeferred)
+		deferred = defer_chunk_events(r, st);
+	if (st->dead > 0)
+		move_dead_to_dlq(st);
+	return deferred;
+}
+
+/* After the commit: the statistics and the log. */
+void
+voutbox_settle_end(VoutboxSettlement *s)
+{
+	SettleState *st = (SettleState *) s;
+
+	voutbox_stats_batch_flush(st->stats);
+	log_failures(st);
+}
