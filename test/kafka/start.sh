@@ -56,8 +56,11 @@ appender.stdout.layout.pattern=[%d] %p %m (%c)%n
 logger.kafka.name=kafka
 logger.kafka.level=INFO
 LOG
+	# A cluster id may begin with "-": pass it as --cluster-id=ID, never as
+	# a separate argument that would read as an option.
 	java -cp "$lib/*" -Dlog4j2.configurationFile="$state/log4j2.properties" \
-		kafka.tools.StorageTool format --standalone -t "$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
+		kafka.tools.StorageTool format --standalone \
+		--cluster-id="$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
 		-c "$state/server.properties" >"$state/format.log" 2>&1 ||
 		{ cat "$state/format.log" >&2; exit 1; }
 fi
