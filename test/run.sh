@@ -22,20 +22,61 @@ else
 fi
 voutbox_as_user "$workdir"
 
-status=0
-"${as[@]}" make -s PG_CONFIG=$PG_CONFIG installcheck || status=$?
-
-if [ $status -ne 0 ]; then
-	echo "=== test failures ===" >&2
+# Print what failed: pg_regress diffs and the end of the failed TAP tests' logs.
+show_failures() {
+	echo "=== test failures${1:+ ($1)} ===" >&2
 	for f in regression.diffs output_iso/regression.diffs; do
 		[ -f "$f" ] && cat "$f" >&2
 	done
 	for f in tmp_check/log/regress_log_*; do
 		[ -f "$f" ] || continue
-		grep -q "^not ok\|Bail out\|timed out" "$f" || continue
+		grep -q "^not ok\|Bail out\|timed out\|sanitizer reports" "$f" || continue
 		echo "--- $f" >&2
 		tail -60 "$f" >&2
 	done
+}
+
+status=0
+"${as[@]}" make -s PG_CONFIG=$PG_CONFIG installcheck || status=$?
+[ $status -eq 0 ] || show_failures
+
+# The TAP suite again, with the extension built with ASan and UBSan and the
+# server (only) running with libasan preloaded; any report fails.  Skip with
+# VOUTBOX_SANITIZE_PASS=0.
+if [ $status -eq 0 ] && [ "${VOUTBOX_SANITIZE_PASS:-1}" != 0 ]; then
+	sudo=
+	[ "$(id -u)" -eq 0 ] || sudo=sudo
+	sandir=$(mktemp -d /tmp/voutbox-sanitize.XXXXXX)
+	# Whatever happens, leave the normal build (of $here) installed.
+	trap 'rm -rf "$sandir"; cd "$here" && $sudo make -s PG_CONFIG=$PG_CONFIG install >/dev/null ||
+		echo "could not reinstall the normal build: run make install" >&2' EXIT
+	cd "$here"
+	voutbox_sanitize_build "$sandir"
+	cd "$workdir"
+	start=$SECONDS
+	"${as[@]}" env VOUTBOX_SANITIZE_PRELOAD="$VOUTBOX_SANITIZE_PRELOAD" \
+		make -s PG_CONFIG=$PG_CONFIG installcheck REGRESS= ISOLATION= || status=$?
+	echo "sanitizer pass: $((SECONDS - start))s" >&2
+	# Every report, including any a test's own check missed (e.g. one from a
+	# process that failed while the test's nodes were torn down).  ASan's are
+	# files, UBSan's are in the server logs.  A crash-looping worker can leave
+	# hundreds: the first three of each kind are printed.
+	asan=$(ls -tr tmp_check/sanitizer 2>/dev/null | sed 's|^|tmp_check/sanitizer/|' || true)
+	ubsan=$(grep -l -E "runtime error:|Sanitizer" tmp_check/log/*.log 2>/dev/null || true)
+	if [ -n "$asan$ubsan" ]; then
+		status=1
+		echo "=== sanitizer reports: $(echo "$asan" | grep -c .) ASan report files;" \
+			"UBSan/other in: ${ubsan:-none} ===" >&2
+		for f in $(echo "$asan" | head -3); do
+			echo "--- $f" >&2
+			cat "$f" >&2
+		done
+		for f in $ubsan; do
+			echo "--- $f" >&2
+			grep -m3 -E -A25 "runtime error:|Sanitizer" "$f" >&2
+		done
+	fi
+	[ $status -eq 0 ] || show_failures "sanitizer pass"
 fi
 
 # Nothing the tests started may outlive them.

@@ -21,9 +21,9 @@ use Test::More;
 # VOUTBOX_SANITIZE_PRELOAD is the LD_PRELOAD list it needs (libasan first).
 # Only the server gets it: it is set while pg_ctl starts the postmaster, whose
 # children inherit it; psql, pgbench, vkafka and the Kafka JVM run without.
-# ASan writes its reports to tmp_check/sanitizer/TEST.PID, UBSan (whose log_path
-# is ignored when ASan is loaded too) to stderr, i.e. the server log.  Any
-# report fails the test; test/run.sh checks the whole run again.
+# ASan writes its reports to tmp_check/sanitizer/TEST.PID; UBSan (whose
+# log_path is ignored when ASan is loaded too) to stderr, i.e. the server log.
+# Any report fails the test; test/run.sh checks the whole run again.
 if (my $preload = $ENV{VOUTBOX_SANITIZE_PRELOAD})
 {
 	my $test = File::Basename::basename($0);
@@ -41,42 +41,56 @@ if (my $preload = $ENV{VOUTBOX_SANITIZE_PRELOAD})
 			# postmaster and the test notice, not an exit(1).
 			local $ENV{ASAN_OPTIONS} = 'abort_on_error=1:detect_leaks=0:log_path='
 			  . $report_dir->() . "/$test";
+			# (UBSan gets these through the preloaded shim of test/setup.sh.)
 			local $ENV{UBSAN_OPTIONS} = 'abort_on_error=1:halt_on_error=1:print_stacktrace=1';
 			local $ENV{LD_PRELOAD} =
 			  $ENV{LD_PRELOAD} ? "$preload $ENV{LD_PRELOAD}" : $preload;
-			return $orig->(@_);
+			my $ret = $orig->(@_);
+			# libubsan is there only if the voutbox.so loaded is the
+			# sanitized one (someone may have installed another since).
+			my $pid = $_[0]->{_pid};
+			my $maps = defined $pid ? PostgreSQL::Test::Utils::slurp_file("/proc/$pid/maps") : '';
+			die "the server (pid $pid) runs without libasan or a sanitized voutbox.so"
+			  if defined $pid && ($maps !~ /libasan/ || $maps !~ /libubsan/);
+			return $ret;
 		};
 	}
 }
 
-# The sanitizer reports of this test: ASan's files, UBSan's and any other
-# "runtime error"/"Sanitizer" lines of its servers' logs.
+# The sanitizer reports of this test: ASan's files, UBSan's (and any other
+# "Sanitizer") lines in its servers' logs.  Returns their number and the
+# first two (a crash-looping worker can leave hundreds).
 sub _sanitizer_reports
 {
 	my $test = File::Basename::basename($0);
 	$test =~ s/\.[^.]+$//;
-	my @reports;
-	for my $f (glob("$PostgreSQL::Test::Utils::tmp_check/sanitizer/$test.*"))
+	my ($n, $shown) = (0, '');
+	for my $f (sort { -M $b <=> -M $a }
+		glob("$PostgreSQL::Test::Utils::tmp_check/sanitizer/$test.*"))
 	{
-		push @reports, "--- $f\n" . PostgreSQL::Test::Utils::slurp_file($f);
+		$shown .= "--- $f\n" . PostgreSQL::Test::Utils::slurp_file($f) if ++$n <= 2;
 	}
-	for my $f (glob("$PostgreSQL::Test::Utils::log_path/${test}_*.log"))
+	for my $f (sort glob("$PostgreSQL::Test::Utils::log_path/${test}_*.log"))
 	{
-		my @lines = grep { /runtime error:|Sanitizer/ }
-		  split /^/, PostgreSQL::Test::Utils::slurp_file($f);
-		push @reports, "--- $f\n" . join('', @lines) if @lines;
+		my @lines = split /^/, PostgreSQL::Test::Utils::slurp_file($f);
+		for my $i (grep { $lines[$_] =~ /runtime error:|Sanitizer/ } 0 .. $#lines)
+		{
+			my $last = $i + 25 > $#lines ? $#lines : $i + 25;
+			$shown .= "--- $f, line " . ($i + 1) . "\n" . join('', @lines[ $i .. $last ])
+			  if ++$n <= 2;
+		}
 	}
-	return @reports;
+	return ($n, $shown);
 }
 
 END
 {
 	if ($ENV{VOUTBOX_SANITIZE_PRELOAD} && defined $PostgreSQL::Test::Utils::tmp_check)
 	{
-		my @reports = _sanitizer_reports();
-		if (@reports)
+		my ($n, $shown) = _sanitizer_reports();
+		if ($n)
 		{
-			diag("sanitizer reports:\n" . join('', @reports));
+			diag("$n sanitizer reports; the first:\n$shown");
 			$? = 1 if $? == 0;    # fails the test (Test::Builder keeps it)
 		}
 	}
