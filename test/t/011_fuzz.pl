@@ -10,9 +10,13 @@
 # save.c's order) predicts each call's outcome; an ERROR raised by voutbox
 # itself must name the argument at fault (an error of PostgreSQL's own, such
 # as a malformed literal or a JSON document nested too deeply for the stack,
-# must just be an ERROR with a message).  Afterwards every saved event is in
-# the outbox view with the arguments it was given, and repeated idempotency
-# keys returned the first event's id.
+# must just be an ERROR with a message).  The text arguments have limits in
+# bytes of UTF-8 (names 255, keys 1024): values just under, at and just over
+# them, with multi-byte characters straddling the limit and incompressible
+# random keys, must be saved, or refused with 22001 naming the argument, the
+# limit and the length.  Afterwards every saved event is in the outbox view
+# with the arguments it was given, and repeated idempotency keys returned
+# the first event's id.
 #
 # The calls are random but reproducible: the seed is logged, and
 # VOUTBOX_FUZZ_SEED=<seed> repeats a run.  The calls of the last run are
@@ -33,10 +37,16 @@ use VoutboxTest;
 
 my $CALLS = 10_000;
 my $MAX_PAYLOAD = 512 * 1024;    # voutbox.max_payload_bytes, default
-# Longest text arguments, in bytes (README, "Bad input"; 22001 beyond).
+# Longest text arguments, in bytes of UTF-8 (README, "Bad input"; save.c):
+# beyond, 22001 "<argument> is longer than <limit> bytes".  The message key
+# rendered from voutbox.key_template ({aggregate_id} by default) has the
+# limit of the keys.
+my $NAME_BYTES = 255;
+my $KEY_BYTES = 1024;
 my %MAX_BYTES = (
-	tenant_id => 255, aggregate_type => 255, event_type => 255, trace_id => 255, producer => 255,
-	aggregate_id => 1024, idempotency_key => 1024, correlation_id => 1024);
+	tenant_id => $NAME_BYTES, aggregate_type => $NAME_BYTES, event_type => $NAME_BYTES,
+	trace_id => $NAME_BYTES, producer => $NAME_BYTES,
+	aggregate_id => $KEY_BYTES, idempotency_key => $KEY_BYTES, correlation_id => $KEY_BYTES);
 my $MB = 1024 * 1024;
 my $TIMEOUT = '10s';             # the budget of one call
 
@@ -179,47 +189,101 @@ sub any_text
 		[ 0.5, sub { t_rep(pick('x', 'é', '😀', "\x{FFFF}", "'", "\\", "\n", 'ab '), 100 * 1024) } ],
 		[ 0.15, sub { t_rep(pick('x', 'é', '😀', "\x{10FFFF}", "'", "\n"), $MB) } ],
 		[ 0.01, sub { t_lit_huge(pick('y', 'ü', "'\\"), $MB) } ],
-		[ 4, sub { t_val(near_limit()) } ]);
+		[ 4, sub { near_limit(pick($NAME_BYTES, $KEY_BYTES), pick('under', 'over')) } ]);
 }
 
-# Random text of about 255 or 1024 bytes (the limits of README), one byte
-# either side, that does not compress; multi-byte characters may straddle
-# the limit.
-sub near_limit
+# ---- texts of about the length limits ----------------------------------------
+
+# multi-byte characters (2, 2, 3, 3, 3, 4, 4 bytes; a combining sequence)
+my @WIDE = ('é', "\x{A0}", '中', '€', "\x{FFFF}", '😀', "\x{10FFFF}", "e\x{301}");
+
+sub rand_word_chars { return join '', map { $WORDCHARS[ rand @WORDCHARS ] } 1 .. $_[0] }
+
+# A random character of 1 to 4 bytes (no control character, no surrogate).
+sub rand_char
 {
-	my $target = pick(254, 255, 256, 1023, 1024, 1025);
-	my $s = '';
-	while (bytes($s) < $target)
+	my $w = 1 + int(rand(4));
+	return chr(
+		  $w == 1 ? 0x20 + int(rand(0x5f))
+		: $w == 2 ? 0xa0 + int(rand(0x800 - 0xa0))
+		: $w == 3 ? 0x800 + int(rand(0xd800 - 0x800))
+		:           0x10000 + int(rand(0x100000)));
+}
+
+# Random text of exactly $n bytes that does not compress.
+sub random_text
+{
+	my ($n) = @_;
+	my ($s, $b) = ('', 0);
+	while ($b < $n)
 	{
-		my $c = chance(0.8) ? pick(@WORDCHARS) : pick('é', '€', '😀');
-		last if bytes($s . $c) > $target && chance(0.5);
-		$s .= $c;
+		my $ch = rand_char();
+		my $cb = bytes($ch);
+		($ch, $cb) = ($WORDCHARS[ rand @WORDCHARS ], 1) if $b + $cb > $n;
+		$s .= $ch;
+		$b += $cb;
 	}
 	return $s;
+}
+
+# Text of exactly $limit - 1 or $limit bytes (side 'under'), or of $limit + 1
+# to $limit + 3 bytes ('over'), often ending in a multi-byte character that
+# straddles the limit (fewer characters than the limit, more bytes).
+sub near_limit
+{
+	my ($limit, $side) = @_;
+	my $n = $limit + ($side eq 'over' ? pick(1, 1, 2, 3) : pick(-1, 0, 0));
+	return wpick(
+		[ 2, sub { t_val(rand_word_chars($n)) } ],
+		# ASCII, then a multi-byte character that ends at byte $n
+		[ 3, sub { my $u = pick(@WIDE); t_val(rand_word_chars($n - bytes($u)) . $u) } ],
+		# multi-byte characters (after an ASCII head of less than one)
+		[ 2, sub {
+			my $u = pick(@WIDE);
+			my $k = int($n / bytes($u));
+			t_val(('x' x ($n - $k * bytes($u))) . ($u x $k)) } ],
+		[ 3, sub { t_val(random_text($n)) } ],
+		# repeat() on the server (a multi-byte unit may not fill $n exactly)
+		[ 1, sub { t_rep(pick('x', "'", @WIDE), $n) } ]);
+}
+
+# Text over the limit: mostly just over, sometimes far over.
+sub over_limit
+{
+	my ($limit) = @_;
+	return wpick(
+		[ 6, sub { near_limit($limit, 'over') } ],
+		[ 1, sub { t_val(random_text($limit + 1 + int(rand(4 * $limit)))) } ],
+		[ 1, sub { t_rep(pick('x', 'é', '😀'), 100 * 1024) } ]);
 }
 
 # text argument that may be NULL (default) but not empty
 sub optional_text
 {
-	my ($want) = @_;
-	return wpick([ 50, sub { undef } ], [ 10, \&t_null ], [ 40, \&any_text ])
+	my ($want, $name) = @_;
+	my $limit = $MAX_BYTES{$name} or die "no limit for $name";
+	return wpick([ 50, sub { undef } ], [ 10, \&t_null ], [ 40, \&any_text ],
+		[ 4, sub { near_limit($limit, 'under') } ])
 	  if $want eq 'valid';
 	return wpick([ 6, sub { t_val('') } ], [ 3, \&generic_bad ],
-		[ 1, sub { bad('42', '42883') } ]);
+		[ 1, sub { bad('42', '42883') } ], [ 5, sub { over_limit($limit) } ]);
 }
 
 # required text argument
 sub required_text
 {
-	my ($want) = @_;
-	return any_text() if $want eq 'valid';
+	my ($want, $name) = @_;
+	my $limit = $MAX_BYTES{$name} or die "no limit for $name";
+	return wpick([ 100, \&any_text ], [ 5, sub { near_limit($limit, 'under') } ])
+	  if $want eq 'valid';
 	return wpick(
 		[ 5, \&t_null ],
 		[ 5, sub { t_val('') } ],
 		[ 3, \&generic_bad ],
 		[ 1, sub { bad('42', '42883') } ],
 		[ 1, sub { bad("'x'::bytea", '42883') } ],
-		[ 1, sub { +{ omit => 1, in => ['42883'], sure => 1 } } ]);
+		[ 1, sub { +{ omit => 1, in => ['42883'], sure => 1 } } ],
+		[ 5, sub { over_limit($limit) } ]);
 }
 
 my @TENANTS = ('acme', 'globex', 'initech', 't-1', 'T_2', 'a.b', '-', '_', '...', '0', 'A');
@@ -235,10 +299,13 @@ sub gen_tenant
 			[ 5, sub { t_val('t' x (100 + int(rand(150)))) } ]);
 	}
 	return wpick(
-		[ 20, sub { required_text('invalid') } ],
+		[ 20, sub { required_text('invalid', 'tenant_id') } ],
 		[ 5, sub { t_val(pick('.', '..')) } ],
 		[ 30, \&any_text ],    # mostly characters Kafka refuses
 		[ 5, sub { t_val('t' x (250 + int(rand(50)))) } ],
+		# characters of topics: too long for a topic, or for the limit
+		[ 4, sub { t_val(rand_word_chars($NAME_BYTES + pick(-6, -1, 0, 1, 2))) } ],
+		[ 4, sub { near_limit($NAME_BYTES, pick('under', 'over')) } ],
 		[ 1, sub { t_rep('t', $MB) } ]);
 }
 
@@ -265,12 +332,29 @@ sub gen_event_type
 		return wpick(
 			[ 90, sub { t_val(valid_event_type()) } ],
 			[ 5, sub { t_val(('e' x (240 + int(rand(10)))) . '.v1') } ],
-			[ 0.5, sub { my $s = t_rep('e', $MB); $s->{sql} .= " || '.v7'"; $s->{val} .= '.v7'; $s } ]);
+			[ 3, sub { t_val(event_type_of($NAME_BYTES + pick(-1, 0))) } ]);
 	}
 	return wpick(
-		[ 10, sub { required_text('invalid') } ],
+		[ 10, sub { required_text('invalid', 'event_type') } ],
 		[ 50, sub { t_val(pick(@BAD_EVENT_TYPES)) } ],
-		[ 20, \&any_text ]);
+		[ 20, \&any_text ],
+		# the length is checked before the form
+		[ 5, sub { t_val(event_type_of($NAME_BYTES + pick(1, 2, 3))) } ],
+		[ 3, sub { t_val(event_type_of($NAME_BYTES + pick(-1, 0, 1, 2), pick(@WIDE))) } ],
+		[ 0.5, sub { my $s = t_rep('e', $MB); $s->{sql} .= " || '.v7'"; $s->{val} .= '.v7'; $s } ]);
+}
+
+# An event type of exactly $n bytes of the form name.vN, but for $odd (a
+# character not allowed in a name) at the end of the name if given.
+sub event_type_of
+{
+	my ($n, $odd) = @_;
+	$odd //= '';
+	my $suffix = '.v' . pick(1, 7, 42, 2147483647);
+	my $len = $n - length($suffix) - bytes($odd);
+	my $name = $len % 2 ? 'e' : 'ee';
+	$name .= pick('ab', '.c', '_-', 'd9') while length($name) < $len;
+	return $name . $odd . $suffix;
 }
 
 # The version in a valid event_type (the model of parse_event_type()).
@@ -488,18 +572,29 @@ sub gen_consent
 # ---- the others ------------------------------------------------------------
 
 my @KEYS = ((map { "k$_" } 1 .. 25), 'ключ', '🔑', ' ', "k\n", "'", '%s');
+# keys of the longest length, random and thus incompressible, to repeat
+my @LONG_KEYS = ((map { rand_word_chars($KEY_BYTES) } 1 .. 3), (map { random_text($KEY_BYTES) } 1 .. 3));
 
 sub gen_idempotency_key
 {
 	my ($want) = @_;
-	return optional_text('invalid') if $want eq 'invalid';
+	if ($want eq 'invalid')
+	{
+		return wpick(
+			[ 10, sub { optional_text('invalid', 'idempotency_key') } ],
+			[ 1, sub { t_rep('k', 100 * 1024) } ],
+			[ 2, sub { t_val(rand_word_chars($KEY_BYTES + 1 + int(rand(8000)))) } ]);
+	}
 	return wpick(
 		[ 45, sub { undef } ],
 		[ 5, \&t_null ],
 		[ 35, sub { t_val(pick(@KEYS)) } ],
-		[ 1, sub { t_rep('k', 100 * 1024) } ],
-		[ 2, sub { t_val(join '', map { pick(@WORDCHARS) } 1 .. 1000 + int(rand(8000))) } ],
-		[ 4, sub { t_val(join '', map { pick(@WORDCHARS) } 1 .. pick(1023, 1024, 1025)) } ],
+		# incompressible random keys of (about) the limit: their rows fit in
+		# the index of (tenant_id, idempotency_key)
+		[ 2, sub { t_val(pick(\&rand_word_chars, \&random_text)->($KEY_BYTES)) } ],
+		[ 2, sub { t_val(rand_word_chars($KEY_BYTES - 1)) } ],
+		[ 1, sub { t_val(pick(@LONG_KEYS)) } ],
+		[ 3, sub { near_limit($KEY_BYTES, 'under') } ],
 		[ 14, \&any_text ]);
 }
 
@@ -527,6 +622,10 @@ sub gen_trace_id
 		[ 3, sub { t_val(" $h") } ],
 		[ 3, sub { t_val("$h\n") } ],
 		[ 2, sub { t_rep('a', $MB) } ],
+		# the length is checked before the form
+		[ 3, sub { t_val('a' x ($NAME_BYTES + pick(-1, 0, 1, 2))) } ],
+		[ 2, sub { t_val(($h x 8) . pick('', 'a', 'é', 'ab')) } ],
+		[ 2, sub { near_limit($NAME_BYTES, pick('under', 'over')) } ],
 		[ 10, \&any_text ],
 		[ 3, \&generic_bad ]);
 }
@@ -641,7 +740,7 @@ sub gen_call
 		}
 		else
 		{
-			$c{$a} = $GEN{$a}->($want);
+			$c{$a} = $GEN{$a}->($want, $a);
 		}
 	}
 	my @parts = map { "$_ => $c{$_}{sql}" } grep { $c{$_} && !$c{$_}{omit} } @ARGS;
@@ -727,6 +826,8 @@ sub validate
 	my $tenant = $text->('tenant_id');
 	return ('42602', 'tenant_id') if bytes($tenant) <= 249 && !topic_ok($tenant);
 	return ('42602', 'voutbox.topic_template') unless topic_ok($tenant . '.' . $text->('event_type'));
+	# the message key from voutbox.key_template, {aggregate_id} (the default)
+	return ('22001', 'voutbox.key_template') if bytes($text->('aggregate_id')) > $KEY_BYTES;
 	return (undef, undef);
 }
 
@@ -747,11 +848,21 @@ sub expected
 	}
 	my ($code, $arg) = $sure ? () : validate($c);
 	$ok{ $code // 'ok' } = 1 unless $sure;
-	return (\%ok, $code, $arg, $sure ? {} : limits($c));
+	return (\%ok, $code, $arg);
 }
 
-# No other outcome is acceptable: the limits are README's (SQLSTATE 22001).
-sub limits { return {} }
+# The message and detail of the 22001 error of a text over its limit.
+sub too_long
+{
+	my ($c, $arg) = @_;
+	if ($arg eq 'voutbox.key_template')
+	{
+		my $len = bytes($c->{aggregate_id}{val});
+		return ("the message key rendered from voutbox.key_template is longer than $KEY_BYTES bytes",
+			qq{It is $len bytes long; voutbox.key_template is "{aggregate_id}".});
+	}
+	return ("$arg is longer than $MAX_BYTES{$arg} bytes", 'It is ' . bytes($c->{$arg}{val}) . ' bytes long.');
+}
 
 # ---------------------------------------------------------------------------
 # The calls, streamed through one psql session
@@ -876,7 +987,8 @@ while (my ($l, $b) = splice(@blocks, 0, 2))
 {
 	my ($sev, $code) = $b =~ /\A(\w+):  (?:([0-9A-Z]{5}): )?/;
 	my @loc = $b =~ /^LOCATION:  [^\n]*, ([\w.]+):\d+$/mg;
-	$err_at{$l} = { sev => $sev // '?', code => $code // '?', file => $loc[-1] // '?' };
+	my ($detail) = $b =~ /^DETAIL:  ([^\n]*)$/m;
+	$err_at{$l} = { sev => $sev // '?', code => $code // '?', file => $loc[-1] // '?', detail => $detail };
 	if (($sev // '') ne 'ERROR')
 	{
 		$nonerror++;
@@ -906,18 +1018,45 @@ my %voutbox_file = map { $_ => 1 } qw(save.c routing.c voutbox.c storage.c worke
   envelope.c retention.c);
 $voutbox_file{ $_ =~ s{.*/}{}r } = 1 for glob(dirname(__FILE__) . '/../../src/*.c');
 
-my ($unexpected, $unclear, $stderr_mismatch) = (0, 0, 0);
+my ($unexpected, $unclear, $stderr_mismatch, $too_long_bad) = (0, 0, 0, 0);
+my (%too_long, %at_limit_ok, $straddled);
+$straddled = 0;
 for my $n (sort { $a <=> $b } keys %state)
 {
 	my $c = $calls[$n];
-	my ($ok, $code, $arg, $limits) = expected($c);
+	my ($ok, $code, $arg) = expected($c);
 	my $st = $state{$n};
 	my $got = $st eq '00000' ? 'ok' : $st;
 	my $m = $msg{$n} // '';
 	my $e = $err_at{ $c->{line} } // {};
 	my $by_voutbox = $voutbox_file{ $e->{file} // '' };
-	my $limit = $limits->{$got} && $by_voutbox && $m =~ /^\Q$limits->{$got}\E\b/;
-	if (!$ok->{$got} && !$limit)
+	if ($got eq 'ok')
+	{
+		for my $a (keys %MAX_BYTES)
+		{
+			$at_limit_ok{$a}++
+			  if $c->{$a} && defined $c->{$a}{val} && !$c->{$a}{sure} && bytes($c->{$a}{val}) == $MAX_BYTES{$a};
+		}
+	}
+	if ($st eq '22001')
+	{
+		# a text over its limit: save.c names it, its limit and its length
+		my ($want_m, $want_d) = defined $code && $code eq '22001' ? too_long($c, $arg) : ('?', '?');
+		if (($e->{file} // '') eq 'save.c' && $m eq $want_m && ($e->{detail} // '') eq $want_d)
+		{
+			$too_long{$arg}++;
+			$straddled++ if $arg ne 'voutbox.key_template' && length($c->{$arg}{val}) <= $MAX_BYTES{$arg};
+		}
+		else
+		{
+			$too_long_bad++;
+			diag("call #$n: expected 22001 \"$want_m\" ($want_d), got \"" . show($m) . '" ('
+				  . show($e->{detail} // 'no detail') . ') from ' . ($e->{file} // '?')
+				  . "\n    " . show($c->{sql}))
+			  if $too_long_bad <= 10;
+		}
+	}
+	if (!$ok->{$got})
 	{
 		$unexpected++;
 		diag("call #$n ($c->{mode}, line $c->{line}): expected " . join('|', sort keys %$ok) . ", got $got"
@@ -932,13 +1071,14 @@ for my $n (sort { $a <=> $b } keys %state)
 		diag("call #$n: psql reported $st, stderr " . ($e->{code} // 'nothing')) if $stderr_mismatch <= 5;
 	}
 	my $clear = $m =~ /\S/;
-	if ($clear && $by_voutbox && !$limit)
+	if ($clear && $by_voutbox)
 	{
 		# voutbox refused the call: the message names the argument
 		my @names = map { quotemeta } @ARGS;
 		$clear = $m =~ /^(?:@{[ join '|', @names ]})\b/
-		  || $m =~ /^the topic ".*" rendered from voutbox\.topic_template /s;
-		$clear &&= $arg eq 'voutbox.topic_template' ? $m =~ /voutbox\.topic_template/ : $m =~ /^\Q$arg\E\b/
+		  || $m =~ /^the topic ".*" rendered from voutbox\.topic_template /s
+		  || $m =~ /^the message key rendered from voutbox\.key_template /;
+		$clear &&= $arg =~ /^voutbox\./ ? $m =~ /\Q$arg\E/ : $m =~ /^\Q$arg\E\b/
 		  if defined $code && $code eq $st;
 	}
 	if (!$clear)
@@ -952,6 +1092,14 @@ for my $n (sort { $a <=> $b } keys %state)
 is($unexpected, 0, 'every call had an outcome that README allows (success, or the SQLSTATE of its bad argument)');
 is($stderr_mismatch, 0, 'psql printed every error with its SQLSTATE');
 is($unclear, 0, "every error has a message, and voutbox's own errors name the argument");
+is($too_long_bad, 0, 'every 22001 came from save.c and named the argument, its limit and its length');
+note('22001 by argument: ' . join(', ', map { "$_ $too_long{$_}" } sort keys %too_long)
+	  . "; $straddled within the limit in characters, over it in bytes");
+note('saved at the limit exactly: ' . join(', ', map { "$_ $at_limit_ok{$_}" } sort keys %at_limit_ok));
+is(join(' ', grep { !$too_long{$_} } sort keys %MAX_BYTES), '', 'every text argument was refused over its limit');
+cmp_ok($straddled, '>', 0, 'texts within the limit in characters were refused over it in bytes');
+is(join(' ', grep { !$at_limit_ok{$_} } qw(aggregate_type aggregate_id idempotency_key correlation_id producer)),
+	'', 'texts of exactly the limit were saved (those that can be: not tenant_id, event_type, trace_id)');
 
 my $oks = scalar(keys %id);
 my $share = $oks / $CALLS;
