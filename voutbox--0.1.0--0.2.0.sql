@@ -127,6 +127,17 @@ BEGIN
 END
 $$;
 
+/* Delete the given dead events for good, leaving their tombstones. */
+CREATE FUNCTION voutbox.discard(p_ids uuid[])
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH gone AS (DELETE FROM @extschema@.outbox_dlq q WHERE q.id = ANY (p_ids) RETURNING q.id),
+	tomb AS (INSERT INTO voutbox.discarded (id) SELECT id FROM gone ON CONFLICT DO NOTHING)
+	SELECT count(*) FROM gone
+$$;
+
 CREATE FUNCTION @extschema@.outbox_dlq_requeue(id uuid)
 RETURNS bigint
 LANGUAGE sql VOLATILE STRICT SECURITY DEFINER
@@ -159,9 +170,7 @@ RETURNS bigint
 LANGUAGE sql VOLATILE STRICT SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-	WITH gone AS (DELETE FROM @extschema@.outbox_dlq q WHERE q.id = $1 RETURNING q.id),
-	tomb AS (INSERT INTO voutbox.discarded (id) SELECT id FROM gone ON CONFLICT DO NOTHING)
-	SELECT count(*) FROM gone
+	SELECT voutbox.discard(ARRAY[id])
 $$;
 COMMENT ON FUNCTION @extschema@.outbox_dlq_discard(uuid) IS
 	'voutbox: delete a dead event for good; returns 1, or 0 if it is not in outbox_dlq';
@@ -178,13 +187,8 @@ RETURNS bigint
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-	WITH gone AS (
-		DELETE FROM @extschema@.outbox_dlq q
-		 WHERE q.id = ANY (voutbox.dlq_matching('outbox_dlq_discard_where',
+	SELECT voutbox.discard(voutbox.dlq_matching('outbox_dlq_discard_where',
 												$1, $2, $3, $4, $5, $6, $7, $8))
-		RETURNING q.id),
-	tomb AS (INSERT INTO voutbox.discarded (id) SELECT id FROM gone ON CONFLICT DO NOTHING)
-	SELECT count(*) FROM gone
 $$;
 COMMENT ON FUNCTION @extschema@.outbox_dlq_discard_where(text, text, text, text, timestamptz,
 														 timestamptz, timestamptz, timestamptz) IS
@@ -258,7 +262,11 @@ WITH cursor AS (
 	UNION ALL
 	SELECT d.tenant_id, d.topic, d.created_at, d.scheduled_for,
 		   CASE WHEN d.attempts > 0 THEN 'retrying'
-				WHEN d.holds_key THEN 'held'
+				WHEN d.holds_key
+					 AND EXISTS (SELECT 1 FROM voutbox.deferred h
+								  WHERE h.delivered_at IS NULL AND h.holds_key
+									AND h.topic = d.topic AND h.msg_key = d.msg_key
+									AND h.seq < d.seq) THEN 'held'
 				WHEN d.due_at > now() AND (d.scheduled_for IS NULL OR d.scheduled_for <= now())
 				THEN 'held'
 				ELSE 'pending' END

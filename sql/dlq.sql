@@ -91,6 +91,8 @@ SELECT outbox_dlq_requeue_where(tenant_id => 'acme', event_type => 'lead.updated
                                 reason => 'max_retries_exceeded') AS requeued;
 SELECT outbox_dlq_discard(:'id3') AS discarded, outbox_dlq_discard(:'id3') AS again;
 SELECT count(*) AS left_in_dlq FROM outbox_dlq;
+-- An empty DLQ still checks the filter.
+SELECT outbox_dlq_discard_where();
 SELECT aggregate_id, status FROM outbox ORDER BY aggregate_id;
 SELECT tenant_id, topic, pending, in_dlq FROM outbox_stats ORDER BY tenant_id, topic;
 

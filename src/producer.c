@@ -70,6 +70,8 @@ struct VoutboxProducer
 	TimestampTz last_progress;	/* last delivery report, or start of the batch */
 	bool		progress;		/* a report arrived since the last check */
 	bool		brokers_down;	/* no broker reachable since the last report */
+	bool		down_sign;		/* a connection failed since the last serve */
+	TimestampTz last_down_sign; /* when a connection last failed */
 	bool		timed_out;		/* purged for want of reports: they time out */
 	bool		fatal;
 	bool		purged;
@@ -194,6 +196,8 @@ on_error(rd_kafka_t *rk pg_attribute_unused(), int err, const char *reason, void
 		p->fatal = true;
 	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
 		p->brokers_down = true;
+	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || err == RD_KAFKA_RESP_ERR__TRANSPORT)
+		p->down_sign = true;
 	if (p->nlogs < MAX_PENDING_LOGS)
 		snprintf(p->logs[p->nlogs++], sizeof(p->logs[0]), "error %s: %s",
 				 rd_kafka_err2name(err), reason);
@@ -413,6 +417,11 @@ voutbox_producer_serve(VoutboxProducer *p)
 		p->brokers_down = false;
 		p->last_progress = GetCurrentTimestamp();
 	}
+	if (p->down_sign)
+	{
+		p->down_sign = false;
+		p->last_down_sign = GetCurrentTimestamp();
+	}
 	emit_logs(p);
 	if (p->fatal && !p->purged)
 	{
@@ -476,6 +485,21 @@ produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
 }
 
 /*
+ * Whether no broker can be reached: librdkafka said all brokers are down and
+ * no report came since.  It does not say when a broker comes back, but while
+ * they are down its reconnection attempts keep failing: an outage ends, for
+ * the worker, a minute (or delivery_timeout, if longer) after the last
+ * failed connection.
+ */
+static bool
+outage(VoutboxProducer *p)
+{
+	return p->brokers_down &&
+		!TimestampDifferenceExceeds(p->last_down_sign, GetCurrentTimestamp(),
+									Max(voutbox_delivery_timeout, 60000));
+}
+
+/*
  * Wait until the batch's reports are in (or, with until_all false, for one
  * round of the wait).  On shutdown, outstanding messages get a grace period
  * and are then purged, so they come back failed and unsettled.
@@ -520,7 +544,7 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 		 * No report for delivery_timeout while some broker answers: give up
 		 * on the outstanding events, which time out and are retried.
 		 */
-		if (!p->purged && !p->brokers_down &&
+		if (!p->purged && !outage(p) &&
 			TimestampDifferenceExceeds(p->last_progress, GetCurrentTimestamp(),
 									   voutbox_delivery_timeout))
 		{
@@ -540,13 +564,13 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 					(errmsg("voutbox: still waiting for the broker to acknowledge %d of %d events",
 							p->pending, p->nevents),
 					 errdetail("Kafka brokers: %s. %s", voutbox_brokers,
-							   p->brokers_down ?
+							   outage(p) ?
 							   "No broker can be reached; delivery resumes, in order, when one answers. Waiting uses up no retry." :
 							   "Nothing is lost.")));
 		}
 		voutbox_report_activity(psprintf("waiting for the broker: %d of %d events unacknowledged",
 										 p->pending, p->nevents));
-		voutbox_stats_set_state(p->brokers_down ? "broker unreachable" : "waiting for broker",
+		voutbox_stats_set_state(outage(p) ? "broker unreachable" : "waiting for broker",
 								psprintf("%d of %d events unacknowledged", p->pending, p->nevents));
 		(void) WaitLatchOrSocket(MyLatch,
 								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -81,6 +81,7 @@ topic_stalls(const char *topic, TimestampTz until)
 {
 	uint64		h = topic_hash(topic);
 	StalledTopic *t;
+	bool		found;
 
 	if (stalled_topics == NULL)
 	{
@@ -92,8 +93,10 @@ topic_stalls(const char *topic, TimestampTz until)
 		stalled_topics = hash_create("voutbox stalled topics", 16, &ctl,
 									 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
-	t = hash_search(stalled_topics, &h, HASH_ENTER, NULL);
-	t->until = until;
+	t = hash_search(stalled_topics, &h, HASH_ENTER, &found);
+	if (!found || t->until < until)
+		t->until = until;
+	until = t->until;
 
 	/* Events already waiting for the topic wait for this retry too. */
 	{
@@ -278,7 +281,11 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 	st->alone += alone;
 	st->dead += dead != NULL;
 	if (err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT && dead == NULL)
-		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, voutbox_delivery_timeout));
+		/*
+		 * The retry may start up to a second late (the worker builds a new
+		 * producer at most once a second) and then waits delivery_timeout.
+		 */
+		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, voutbox_delivery_timeout + 1000));
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
 							voutbox_delivery_error_text(err));
 }
@@ -333,9 +340,9 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	}
 	if (charged.n > 0)
 	{
-		Oid			types[7] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
-		TIMESTAMPTZARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
-		Datum		values[7];
+		Oid			types[8] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+		TIMESTAMPTZARRAYOID, BOOLARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
+		Datum		values[8];
 
 		values[0] = voutbox_text_array(charged.ids, charged.n);
 		values[1] = voutbox_text_array(charged.errors, charged.n);
@@ -344,12 +351,18 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		values[4] = voutbox_scalar_array(charged.due, charged.n, TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 		values[5] = voutbox_scalar_array(charged.alone, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
 		values[6] = voutbox_text_array(charged.dead, charged.n);
+		values[7] = voutbox_scalar_array(charged.holds, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
+		/*
+		 * A failed event with a key now holds it (a scheduled one did not):
+		 * its key's later events wait behind it.
+		 */
 		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET attempts = x.attempts, last_error = x.error, last_error_code = x.code, "
-					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead "
-					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7) "
-					"     AS x(id, error, code, attempts, due, alone, dead) "
-					"WHERE d.id = x.id", 7, types, values, NULL, SPI_OK_UPDATE);
+					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead, "
+					"    holds_key = d.holds_key OR x.holds "
+					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
+					"     AS x(id, error, code, attempts, due, alone, dead, holds) "
+					"WHERE d.id = x.id", 8, types, values, NULL, SPI_OK_UPDATE);
 	}
 }
 
@@ -377,7 +390,16 @@ defer_chunk_events(VoutboxRound *r, SettleState *st)
 		else if (r->actions[i] == VOUTBOX_SCHEDULE)
 			deferred_rows_add(&rows, ev, false, 0, ev->scheduled_for, 0, false, NULL);
 		else if (r->actions[i] == VOUTBOX_WAIT_TOPIC)
-			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, ev->wait_until, 0, false, NULL);
+		{
+			/*
+			 * Ask again: this round may have shown the topic answering (its
+			 * waiting events are then due now) or not (they wait longer).
+			 */
+			TimestampTz until = voutbox_topic_stalled_until(ev->topic, GetCurrentTimestamp());
+
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, until ? until : DT_NOBEGIN,
+							  0, false, NULL);
+		}
 		else if (err == 0)
 			count_delivered(st, ev);
 		else if (!first_failure_of_key(st->failed, ev))
