@@ -94,9 +94,10 @@ topic_stalls(const char *topic, TimestampTz until)
 									 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
 	t = hash_search(stalled_topics, &h, HASH_ENTER, &found);
-	if (!found || t->until < until)
-		t->until = until;
-	until = t->until;
+	/* Several events of a topic time out in one round: one UPDATE will do. */
+	if (found && t->until >= until)
+		return;
+	t->until = until;
 
 	/* Events already waiting for the topic wait for this retry too. */
 	{
@@ -287,7 +288,7 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 		 */
 		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, voutbox_delivery_timeout + 1000));
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
-							voutbox_delivery_error_text(err));
+							rows->errors[rows->n - 1]);
 }
 
 /* An event acknowledged by the broker. */
