@@ -18,7 +18,8 @@ SELECT pid, state, rounds, delivered FROM outbox_worker;
 -- three go to the DLQ.
 INSERT INTO voutbox.batches (lo, reach, events)
 SELECT pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot()), 4;
-INSERT INTO outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, event_type, event_version,
+SET session_replication_role = replica;   -- as the worker's move: no trigger
+INSERT INTO voutbox.dlq (id, tenant_id, aggregate_type, aggregate_id, event_type, event_version,
                         payload, metadata, idempotency_key, trace_id, traceparent, correlation_id,
                         created_at, scheduled_for, pii, pii_fields, consent, producer, topic,
                         msg_key, seq, retry_count, last_error, error_code, reason)
@@ -31,6 +32,7 @@ SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, p
        CASE WHEN tenant_id = 'acme' THEN 'REQUEST_TIMED_OUT' ELSE 'MSG_SIZE_TOO_LARGE' END,
        CASE WHEN tenant_id = 'acme' THEN 'max_retries_exceeded' ELSE 'permanent_error' END
   FROM voutbox.events WHERE id <> :'id4';
+RESET session_replication_role;
 
 SELECT aggregate_id, status, retry_count, last_error_code FROM outbox ORDER BY aggregate_id;
 SELECT tenant_id, event_type, topic, reason, error_code, events FROM outbox_dlq_summary

@@ -63,15 +63,22 @@ json_string_or_null(const char *s)
 	return s ? json_object_new_string(s) : NULL;
 }
 
-/* RFC 3339 in UTC with microseconds: 2026-11-28T10:16:36.123456Z */
+/*
+ * RFC 3339 in UTC with microseconds: 2026-11-28T10:16:36.123456Z.  (Events
+ * are saved with finite timestamps; should one not be, it is written as
+ * PostgreSQL would, rather than stop the worker with an ERROR.)
+ */
 void
 voutbox_format_timestamp(TimestampTz ts, char *buf, size_t len)
 {
 	struct pg_tm tm;
 	fsec_t		fsec;
 
-	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
-		elog(ERROR, "voutbox: timestamp out of range");
+	if (TIMESTAMP_NOT_FINITE(ts) || timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+	{
+		strlcpy(buf, TIMESTAMP_IS_NOBEGIN(ts) ? "-infinity" : "infinity", len);
+		return;
+	}
 	snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
 			 tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
 			 (int) fsec);
@@ -105,7 +112,7 @@ voutbox_envelope_new(const VoutboxEvent *ev)
 	json_object_object_add(env, "idempotency_key", json_object_new_string(ev->idempotency_key));
 	json_object_object_add(env, "trace_id", json_string_or_null(ev->trace_id));
 	json_object_object_add(env, "correlation_id", json_object_new_string(ev->correlation_id));
-	json_object_object_add(env, "tenant_id", json_object_new_string(ev->tenant_id));
+	json_object_object_add(env, "tenant_id", json_object_new_string(ev->tenant_id_utf8));
 	json_object_object_add(env, "aggregate_type", json_object_new_string(ev->aggregate_type));
 	json_object_object_add(env, "aggregate_id", json_object_new_string(ev->aggregate_id));
 	json_object_object_add(env, "occurred_at", json_object_new_string(occurred_at));

@@ -21,6 +21,17 @@
  * While no broker can be reached at all, the worker waits without giving up:
  * an outage is nobody's event's fault and must not use up retries.
  *
+ * After a purge (a timeout, a fatal error, a new configuration, a stop), the
+ * purged events' reports are waited for at most PURGE_GRACE_MS; whatever
+ * has not reported by then counts as purged too, so that every deadline and
+ * the shutdown grace hold whatever librdkafka does.
+ *
+ * Secrets: voutbox.kafka_properties refuses secret-bearing properties
+ * (passwords, keys), which belong in voutbox.kafka_secrets_file; no message
+ * about either shows a value of a secret.  librdkafka's file descriptors
+ * (sockets, wake-up pipes) are reserved with PostgreSQL's fd.c, so that
+ * neither runs the other out of descriptors.
+ *
  * Threads: librdkafka calls back only from rd_kafka_poll() on the worker's
  * thread (log.queue is on and logs go to the main queue).  The callbacks only
  * record results into plain memory; logging happens after poll returns.
@@ -51,6 +62,8 @@
 
 /* How long a shutdown waits for outstanding delivery reports. */
 #define SHUTDOWN_GRACE_MS	5000
+/* How long purged events' reports are waited for. */
+#define PURGE_GRACE_MS		5000
 /* How often a wait for the broker says so in the server log. */
 #define STALL_NOTICE_MS		60000
 #define MAX_PENDING_LOGS	32
@@ -75,6 +88,9 @@ struct VoutboxProducer
 	bool		timed_out;		/* purged for want of reports: they time out */
 	bool		fatal;
 	bool		purged;
+	TimestampTz purged_at;
+	bool		delivered_any;	/* the broker acknowledged an event */
+	int			reserved_fds;	/* reserved with ReserveExternalFD() */
 	/* librdkafka log lines and errors, written by callbacks, logged later */
 	int			nlogs;
 	int			dropped_logs;
@@ -97,12 +113,48 @@ static const char *const reserved_properties[] = {
 };
 
 /*
+ * Properties whose values are secrets: refused in voutbox.kafka_properties,
+ * which any reload writes to the log and which pg_settings shows to the
+ * members of pg_read_all_settings.  The names librdkafka itself treats as
+ * sensitive, and any name that speaks of a password or a secret.
+ */
+static const char *const secret_properties[] = {
+	"sasl.password", "ssl.key.password", "ssl.keystore.password", "ssl.key.pem",
+	"ssl_key", "sasl.oauthbearer.client.secret", "sasl.oauthbearer.config",
+	"sasl.oauthbearer.extensions",
+};
+
+static bool
+is_secret_property(const char *name)
+{
+	static const char *const words[] = {"password", "secret", "passphrase", "private", "credential"};
+
+	for (size_t i = 0; i < lengthof(secret_properties); i++)
+		if (pg_strcasecmp(name, secret_properties[i]) == 0)
+			return true;
+	for (size_t i = 0; i < lengthof(words); i++)
+		if (strstr(name, words[i]) != NULL)
+			return true;
+	return false;
+}
+
+/*
+ * Properties that make librdkafka load a library or run a program: whoever
+ * may set them (ALTER SYSTEM can be granted on a parameter) would run code
+ * of its choosing in the worker.  Refused everywhere.
+ */
+static const char *const code_properties[] = {
+	"plugin.library.paths", "sasl.kerberos.kinit.cmd", "ssl.engine.location",
+};
+
+/*
  * Apply "name=value; name=value" (or one per line; "#" starts a comment
  * line) to conf.  On failure returns false with a palloc'd explanation in
  * *detail, which for secret properties never shows a value.
  */
 static bool
-apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **detail)
+apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **detail,
+				 char **hint)
 {
 	char	   *copy = pstrdup(props ? props : "");
 	char	   *save = NULL;
@@ -132,6 +184,20 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **d
 			value++;
 		for (char *end = value + strlen(value) - 1; end >= value && (*end == ' ' || *end == '\t' || *end == '\r'); end--)
 			*end = '\0';
+		for (size_t i = 0; i < lengthof(code_properties); i++)
+			if (strcmp(name, code_properties[i]) == 0)
+			{
+				*detail = psprintf("\"%s\" would make librdkafka load a library or run a program in the server; voutbox does not allow it.",
+								   name);
+				return false;
+			}
+		if (!secret && is_secret_property(name))
+		{
+			*detail = psprintf("The librdkafka property \"%s\" holds a secret.", name);
+			if (hint)
+				*hint = pstrdup("Put it in the file named by voutbox.kafka_secrets_file, which only the server reads; settings can reach the log and pg_settings.");
+			return false;
+		}
 		for (size_t i = 0; i < lengthof(reserved_properties); i++)
 			if (strcmp(name, reserved_properties[i]) == 0)
 			{
@@ -154,10 +220,10 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **d
 }
 
 bool
-voutbox_kafka_properties_are_valid(const char *props, char **detail)
+voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
-	bool		ok = apply_properties(conf, props, false, detail);
+	bool		ok = apply_properties(conf, props, false, detail, hint);
 
 	rd_kafka_conf_destroy(conf);
 	return ok;
@@ -176,6 +242,8 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	intptr_t	i = (intptr_t) msg->_private;
 
 	p->progress = true;
+	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		p->delivered_any = true;
 	if (p->errs == NULL || i < 0 || i >= p->nevents ||
 		p->errs[i] != VOUTBOX_DELIVERY_PENDING)
 		return;
@@ -312,6 +380,26 @@ voutbox_producer_config_changed(VoutboxProducer *p)
 	return strcmp(p->config, current_config()) != 0;
 }
 
+/*
+ * Tell fd.c about the descriptors the producer holds, so that PostgreSQL
+ * keeps that many fewer files open itself.  librdkafka takes a socket and a
+ * wake-up pipe per broker it knows (the bootstrap servers, and the brokers
+ * they name: counted as many again), a pipe for its internal broker, and
+ * the producer has its own pipe to the worker's latch.  An estimate: it
+ * cannot be known in advance how many brokers the cluster names.
+ */
+static void
+reserve_fds(VoutboxProducer *p)
+{
+	int			brokers = 1;
+
+	for (const char *c = voutbox_brokers; c && *c; c++)
+		brokers += *c == ',';
+	p->reserved_fds = 2 + 2 + 3 * 2 * brokers;
+	for (int i = 0; i < p->reserved_fds; i++)
+		ReserveExternalFD();
+}
+
 VoutboxProducer *
 voutbox_producer_create(char **error)
 {
@@ -335,8 +423,8 @@ voutbox_producer_create(char **error)
 	if (secrets_error != NULL)
 		*error = pstrdup(secrets_error);
 	if (secrets_error != NULL ||
-		!apply_properties(conf, voutbox_kafka_properties, false, error) ||
-		!apply_properties(conf, secrets, true, error))
+		!apply_properties(conf, voutbox_kafka_properties, false, error, NULL) ||
+		!apply_properties(conf, secrets, true, error, NULL))
 	{
 		rd_kafka_conf_destroy(conf);
 		pfree(p);
@@ -347,11 +435,15 @@ voutbox_producer_create(char **error)
 	rd_kafka_conf_set_error_cb(conf, on_error);
 	rd_kafka_conf_set_log_cb(conf, on_log);
 
+	/* Before librdkafka opens them. */
+	reserve_fds(p);
 	p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
 	if (p->rk == NULL)
 	{
 		rd_kafka_conf_destroy(conf);
 		*error = pstrdup(errstr);
+		for (int i = 0; i < p->reserved_fds; i++)
+			ReleaseExternalFD();
 		pfree(p);
 		return NULL;
 	}
@@ -385,6 +477,8 @@ voutbox_producer_destroy(VoutboxProducer *p)
 	emit_logs(p);
 	close(p->pipe_r);
 	close(p->pipe_w);
+	for (int i = 0; i < p->reserved_fds; i++)
+		ReleaseExternalFD();
 	pfree(p->config);
 	pfree(p);
 }
@@ -395,10 +489,37 @@ voutbox_producer_is_broken(VoutboxProducer *p)
 	return p->fatal || p->purged;
 }
 
+/* Whether librdkafka declared the producer failed (a fatal error). */
+bool
+voutbox_producer_failed(VoutboxProducer *p)
+{
+	return p->fatal;
+}
+
+/* Whether the broker acknowledged any event of this producer. */
+bool
+voutbox_producer_delivered_any(VoutboxProducer *p)
+{
+	return p->delivered_any;
+}
+
 int
 voutbox_producer_socket(VoutboxProducer *p)
 {
 	return p->pipe_r;
+}
+
+/*
+ * Purge everything queued and in flight: the events come back with a purge
+ * error (or, if timed_out is set, as timed out), or give up waiting for them
+ * after PURGE_GRACE_MS.  The producer is then broken and is rebuilt.
+ */
+static void
+purge(VoutboxProducer *p)
+{
+	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+	p->purged = true;
+	p->purged_at = GetCurrentTimestamp();
 }
 
 /* Serve librdkafka's main queue: delivery reports, errors, logs. */
@@ -432,8 +553,7 @@ voutbox_producer_serve(VoutboxProducer *p)
 				(errmsg("voutbox: the Kafka producer failed: %s: %s",
 						rd_kafka_err2name(err), reason),
 				 errdetail("Unsettled events are sent again by a new producer.")));
-		rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-		p->purged = true;
+		purge(p);
 	}
 }
 
@@ -449,7 +569,7 @@ headers_new(const VoutboxEvent *ev)
 
 	rd_kafka_header_add(h, "idempotency_key", -1, ev->idempotency_key, -1);
 	rd_kafka_header_add(h, "event_type", -1, ev->event_type, -1);
-	rd_kafka_header_add(h, "tenant_id", -1, ev->tenant_id, -1);
+	rd_kafka_header_add(h, "tenant_id", -1, ev->tenant_id_utf8, -1);
 	rd_kafka_header_add(h, "correlation_id", -1, ev->correlation_id, -1);
 	rd_kafka_header_add(h, "content-type", -1, "application/json", -1);
 	if (ev->traceparent != NULL)
@@ -471,7 +591,7 @@ produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
 
 	err = rd_kafka_producev(p->rk,
 							RD_KAFKA_V_TOPIC(ev->topic),
-							RD_KAFKA_V_KEY(ev->msg_key, ev->msg_key ? strlen(ev->msg_key) : 0),
+							RD_KAFKA_V_KEY(ev->msg_key_utf8, ev->msg_key_utf8 ? strlen(ev->msg_key_utf8) : 0),
 							RD_KAFKA_V_VALUE((void *) value, len),
 							RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 							RD_KAFKA_V_HEADERS(hdrs),
@@ -522,8 +642,7 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 			if (!p->purged && voutbox_producer_config_changed(p))
 			{
 				ereport(LOG, (errmsg("voutbox: Kafka settings changed; rebuilding the producer")));
-				rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-				p->purged = true;
+				purge(p);
 				continue;
 			}
 		}
@@ -535,8 +654,7 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 				p->shutdown_at = now;
 			else if (TimestampDifferenceExceeds(p->shutdown_at, now, SHUTDOWN_GRACE_MS))
 			{
-				rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-				p->purged = true;
+				purge(p);
 				continue;
 			}
 		}
@@ -553,9 +671,21 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 							voutbox_delivery_timeout, p->pending, p->nevents),
 					 errdetail("They are retried with backoff by a new producer, each key's later events behind them.")));
 			p->timed_out = true;
-			rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-			p->purged = true;
+			purge(p);
 			continue;
+		}
+
+		/*
+		 * Purged events report at once, as a rule; should some not, they
+		 * count as purged after a grace period, and the producer goes.
+		 */
+		if (p->purged &&
+			TimestampDifferenceExceeds(p->purged_at, GetCurrentTimestamp(), PURGE_GRACE_MS))
+		{
+			ereport(LOG,
+					(errmsg("voutbox: %d purged events did not report within %d ms; they count as not sent",
+							p->pending, PURGE_GRACE_MS)));
+			return;
 		}
 		if (TimestampDifferenceExceeds(p->last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
 		{
@@ -583,14 +713,32 @@ wait_for_reports(VoutboxProducer *p, bool until_all)
 }
 
 /*
+ * librdkafka has its copy of the event: the round keeps no second one of its
+ * JSON values (settling needs none of them).
+ */
+static void
+release_values(VoutboxEvent *ev)
+{
+	if (ev->payload)
+		pfree(ev->payload);
+	if (ev->metadata)
+		pfree(ev->metadata);
+	if (ev->consent)
+		pfree(ev->consent);
+	ev->payload = ev->metadata = ev->consent = NULL;
+}
+
+/*
  * Send the events[i] whose errs[i] is VOUTBOX_DELIVERY_PENDING and wait for
  * every delivery report.  errs[i] receives the outcome of events[i]: 0 when
- * the broker acknowledged it, else the librdkafka error.
+ * the broker acknowledged it, else the librdkafka error.  The JSON values of
+ * the events handed to librdkafka are released.
  */
 void
-voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, int *errs)
+voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events, int n, int *errs)
 {
 	HTAB	   *refused = voutbox_key_set_new("voutbox refused keys");
+	int			handed = 0;
 
 	p->errs = errs;
 	p->nevents = n;
@@ -604,8 +752,17 @@ voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, 
 		rd_kafka_resp_err_t err;
 		uint64		h = 0;
 
+		handed = i + 1;
 		if (errs[i] != VOUTBOX_DELIVERY_PENDING)
+		{
+			/* Failed before it was sent (storage.c): its key waits behind it. */
+			if (errs[i] != VOUTBOX_DELIVERY_SKIPPED && events[i].msg_key != NULL)
+			{
+				h = voutbox_key_hash(events[i].topic, events[i].msg_key);
+				(void) hash_search(refused, &h, HASH_ENTER, NULL);
+			}
 			continue;
+		}
 		CHECK_FOR_INTERRUPTS();
 
 		/*
@@ -632,12 +789,20 @@ voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events, int n, 
 			if (events[i].msg_key != NULL)
 				(void) hash_search(refused, &h, HASH_ENTER, NULL);
 		}
+		else
+			release_values(&events[i]);
 	}
 	wait_for_reports(p, true);
-	/* Events never handed to librdkafka because the producer broke. */
+
+	/*
+	 * Events never handed to librdkafka (the producer broke first) go again.
+	 * Handed ones that did not report after a purge count as purged too, or
+	 * as timed out if the purge was for want of reports.
+	 */
 	for (int i = 0; i < n; i++)
 		if (errs[i] == VOUTBOX_DELIVERY_PENDING)
-			errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+			errs[i] = i < handed && p->timed_out ?
+				RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	p->errs = NULL;
 }
 

@@ -18,7 +18,14 @@
  *
  * The small side tables (the cursor's history, delivered deferred events,
  * the dead-letter queue after voutbox.dlq_retention, the tombstones of
- * discarded dead events) are trimmed with DELETE in bounded steps.
+ * discarded dead events) are trimmed with DELETE in bounded steps, which
+ * skip rows somebody has locked (an operator editing outbox_dlq) and a
+ * table somebody has locked against them: they are trimmed next time.
+ * Dead events that could not move to the DLQ while it was locked move here.
+ *
+ * Each step is a transaction of its own that first locks the extension
+ * (storage.c): it never touches a schema "voutbox" that is not the
+ * extension's.
  *
  *-------------------------------------------------------------------------
  */
@@ -33,6 +40,8 @@
 #include "utils/timestamp.h"
 
 #include "voutbox.h"
+
+static bool begin_step(void);
 
 /* Rows a single trimming statement deletes at most. */
 #define TRIM_STEP_ROWS	5000
@@ -51,8 +60,8 @@ all_settled(const char *relname, const char *lo)
 	Datum		value = CStringGetTextDatum(lo);
 
 	voutbox_spi(psprintf("SELECT 1 FROM " VOUTBOX_SCHEMA ".%s e "
-						 "WHERE e.txid >= pg_snapshot_xmax($1::pg_snapshot) "
-						 "   OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))) "
+						 "WHERE e.txid >= pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot) "
+						 "   OR e.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot))) "
 						 "LIMIT 1", relname),
 				1, &type, &value, NULL, SPI_OK_SELECT);
 	if (SPI_processed > 0)
@@ -64,6 +73,34 @@ all_settled(const char *relname, const char *lo)
 	return SPI_processed == 0;
 }
 
+/*
+ * A retired, expired table that somebody holds a lock on (an open
+ * transaction that read the outbox, or saved with an idempotency key) is not
+ * truncated, and the ring cannot turn until it is.  Say so, once an hour,
+ * once it has waited for voutbox.retention.
+ */
+static TimestampTz locked_since[VOUTBOX_RING_SLOTS];
+static TimestampTz locked_told[VOUTBOX_RING_SLOTS];
+
+static void
+tell_locked(int slot, const char *relname)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (locked_since[slot] == 0)
+		locked_since[slot] = now;
+	if (TimestampDifferenceExceeds(locked_since[slot], now, voutbox_retention * INT64CONST(1000) > INT_MAX ?
+								   INT_MAX : voutbox_retention * 1000) &&
+		TimestampDifferenceExceeds(locked_told[slot], now, 3600 * 1000))
+	{
+		locked_told[slot] = now;
+		ereport(LOG,
+				(errmsg("voutbox: " VOUTBOX_SCHEMA ".%s is due for truncation, but sessions hold locks on it",
+						relname),
+				 errdetail("Retention cannot go on until they end: look for long transactions in pg_stat_activity and for the table in pg_locks.")));
+	}
+}
+
 /* Truncate ring slot "slot" if it is retired, expired and settled. */
 static void
 truncate_slot(int slot, const char *lo)
@@ -73,20 +110,24 @@ truncate_slot(int slot, const char *lo)
 	Datum		values[2] = {Int32GetDatum(slot), Int32GetDatum(voutbox_retention)};
 	Oid			relid;
 
-	voutbox_xact_begin("applying retention");
-	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".ring WHERE slot = $1 AND state = 'retired' "
-				"AND since <= now() - make_interval(secs => $2)",
+	if (!begin_step())
+		return;
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".ring r WHERE r.slot = $1 AND r.state = 'retired' "
+				"AND r.since <= pg_catalog.now() - pg_catalog.make_interval(secs => $2)",
 				2, types, values, NULL, SPI_OK_SELECT);
 	relid = get_relname_relid(relname, get_namespace_oid(VOUTBOX_SCHEMA, false));
 	if (SPI_processed == 1 && OidIsValid(relid) &&
-		ConditionalLockRelationOid(relid, AccessExclusiveLock))
+		!ConditionalLockRelationOid(relid, AccessExclusiveLock))
+		tell_locked(slot, relname);
+	else if (SPI_processed == 1 && OidIsValid(relid))
 	{
+		locked_since[slot] = 0;
 		if (all_settled(relname, lo))
 		{
 			voutbox_spi(psprintf("TRUNCATE " VOUTBOX_SCHEMA ".%s", relname),
 						0, NULL, NULL, NULL, SPI_OK_UTILITY);
-			voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring SET state = 'empty', since = now(), "
-						"opened_at = NULL WHERE slot = $1",
+			voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring r SET state = 'empty', since = pg_catalog.now(), "
+						"opened_at = NULL WHERE r.slot = $1",
 						1, types, values, NULL, SPI_OK_UPDATE);
 			ereport(DEBUG1, (errmsg("voutbox: truncated " VOUTBOX_SCHEMA ".%s", relname)));
 		}
@@ -104,24 +145,26 @@ rotate_ring(void)
 	Oid			type = INT4OID;
 	Datum		half = Int32GetDatum(voutbox_retention / 2);
 
-	voutbox_xact_begin("applying retention");
+	if (!begin_step())
+		return;
 	voutbox_spi("WITH cur AS ("
-				"  SELECT slot FROM " VOUTBOX_SCHEMA ".ring "
-				"   WHERE state = 'current' AND opened_at <= now() - make_interval(secs => $1)), "
+				"  SELECT c.slot FROM " VOUTBOX_SCHEMA ".ring c "
+				"   WHERE c.state = 'current' "
+				"     AND c.opened_at <= pg_catalog.now() - pg_catalog.make_interval(secs => $1)), "
 				"nxt AS ("
 				"  SELECT r.slot FROM " VOUTBOX_SCHEMA ".ring r, cur "
 				"   WHERE r.slot = (cur.slot + 1) % 3 AND r.state = 'empty') "
-				"UPDATE " VOUTBOX_SCHEMA ".ring SET state = 'retired', since = now() "
-				" WHERE slot IN (SELECT slot FROM cur) AND EXISTS (SELECT 1 FROM nxt) "
-				"RETURNING (slot + 1) % 3",
+				"UPDATE " VOUTBOX_SCHEMA ".ring u SET state = 'retired', since = pg_catalog.now() "
+				" WHERE u.slot IN (SELECT slot FROM cur) AND EXISTS (SELECT 1 FROM nxt) "
+				"RETURNING (u.slot + 1) % 3",
 				1, &type, &half, NULL, SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 1)
 	{
 		bool		isnull;
 		Datum		next = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring SET state = 'current', since = now(), "
-					"opened_at = now() WHERE slot = $1",
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring r SET state = 'current', since = pg_catalog.now(), "
+					"opened_at = pg_catalog.now() WHERE r.slot = $1",
 					1, &type, &next, NULL, SPI_OK_UPDATE);
 		ereport(DEBUG1, (errmsg("voutbox: events now go to " VOUTBOX_SCHEMA ".events_%d",
 								DatumGetInt32(next))));
@@ -129,60 +172,110 @@ rotate_ring(void)
 	voutbox_xact_end();
 }
 
-/* Run a bounded DELETE until it deletes less than a full step. */
+/*
+ * Start a step of retention: a transaction with the extension locked.
+ * Returns false (and ends the transaction) if the extension is gone.
+ */
+static bool
+begin_step(void)
+{
+	voutbox_xact_begin("applying retention");
+	if (OidIsValid(voutbox_lock_extension()))
+		return true;
+	voutbox_xact_end();
+	return false;
+}
+
+/*
+ * Run a bounded DELETE on voutbox.<table> until it deletes less than a full
+ * step; the statement skips locked rows.  If somebody holds a lock on the
+ * table that a DELETE would wait for, try again next time.
+ */
 static void
-trim(const char *sql, int seconds)
+trim(const char *table, const char *sql, int seconds)
 {
 	Oid			types[2] = {INT4OID, INT4OID};
 	Datum		values[2] = {Int32GetDatum(seconds), Int32GetDatum(TRIM_STEP_ROWS)};
 
 	for (int step = 0; step < TRIM_MAX_STEPS; step++)
 	{
-		uint64		n;
+		uint64		n = 0;
+		Oid			relid;
+		bool		locked;
 
-		voutbox_xact_begin("applying retention");
-		n = voutbox_spi(sql, 2, types, values, NULL, SPI_OK_DELETE);
+		if (!begin_step())
+			return;
+		relid = get_relname_relid(table, get_namespace_oid(VOUTBOX_SCHEMA, false));
+		locked = OidIsValid(relid) && ConditionalLockRelationOid(relid, RowExclusiveLock);
+		if (locked)
+			n = voutbox_spi(sql, 2, types, values, NULL, SPI_OK_DELETE);
 		voutbox_xact_end();
-		if (n < TRIM_STEP_ROWS)
+		if (!locked || n < TRIM_STEP_ROWS)
 			break;
 	}
+}
+
+/* Move the dead events that wait for the DLQ, if any (see settle.c). */
+static void
+move_dead_events(void)
+{
+	VoutboxStatsBatch *stats;
+
+	if (!begin_step())
+		return;
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred d WHERE d.dead_reason IS NOT NULL LIMIT 1",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+	{
+		voutbox_xact_end();
+		return;
+	}
+	stats = voutbox_stats_batch_new();
+	(void) voutbox_move_dead_events(stats);
+	voutbox_xact_end();
+	voutbox_stats_batch_flush(stats);
 }
 
 void
 voutbox_retention_run(const VoutboxCursor *cursor)
 {
-	char	   *dlq_sql;
-
 	if (cursor->lo == NULL)
 		return;
 	for (int slot = 0; slot < VOUTBOX_RING_SLOTS; slot++)
 		truncate_slot(slot, cursor->lo);
 	rotate_ring();
+	move_dead_events();
 
 	/*
 	 * A cursor row is needed to tell when an event still in the ring was
 	 * published: keep those newer than the oldest table in use, and the
 	 * newest row always.
 	 */
-	trim("DELETE FROM " VOUTBOX_SCHEMA ".batches WHERE batch_id IN ("
-		 "  SELECT batch_id FROM " VOUTBOX_SCHEMA ".batches "
-		 "   WHERE settled_at < (SELECT min(opened_at) FROM " VOUTBOX_SCHEMA ".ring) "
-		 "     AND settled_at < now() - make_interval(secs => $1) "
-		 "     AND batch_id < (SELECT max(batch_id) FROM " VOUTBOX_SCHEMA ".batches) "
-		 "   ORDER BY batch_id LIMIT $2)",
+	trim("batches",
+		 "DELETE FROM " VOUTBOX_SCHEMA ".batches b WHERE b.batch_id IN ("
+		 "  SELECT o.batch_id FROM " VOUTBOX_SCHEMA ".batches o "
+		 "   WHERE o.settled_at < (SELECT pg_catalog.min(r.opened_at) FROM " VOUTBOX_SCHEMA ".ring r) "
+		 "     AND o.settled_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) "
+		 "     AND o.batch_id < (SELECT pg_catalog.max(m.batch_id) FROM " VOUTBOX_SCHEMA ".batches m) "
+		 "   ORDER BY o.batch_id LIMIT $2 FOR UPDATE SKIP LOCKED)",
 		 voutbox_retention);
-	trim("DELETE FROM " VOUTBOX_SCHEMA ".deferred WHERE id IN ("
-		 "  SELECT id FROM " VOUTBOX_SCHEMA ".deferred "
-		 "   WHERE delivered_at < now() - make_interval(secs => $1) LIMIT $2)",
+	trim("deferred",
+		 "DELETE FROM " VOUTBOX_SCHEMA ".deferred d WHERE d.id IN ("
+		 "  SELECT o.id FROM " VOUTBOX_SCHEMA ".deferred o "
+		 "   WHERE o.delivered_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) "
+		 "   LIMIT $2 FOR UPDATE SKIP LOCKED)",
 		 voutbox_retention);
 	/* An event is kept at most 1.5 x retention; so is its tombstone. */
-	trim("DELETE FROM " VOUTBOX_SCHEMA ".discarded WHERE id IN ("
-		 "  SELECT id FROM " VOUTBOX_SCHEMA ".discarded "
-		 "   WHERE discarded_at < now() - make_interval(secs => $1) LIMIT $2)",
+	trim("discarded",
+		 "DELETE FROM " VOUTBOX_SCHEMA ".discarded x WHERE x.id IN ("
+		 "  SELECT o.id FROM " VOUTBOX_SCHEMA ".discarded o "
+		 "   WHERE o.discarded_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) "
+		 "   LIMIT $2 FOR UPDATE SKIP LOCKED)",
 		 (int) Min((int64) voutbox_retention * 3 / 2, (int64) INT_MAX));
-	dlq_sql = psprintf("DELETE FROM %s.outbox_dlq WHERE id IN ("
-					   "  SELECT id FROM %s.outbox_dlq "
-					   "   WHERE moved_at < now() - make_interval(secs => $1) LIMIT $2)",
-					   voutbox_api_schema(), voutbox_api_schema());
-	trim(dlq_sql, voutbox_dlq_retention);
+	trim("dlq",
+		 "DELETE FROM " VOUTBOX_SCHEMA ".dlq q WHERE q.id IN ("
+		 "  SELECT o.id FROM " VOUTBOX_SCHEMA ".dlq o "
+		 "   WHERE o.moved_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) "
+		 "   LIMIT $2 FOR UPDATE SKIP LOCKED)",
+		 voutbox_dlq_retention);
 }

@@ -17,8 +17,6 @@
 
 #include "voutbox.h"
 
-/* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
-#define KAFKA_TOPIC_MAX_LEN 249
 
 typedef enum RouteField
 {
@@ -139,7 +137,7 @@ voutbox_topic_is_valid(const char *topic, const char **detail)
 		*detail = "The topic would be empty.";
 		return false;
 	}
-	if (len > KAFKA_TOPIC_MAX_LEN)
+	if (len > VOUTBOX_TOPIC_MAX_LEN)
 	{
 		*detail = "Kafka topic names are at most 249 characters long.";
 		return false;
@@ -157,6 +155,47 @@ voutbox_topic_is_valid(const char *topic, const char **detail)
 			*detail = "Kafka topic names may contain only ASCII letters, digits, \".\", \"_\" and \"-\".";
 			return false;
 		}
+	}
+	return true;
+}
+
+/*
+ * The character that follows the first {tenant_id} of a topic template, or
+ * '\0' when {tenant_id} ends the template or is not in it.  Tenant ids must
+ * not contain it: then no two tenants can render the same topic.
+ */
+char
+voutbox_tenant_separator(const char *tmpl)
+{
+	const char *t = tmpl ? strstr(tmpl, "{tenant_id}") : NULL;
+
+	return t ? t[strlen("{tenant_id}")] : '\0';
+}
+
+/*
+ * Whether the topics of two tenants always differ: {tenant_id} comes before
+ * any other placeholder (so what precedes it is fixed) and is followed by a
+ * literal character, which tenant ids then may not contain, or ends the
+ * template.  A template without {tenant_id} shares its topics between all
+ * tenants, which is a choice, not an accident.
+ */
+bool
+voutbox_topic_template_separates_tenants(const char *tmpl, const char **detail)
+{
+	const char *t = tmpl ? strstr(tmpl, "{tenant_id}") : NULL;
+	const char *first = tmpl ? strchr(tmpl, '{') : NULL;
+
+	if (t == NULL)
+		return true;
+	if (first != t)
+	{
+		*detail = "{tenant_id} is not the first placeholder: what comes before it varies, so two tenants could render the same topic.";
+		return false;
+	}
+	if (voutbox_tenant_separator(tmpl) == '{')
+	{
+		*detail = "{tenant_id} is followed directly by another placeholder: two tenants could render the same topic.";
+		return false;
 	}
 	return true;
 }

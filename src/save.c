@@ -15,6 +15,12 @@
  * the first one's event once it has committed, also in REPEATABLE READ.
  * Calls without a key skip all this: the key defaults to the fresh event id.
  *
+ * Tenants: the function is SECURITY INVOKER, so that it knows its caller.
+ * It checks that the caller acts for the tenant (privileges.c) before it
+ * looks at anything stored, so that no role can save for, or probe the
+ * idempotency keys of, a tenant it does not act for; then it stores the
+ * event as the extension's owner.
+ *
  * At commit, a transaction that saved events sets the worker's latch.
  *
  *-------------------------------------------------------------------------
@@ -30,7 +36,6 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -94,7 +99,6 @@ typedef struct SaveRequest
 static SPIPlanPtr plan_current_slot = NULL;
 static SPIPlanPtr plan_insert[VOUTBOX_RING_SLOTS];
 static SPIPlanPtr plan_find_key = NULL;
-static Oid	plan_find_key_nsp = InvalidOid;
 
 static bool xact_callback_registered = false;
 static bool saved_in_xact = false;
@@ -102,30 +106,9 @@ static bool saved_in_xact = false;
 PG_FUNCTION_INFO_V1(voutbox_outbox_save);
 
 /* ---------------------------------------------------------------------
- * Validation
+ * The arguments (their rules are in validate.c)
  * ---------------------------------------------------------------------
  */
-
-/*
- * Longest text arguments, in bytes.  Names (tenant, types) and keys (the
- * aggregate id, which makes the message key by default, the idempotency key)
- * are indexed, and an index row must stay well below PostgreSQL's limit of
- * about 2.7 kB; the correlation id and producer become Kafka headers.
- */
-#define MAX_NAME_BYTES		255
-#define MAX_KEY_BYTES		1024
-
-static void
-check_length(const char *s, const char *name, int max_bytes)
-{
-	size_t		len = strlen(s);
-
-	if (len > (size_t) max_bytes)
-		ereport(ERROR,
-				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-				 errmsg("%s is longer than %d bytes", name, max_bytes),
-				 errdetail("It is %zu bytes long.", len)));
-}
 
 static char *
 required_text(FunctionCallInfo fcinfo, int argno, const char *name, int max_bytes)
@@ -137,11 +120,7 @@ required_text(FunctionCallInfo fcinfo, int argno, const char *name, int max_byte
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be null", name)));
 	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	if (s[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must not be empty", name)));
-	check_length(s, name, max_bytes);
+	voutbox_check_text(s, name, max_bytes, NULL);
 	return s;
 }
 
@@ -154,79 +133,8 @@ optional_text(FunctionCallInfo fcinfo, int argno, const char *name, int max_byte
 	if (PG_ARGISNULL(argno))
 		return NULL;
 	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	if (s[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must not be empty", name),
-				 errhint("Pass NULL to use the default.")));
-	check_length(s, name, max_bytes);
+	voutbox_check_text(s, name, max_bytes, "Pass NULL to use the default.");
 	return s;
-}
-
-/*
- * event_type must read "name.vN": dot-separated segments of letters, digits,
- * "_" and "-", the last one "v" and a positive version.  Returns N.
- */
-static int32
-parse_event_type(const char *event_type)
-{
-	const char *dot = strrchr(event_type, '.');
-	const char *p;
-	int64		version = 0;
-	bool		ok = dot != NULL && dot != event_type && dot[1] == 'v' &&
-		dot[2] >= '1' && dot[2] <= '9';
-
-	for (p = dot ? dot + 2 : event_type; ok && *p; p++)
-	{
-		ok = *p >= '0' && *p <= '9';
-		version = version * 10 + (*p - '0');
-		ok = ok && version <= PG_INT32_MAX;
-	}
-	for (p = event_type; ok && p < dot; p++)
-	{
-		bool		sep = *p == '.';
-
-		ok = sep ? (p != event_type && p[-1] != '.') :
-			((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-			 (*p >= '0' && *p <= '9') || *p == '_' || *p == '-');
-	}
-	ok = ok && dot[-1] != '.';
-	if (!ok)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("event_type \"%s\" is not of the form name.vN", event_type),
-				 errdetail("An event type is dot-separated words of letters, digits, \"_\" and \"-\", ending in \".v\" and a version number from 1, such as \"lead.created.v1\".")));
-	return (int32) version;
-}
-
-/* len lowercase hex digits; when nonzero, not all of them "0" */
-static bool
-is_lower_hex(const char *s, int len, bool nonzero)
-{
-	bool		seen_nonzero = false;
-
-	for (int i = 0; i < len; i++)
-	{
-		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-			return false;
-		seen_nonzero = seen_nonzero || s[i] != '0';
-	}
-	return seen_nonzero || !nonzero;
-}
-
-static bool
-is_trace_id(const char *s)
-{
-	return strlen(s) == 32 && is_lower_hex(s, 32, true);
-}
-
-bool
-voutbox_traceparent_is_valid(const char *v)
-{
-	return strlen(v) == 55 && strncmp(v, "00-", 3) == 0 &&
-		is_lower_hex(v + 3, 32, true) && v[35] == '-' &&
-		is_lower_hex(v + 36, 16, true) && v[52] == '-' &&
-		is_lower_hex(v + 53, 2, false);
 }
 
 /*
@@ -241,8 +149,8 @@ resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
 	const char *session = voutbox_traceparent;
 	bool		have_session = session != NULL && session[0] != '\0';
 
-	req->trace_id = optional_text(fcinfo, ARG_TRACE_ID, "trace_id", MAX_NAME_BYTES);
-	if (req->trace_id != NULL && !is_trace_id(req->trace_id))
+	req->trace_id = optional_text(fcinfo, ARG_TRACE_ID, "trace_id", VOUTBOX_MAX_NAME_BYTES);
+	if (req->trace_id != NULL && !voutbox_is_trace_id(req->trace_id))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("trace_id \"%s\" is not a W3C trace id", req->trace_id),
@@ -268,34 +176,8 @@ resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
 	}
 }
 
-static void
-check_payload(Jsonb *payload)
-{
-	char	   *text = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
-	size_t		len = strlen(text);
 
-	if (len > (size_t) voutbox_max_payload_bytes)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("payload is too large"),
-				 errdetail("The payload is %zu bytes as JSON text; voutbox.max_payload_bytes is %d.",
-						   len, voutbox_max_payload_bytes),
-				 errhint("Store large data elsewhere and put a reference in the event.")));
-	pfree(text);
-}
 
-static void
-check_pii_fields(ArrayType *arr)
-{
-	if (ARR_NDIM(arr) > 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
-				 errmsg("pii_fields must be a one-dimensional array")));
-	if (array_contains_nulls(arr))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("pii_fields must not contain nulls")));
-}
 
 /*
  * Every argument that the topic template puts into the topic must itself be
@@ -312,13 +194,21 @@ render_routing(SaveRequest *req)
 	{"aggregate_id", req->aggregate_id},
 	{"event_type", req->event_type}};
 	const char *detail;
+	char		sep = voutbox_tenant_separator(voutbox_topic_template);
 
+	if (!voutbox_topic_template_separates_tenants(voutbox_topic_template, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("voutbox.topic_template \"%s\" could make two tenants share a topic",
+						voutbox_topic_template),
+				 errdetail("%s", detail),
+				 errhint("Start the template with {tenant_id} and a separator, as in the default \"{tenant_id}.{event_type}\", or leave {tenant_id} out to share topics between tenants.")));
 	for (size_t i = 0; i < lengthof(args); i++)
 	{
 		char	   *placeholder = psprintf("{%s}", args[i][0]);
 
 		if (strstr(voutbox_topic_template, placeholder) != NULL &&
-			strlen(args[i][1]) <= 249 &&
+			strlen(args[i][1]) <= VOUTBOX_TOPIC_MAX_LEN &&
 			!voutbox_topic_is_valid(args[i][1], &detail))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_NAME),
@@ -326,6 +216,7 @@ render_routing(SaveRequest *req)
 					 errdetail("voutbox.topic_template \"%s\" puts %s into the topic. %s",
 							   voutbox_topic_template, args[i][0], detail)));
 	}
+	voutbox_check_tenant_separator(req->tenant_id, sep);
 	req->topic = voutbox_render_template(voutbox_topic_template, &f);
 	if (!voutbox_topic_is_valid(req->topic, &detail))
 		ereport(ERROR,
@@ -337,11 +228,11 @@ render_routing(SaveRequest *req)
 	req->msg_key = voutbox_render_template(voutbox_key_template, &f);
 	if (req->msg_key[0] == '\0')
 		req->msg_key = NULL;
-	else if (strlen(req->msg_key) > MAX_KEY_BYTES)
+	else if (strlen(req->msg_key) > VOUTBOX_MAX_KEY_BYTES)
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
 				 errmsg("the message key rendered from voutbox.key_template is longer than %d bytes",
-						MAX_KEY_BYTES),
+						VOUTBOX_MAX_KEY_BYTES),
 				 errdetail("It is %zu bytes long; voutbox.key_template is \"%s\".",
 						   strlen(req->msg_key), voutbox_key_template),
 				 errhint("Shorten the arguments the template uses, or change voutbox.key_template.")));
@@ -353,11 +244,11 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	int32		type_version;
 
 	memset(req, 0, sizeof(*req));
-	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id", MAX_NAME_BYTES);
-	req->aggregate_type = required_text(fcinfo, ARG_AGGREGATE_TYPE, "aggregate_type", MAX_NAME_BYTES);
-	req->aggregate_id = required_text(fcinfo, ARG_AGGREGATE_ID, "aggregate_id", MAX_KEY_BYTES);
-	req->event_type = required_text(fcinfo, ARG_EVENT_TYPE, "event_type", MAX_NAME_BYTES);
-	type_version = parse_event_type(req->event_type);
+	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
+	req->aggregate_type = required_text(fcinfo, ARG_AGGREGATE_TYPE, "aggregate_type", VOUTBOX_MAX_NAME_BYTES);
+	req->aggregate_id = required_text(fcinfo, ARG_AGGREGATE_ID, "aggregate_id", VOUTBOX_MAX_KEY_BYTES);
+	req->event_type = required_text(fcinfo, ARG_EVENT_TYPE, "event_type", VOUTBOX_MAX_NAME_BYTES);
+	type_version = voutbox_parse_event_type(req->event_type);
 	req->event_version = PG_ARGISNULL(ARG_EVENT_VERSION) ? type_version :
 		PG_GETARG_INT32(ARG_EVENT_VERSION);
 	if (req->event_version != type_version)
@@ -373,7 +264,7 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 				 errmsg("payload must not be null"),
 				 errhint("Pass '{}' or the JSON null value 'null' for an event without data.")));
 	req->payload = PG_GETARG_JSONB_P(ARG_PAYLOAD);
-	check_payload(req->payload);
+	voutbox_check_payload(JsonbPGetDatum(req->payload));
 
 	if (!PG_ARGISNULL(ARG_METADATA))
 	{
@@ -382,9 +273,10 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("metadata must be a JSON object")));
+		voutbox_check_json_convertible(JsonbPGetDatum(req->metadata), "metadata");
 	}
-	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key", MAX_KEY_BYTES);
-	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id", MAX_KEY_BYTES);
+	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
+	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
 	if (req->correlation_id == NULL)
 		req->correlation_id = req->aggregate_id;
 	resolve_trace(req, fcinfo);
@@ -396,13 +288,16 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	req->pii = PG_GETARG_BOOL(ARG_PII);
 	if (!PG_ARGISNULL(ARG_PII_FIELDS))
 	{
-		check_pii_fields(PG_GETARG_ARRAYTYPE_P(ARG_PII_FIELDS));
+		voutbox_check_pii_fields(PG_GETARG_DATUM(ARG_PII_FIELDS));
 		req->pii_fields = PG_GETARG_DATUM(ARG_PII_FIELDS);
 		req->has_pii_fields = true;
 	}
 	if (!PG_ARGISNULL(ARG_CONSENT))
+	{
 		req->consent = PG_GETARG_JSONB_P(ARG_CONSENT);
-	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer", MAX_NAME_BYTES);
+		voutbox_check_json_convertible(JsonbPGetDatum(req->consent), "consent");
+	}
+	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer", VOUTBOX_MAX_NAME_BYTES);
 	if (req->producer == NULL && voutbox_producer != NULL && voutbox_producer[0] != '\0')
 		req->producer = pstrdup(voutbox_producer);
 
@@ -417,6 +312,7 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	}
 	render_routing(req);
 }
+
 
 /* ---------------------------------------------------------------------
  * Storage
@@ -437,10 +333,10 @@ prepare_plan(const char *sql, int nargs, Oid *argtypes)
 }
 
 static void
-prepare_plans(Oid api_nsp)
+prepare_plans(void)
 {
 	if (plan_current_slot == NULL)
-		plan_current_slot = prepare_plan("SELECT slot FROM " VOUTBOX_SCHEMA ".ring WHERE state = 'current'",
+		plan_current_slot = prepare_plan("SELECT r.slot FROM " VOUTBOX_SCHEMA ".ring r WHERE r.state = 'current'",
 										 0, NULL);
 	for (int slot = 0; slot < VOUTBOX_RING_SLOTS; slot++)
 	{
@@ -455,26 +351,10 @@ prepare_plans(Oid api_nsp)
 												  "aggregate_type, aggregate_id, event_type, event_version, payload, metadata, "
 												  "idempotency_key, trace_id, traceparent, correlation_id, created_at, "
 												  "scheduled_for, pii, pii_fields, consent, producer, topic, msg_key) "
-												  "VALUES ($1, nextval('" VOUTBOX_SCHEMA ".event_seq'), $2, $3, $4, $5, $6, "
+												  "VALUES ($1, pg_catalog.nextval('" VOUTBOX_SCHEMA ".event_seq'), $2, $3, $4, $5, $6, "
 												  "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
 												  slot),
 										 INSERT_NPARAMS, types);
-	}
-	if (plan_find_key == NULL || plan_find_key_nsp != api_nsp)
-	{
-		Oid			types[2] = {TEXTOID, TEXTOID};
-
-		if (plan_find_key != NULL)
-			SPI_freeplan(plan_find_key);
-		plan_find_key = NULL;
-		plan_find_key = prepare_plan(psprintf(
-											  "SELECT id FROM " VOUTBOX_SCHEMA ".events WHERE tenant_id = $1 AND idempotency_key = $2 "
-											  "UNION ALL "
-											  "SELECT id FROM %s.outbox_dlq WHERE tenant_id = $1 AND idempotency_key = $2 "
-											  "LIMIT 1",
-											  quote_identifier(get_namespace_name(api_nsp))),
-									 2, types);
-		plan_find_key_nsp = api_nsp;
 	}
 }
 
@@ -492,6 +372,29 @@ find_saved_event(SaveRequest *req, Datum *id)
 	int			keylen = strlen(req->tenant_id) + 1 + strlen(req->idempotency_key);
 	bool		isnull;
 
+	/*
+	 * Prepared only when a key is given: the plan locks the DLQ, which an
+	 * operator may hold locked, and saves without a key need not wait.
+	 */
+	if (plan_find_key == NULL)
+	{
+		Oid			types[2] = {TEXTOID, TEXTOID};
+
+		/*
+		 * The event may be in the ring, or only in the retry queue (requeued
+		 * from the DLQ after its ring table was truncated), or in the DLQ.
+		 */
+		plan_find_key = prepare_plan("SELECT e.id FROM " VOUTBOX_SCHEMA ".events e "
+									 " WHERE e.tenant_id = $1 AND e.idempotency_key = $2 "
+									 "UNION ALL "
+									 "SELECT d.id FROM " VOUTBOX_SCHEMA ".deferred d "
+									 " WHERE d.tenant_id = $1 AND d.idempotency_key = $2 "
+									 "UNION ALL "
+									 "SELECT q.id FROM " VOUTBOX_SCHEMA ".dlq q "
+									 " WHERE q.tenant_id = $1 AND q.idempotency_key = $2 "
+									 "LIMIT 1",
+									 2, types);
+	}
 	h = DatumGetUInt64(hash_any_extended((unsigned char *) key, keylen, 0));
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
 						 VOUTBOX_LOCK_IDEMPOTENCY);
@@ -645,26 +548,32 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 	Datum		id;
 	pg_uuid_t  *uuid;
 
+	Oid			save_user;
+	int			save_sec;
+	bool		found;
+
 	read_request(fcinfo, &req);
+	voutbox_check_acts_for(req.tenant_id, "save events");
 	uuid = palloc(sizeof(pg_uuid_t));
 
+	voutbox_become_owner(fcinfo, &save_user, &save_sec);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "voutbox: SPI_connect failed");
-	prepare_plans(get_func_namespace(fcinfo->flinfo->fn_oid));
+	prepare_plans();
 
-	if (req.idempotency_key != NULL && find_saved_event(&req, &id))
+	found = req.idempotency_key != NULL && find_saved_event(&req, &id);
+	if (!found)
 	{
-		SPI_finish();
-		PG_RETURN_DATUM(id);
+		generate_uuidv7(uuid);
+		id = UUIDPGetDatum(uuid);
+		insert_event(&req, id);
 	}
-
-	generate_uuidv7(uuid);
-	id = UUIDPGetDatum(uuid);
-	insert_event(&req, id);
 	SPI_finish();
+	voutbox_restore_user(save_user, save_sec);
 
-	wake_worker_at_commit();
-	PG_RETURN_UUID_P(uuid);
+	if (!found)
+		wake_worker_at_commit();
+	PG_RETURN_DATUM(id);
 }
 
 /*

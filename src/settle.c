@@ -16,6 +16,12 @@
  * in the worker's settling transaction (storage.c), which also advances the
  * cursor: the outcome of a round is recorded all at once or not at all.
  *
+ * Events that die move to voutbox.dlq (shown by outbox_dlq) in the same
+ * transaction, unless someone holds a lock on it that conflicts with the
+ * move (an operator's LOCK TABLE outbox_dlq): the worker never waits for
+ * it.  They then stay in voutbox.deferred, marked dead, sent no more and
+ * holding their key no more, and move at a later settle or cleanup.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -25,9 +31,12 @@
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
+#include "catalog/namespace.h"
 #include "executor/spi.h"
+#include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -60,6 +69,15 @@ static uint64
 topic_hash(const char *topic)
 {
 	return DatumGetUInt64(hash_any_extended((const unsigned char *) topic, strlen(topic), 0));
+}
+
+/* Forget what was learnt: a settle that failed may have taught it wrongly. */
+void
+voutbox_forget_stalled_topics(void)
+{
+	if (stalled_topics != NULL)
+		hash_destroy(stalled_topics);
+	stalled_topics = NULL;
 }
 
 /* When the topic is tried again, if its events wait; else 0. */
@@ -104,10 +122,10 @@ topic_stalls(const char *topic, TimestampTz until)
 		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
 		Datum		values[2] = {CStringGetTextDatum(topic), TimestampTzGetDatum(until)};
 
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred SET due_at = $2 "
-					" WHERE delivered_at IS NULL AND attempts = 0 AND topic = $1 "
-					"   AND due_at > '-infinity' AND due_at < $2 "
-					"   AND (scheduled_for IS NULL OR scheduled_for <= now())",
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = $2 "
+					" WHERE d.delivered_at IS NULL AND d.dead_reason IS NULL AND d.attempts = 0 "
+					"   AND d.topic = $1 AND d.due_at > '-infinity' AND d.due_at < $2 "
+					"   AND (d.scheduled_for IS NULL OR d.scheduled_for <= pg_catalog.now())",
 					2, types, values, NULL, SPI_OK_UPDATE);
 	}
 }
@@ -130,9 +148,10 @@ topic_flows(const char *topic)
 	if (hash_search(stalled_topics, &h, HASH_REMOVE, NULL) == NULL)
 		return;
 	value = CStringGetTextDatum(topic);
-	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred SET due_at = '-infinity' "
-				" WHERE delivered_at IS NULL AND attempts = 0 AND topic = $1 "
-				"   AND due_at > now() AND (scheduled_for IS NULL OR scheduled_for <= now())",
+	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
+				" WHERE d.delivered_at IS NULL AND d.dead_reason IS NULL AND d.attempts = 0 "
+				"   AND d.topic = $1 AND d.due_at > pg_catalog.now() "
+				"   AND (d.scheduled_for IS NULL OR d.scheduled_for <= pg_catalog.now())",
 				1, &type, &value, NULL, SPI_OK_UPDATE);
 }
 
@@ -286,7 +305,7 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 		 * The retry may start up to a second late (the worker builds a new
 		 * producer at most once a second) and then waits delivery_timeout.
 		 */
-		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, voutbox_delivery_timeout + 1000));
+		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, (int64) voutbox_delivery_timeout + 1000));
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
 							rows->errors[rows->n - 1]);
 }
@@ -335,9 +354,9 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		Oid			type = TEXTARRAYOID;
 		Datum		ids = voutbox_text_array(delivered, ndelivered);
 
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred "
-					"SET delivered_at = now(), holds_key = false, alone = false "
-					"WHERE id = ANY ($1::uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
 	}
 	if (charged.n > 0)
 	{
@@ -355,13 +374,15 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		values[7] = voutbox_scalar_array(charged.holds, charged.n, BOOLOID, 1, true, TYPALIGN_CHAR);
 		/*
 		 * A failed event with a key now holds it (a scheduled one did not):
-		 * its key's later events wait behind it.
+		 * its key's later events wait behind it.  (unnest() of several
+		 * arrays in FROM is syntax and cannot be qualified; the worker's
+		 * search_path is pg_catalog's alone, see session.c.)
 		 */
 		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET attempts = x.attempts, last_error = x.error, last_error_code = x.code, "
-					"    last_error_at = now(), due_at = x.due, alone = x.alone, dead_reason = x.dead, "
-					"    holds_key = d.holds_key OR x.holds "
-					"FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
+					"    last_error_at = pg_catalog.now(), due_at = x.due, alone = x.alone, "
+					"    dead_reason = x.dead, holds_key = d.holds_key OR x.holds "
+					"FROM unnest($1::pg_catalog.uuid[], $2, $3, $4, $5, $6, $7, $8) "
 					"     AS x(id, error, code, attempts, due, alone, dead, holds) "
 					"WHERE d.id = x.id", 8, types, values, NULL, SPI_OK_UPDATE);
 	}
@@ -373,12 +394,12 @@ settle_deferred(VoutboxRound *r, SettleState *st)
  * one's key.  Returns whether it copied any.
  */
 static bool
-defer_chunk_events(VoutboxRound *r, SettleState *st)
+defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 {
 	DeferredRows rows;
-	Oid			types[8] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, TEXTARRAYOID};
-	Datum		values[8];
+	Oid			types[9] = {TEXTARRAYOID, BOOLARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, TEXTARRAYOID, INT8OID};
+	Datum		values[9];
 
 	deferred_rows_init(&rows, r->nevents - r->ndeferred);
 	for (int i = r->ndeferred; i < r->nevents; i++)
@@ -421,15 +442,17 @@ defer_chunk_events(VoutboxRound *r, SettleState *st)
 	values[5] = voutbox_text_array(rows.codes, rows.n);
 	values[6] = voutbox_scalar_array(rows.alone, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
 	values[7] = voutbox_text_array(rows.dead, rows.n);
+	values[8] = Int64GetDatum(batch_id);
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" VOUTBOX_EVENT_COLUMNS ", "
 				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
-				"  alone, dead_reason) "
+				"  alone, dead_reason, batch_id) "
 				"SELECT " VOUTBOX_EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, x.code, "
-				"       CASE WHEN x.error IS NULL THEN NULL ELSE now() END, x.alone, x.dead "
-				"  FROM unnest($1::uuid[], $2, $3, $4, $5, $6, $7, $8) "
+				"       CASE WHEN x.error IS NULL THEN NULL ELSE pg_catalog.now() END, x.alone, "
+				"       x.dead, $9 "
+				"  FROM unnest($1::pg_catalog.uuid[], $2, $3, $4, $5, $6, $7, $8) "
 				"       AS x(xid, holds, attempts, due, error, code, alone, dead) "
 				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
-				8, types, values, NULL, SPI_OK_INSERT);
+				9, types, values, NULL, SPI_OK_INSERT);
 	if (SPI_processed != (uint64) rows.n)
 		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",
 			 rows.n, SPI_processed);
@@ -438,37 +461,70 @@ defer_chunk_events(VoutboxRound *r, SettleState *st)
 
 /*
  * Move the events marked dead to the dead-letter queue.  Deleting the
- * deferred row and inserting the DLQ row is one statement in the settling
- * transaction: an event is never in both places, nor in neither.
+ * deferred row and inserting the DLQ row is one statement: an event is never
+ * in both places, nor in neither.  Only if nobody holds a conflicting lock on
+ * voutbox.dlq: else they wait for a later try, and this says so (once a
+ * minute in the log).  Returns how many moved; in a transaction of the
+ * worker.
  */
-static void
-move_dead_to_dlq(SettleState *st)
-{
-	char	   *sql = psprintf("WITH moved AS ("
-							   "  DELETE FROM " VOUTBOX_SCHEMA ".deferred "
-							   "   WHERE dead_reason IS NOT NULL RETURNING *) "
-							   "INSERT INTO %s.outbox_dlq (id, tenant_id, aggregate_type, aggregate_id, "
-							   "  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
-							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
-							   "  consent, producer, topic, msg_key, seq, retry_count, last_error, "
-							   "  error_code, reason) "
-							   "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, "
-							   "  payload, metadata, coalesce(idempotency_key, id::text), trace_id, "
-							   "  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
-							   "  consent, producer, topic, msg_key, seq, attempts, last_error, "
-							   "  last_error_code, dead_reason "
-							   "  FROM moved "
-							   "RETURNING tenant_id, topic",
-							   voutbox_api_schema());
+static TimestampTz dlq_locked_since = 0;
+static TimestampTz dlq_locked_told = 0;
 
-	voutbox_spi(sql, 0, NULL, NULL, NULL, SPI_OK_INSERT_RETURNING);
-	for (uint64 i = 0; i < SPI_processed; i++)
+uint64
+voutbox_move_dead_events(VoutboxStatsBatch *stats)
+{
+	Oid			relid = get_relname_relid("dlq", get_namespace_oid(VOUTBOX_SCHEMA, false));
+	TimestampTz now = GetCurrentTimestamp();
+	uint64		moved;
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "voutbox: the table " VOUTBOX_SCHEMA ".dlq does not exist");
+	if (!ConditionalLockRelationOid(relid, RowExclusiveLock))
+	{
+		if (dlq_locked_since == 0)
+			dlq_locked_since = now;
+		if (TimestampDifferenceExceeds(dlq_locked_told, now, 60000))
+		{
+			dlq_locked_told = now;
+			ereport(LOG,
+					(errmsg("voutbox: outbox_dlq is locked; dead events wait to be moved there"),
+					 errdetail("They are not sent again, and their keys go on; they move once the lock is released.")));
+		}
+		return 0;
+	}
+	dlq_locked_since = dlq_locked_told = 0;
+	voutbox_spi("WITH moved AS ("
+				"  DELETE FROM " VOUTBOX_SCHEMA ".deferred d "
+				"   WHERE d.dead_reason IS NOT NULL RETURNING d.*) "
+				"INSERT INTO " VOUTBOX_SCHEMA ".dlq (id, tenant_id, aggregate_type, aggregate_id, "
+				"  event_type, event_version, payload, metadata, idempotency_key, trace_id, "
+				"  traceparent, correlation_id, created_at, scheduled_for, pii, pii_fields, "
+				"  consent, producer, topic, msg_key, seq, retry_count, last_error, "
+				"  error_code, reason) "
+				"SELECT m.id, m.tenant_id, m.aggregate_type, m.aggregate_id, m.event_type, "
+				"  m.event_version, m.payload, m.metadata, coalesce(m.idempotency_key, m.id::text), "
+				"  m.trace_id, m.traceparent, m.correlation_id, m.created_at, m.scheduled_for, "
+				"  m.pii, m.pii_fields, m.consent, m.producer, m.topic, m.msg_key, m.seq, "
+				"  m.attempts, m.last_error, m.last_error_code, m.dead_reason "
+				"  FROM moved m "
+				"RETURNING tenant_id, topic",
+				0, NULL, NULL, NULL, SPI_OK_INSERT_RETURNING);
+	moved = SPI_processed;
+	for (uint64 i = 0; i < moved && stats != NULL; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 
-		voutbox_stats_batch_add(st->stats, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
+		voutbox_stats_batch_add(stats, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
 								SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), 0, 0, 1, NULL);
 	}
+	return moved;
+}
+
+/* Whether dead events wait for the DLQ's lock. */
+bool
+voutbox_dead_events_wait(void)
+{
+	return dlq_locked_since != 0;
 }
 
 static void
@@ -515,20 +571,20 @@ voutbox_settle_begin(const VoutboxRound *r)
 
 /*
  * In the settling transaction: record the outcome of every event of the
- * round.  Returns whether events of the chunk were copied to
- * voutbox.deferred.
+ * round; batch_id is that of the cursor row of its chunk.  Returns whether
+ * events of the chunk were copied to voutbox.deferred.
  */
 bool
-voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r)
+voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r, int64 batch_id)
 {
 	SettleState *st = (SettleState *) s;
 	bool		deferred = false;
 
 	settle_deferred(r, st);
 	if (r->nevents > r->ndeferred)
-		deferred = defer_chunk_events(r, st);
-	if (st->dead > 0)
-		move_dead_to_dlq(st);
+		deferred = defer_chunk_events(r, st, batch_id);
+	if (st->dead > 0 || voutbox_dead_events_wait())
+		(void) voutbox_move_dead_events(st->stats);
 	return deferred;
 }
 

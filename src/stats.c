@@ -123,6 +123,18 @@ voutbox_stats_set_state(const char *state, const char *detail)
 	SpinLockRelease(&voutbox_shared->mutex);
 }
 
+/* An error of the worker's own (not of an event's delivery). */
+void
+voutbox_stats_set_error(const char *error)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	SpinLockAcquire(&voutbox_shared->mutex);
+	strlcpy(voutbox_shared->last_error, error, VOUTBOX_ERROR_LEN);
+	voutbox_shared->last_error_at = now;
+	SpinLockRelease(&voutbox_shared->mutex);
+}
+
 void
 voutbox_stats_producer_built(void)
 {

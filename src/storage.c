@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * storage.c
- *		Batches of committed events, read and settled by the worker.
+ *		Rounds of committed events, read and settled by the worker.
  *
  * Batches are defined by transaction visibility, not by ids (PgQ's ticker
  * technique).  The cursor is a snapshot "lo": every event whose saving
@@ -14,38 +14,62 @@
  * the oldest open transaction is.
  *
  * Within a window, events go in save order (seq).  A window is read through a
- * holdable cursor: its rows are sorted once, kept by PostgreSQL in a
- * tuplestore (spilling to disk), and fetched batch_size at a time in short
- * transactions.  No transaction or snapshot stays open while the worker
- * waits for Kafka.
+ * holdable scrollable cursor: its rows are sorted once, kept by PostgreSQL
+ * in a tuplestore (spilling to disk), and fetched in short transactions.
+ * A round takes at most voutbox.batch_size events and voutbox.batch_bytes of
+ * them (at least one): a DestReceiver copies each row once, straight into
+ * the round, and rows fetched past the budget are not copied but given back
+ * to the cursor (MOVE ABSOLUTE).  No transaction or snapshot stays open
+ * while the worker waits for Kafka.
+ *
+ * Only committed work that is durable is delivered: at the end of a read,
+ * the WAL is flushed up to where it was written, which covers the commit
+ * record of every transaction the read could see (a commit becomes visible
+ * only after its record is written, but with synchronous_commit = off it may
+ * be visible before the record is flushed).
  *
  * Settling appends one row to voutbox.batches (lo, hi, done_seq): the
  * window is settled up to done_seq, or wholly once the cursor is exhausted.
  * Nothing is updated or deleted in the ring of event tables.
  *
  * Events that cannot be sent now are copied to voutbox.deferred: failed ones
- * wait for a retry with backoff, later events of their key wait behind them
- * (so a key's order holds), and scheduled ones wait for their time.  What
- * becomes of each event of a round is settle.c's part of the settling.
+ * wait for a retry with backoff, later events of their key wait behind them,
+ * and scheduled ones wait for their time.  A key's events wait in the order
+ * the worker met them, which is commit order: by the batch whose settling
+ * deferred them, then by seq (KEY_EARLIER).  What becomes of each event of
+ * a round is settle.c's part of the settling.
  *
- * All functions here run their own short transactions in the worker.
+ * Every transaction here first takes a lock on the extension and checks that
+ * it still exists: a DROP EXTENSION waits for it, and no statement of the
+ * worker ever meets a schema "voutbox" that is not the extension's.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
+#include "access/detoast.h"
+#include "access/xlog.h"
+#include "access/xlog_internal.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "common/hashfn.h"
+#include "common/string.h"
 #include "executor/spi.h"
-#include "pgstat.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "nodes/params.h"
+#include "storage/lmgr.h"
+#include "tcop/pquery.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/snapmgr.h"
+#include "utils/portal.h"
 #include "utils/timestamp.h"
+
+#include <librdkafka/rdkafka.h>
 
 #include "voutbox.h"
 
@@ -58,129 +82,71 @@
 	"coalesce(e.idempotency_key, e.id::text), e.trace_id, e.traceparent, " \
 	"e.correlation_id, e.created_at, e.scheduled_for, e.pii, e.pii_fields, " \
 	"e.consent::text, e.producer, e.topic, e.msg_key"
+#define EVENT_SELECT_COLUMNS	21
 
+/* A deferred event that still waits (not delivered, not dead). */
+#define WAITING(a)		a ".delivered_at IS NULL AND " a ".dead_reason IS NULL"
+/* Event h is before event e in their key's queue. */
+#define KEY_EARLIER(h, e) "(" h ".batch_id, " h ".seq) < (" e ".batch_id, " e ".seq)"
+/* An earlier event of deferred event e's key holds the key. */
+#define HELD_BEHIND_EARLIER(e) \
+	"EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h " \
+	"         WHERE " WAITING("h") " AND h.holds_key " \
+	"           AND h.topic = " e ".topic AND h.msg_key = " e ".msg_key " \
+	"           AND " KEY_EARLIER("h", e) ")"
 
-/* Quoted schema of the user-facing relations (outbox_dlq). */
-static char *api_schema = NULL;
+/* Rows fetched at once while the size of the window's events is unknown. */
+#define FIRST_FETCH_ROWS	32
 
 /* ---------------------------------------------------------------------
- * Transactions and SPI
+ * The extension
  * ---------------------------------------------------------------------
  */
 
-/* The caller's memory context: CommitTransactionCommand leaves TopMemoryContext. */
-static MemoryContext xact_caller_cxt = NULL;
-
-void
-voutbox_xact_begin(const char *activity)
+/*
+ * Lock the extension against DROP EXTENSION for the rest of the transaction
+ * and return its OID, or InvalidOid if it is not installed.
+ */
+Oid
+voutbox_lock_extension(void)
 {
-	xact_caller_cxt = CurrentMemoryContext;
-	voutbox_report_activity(activity);
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "voutbox: SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	Oid			oid = get_extension_oid(VOUTBOX_EXTENSION, true);
+
+	if (!OidIsValid(oid))
+		return InvalidOid;
+	LockDatabaseObject(ExtensionRelationId, oid, 0, AccessShareLock);
+	/* It may have been dropped while we waited for the lock. */
+	if (get_extension_oid(VOUTBOX_EXTENSION, true) != oid)
+		return InvalidOid;
+	return oid;
 }
 
-void
-voutbox_xact_end(void)
+/*
+ * Look the extension up and lock it.  Sets *recreated when it is not the
+ * installation seen last time.  An installation whose SQL objects are of
+ * another version than this library is not used: its tables may lack
+ * columns the worker writes.
+ */
+static VoutboxStorageStatus
+find_extension(bool *recreated, char **version, Oid *extension)
 {
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(xact_caller_cxt);
-	pgstat_report_stat(false);
-}
+	static Oid	ext_oid = InvalidOid;
+	Oid			oid = voutbox_lock_extension();
+	Oid			type = OIDOID;
+	Datum		value = ObjectIdGetDatum(oid);
 
-/* Run sql with text/other parameters; returns SPI_processed. */
-uint64
-voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
-			const char *nulls, int expected)
-{
-	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
-
-	if (rc != expected)
-		elog(ERROR, "voutbox: SPI_execute_with_args returned %s for \"%s\"",
-			 SPI_result_code_string(rc), sql);
-	return SPI_processed;
-}
-
-/* A text[] datum of the given strings (NULL entries are SQL NULLs). */
-Datum
-voutbox_text_array(char **values, int n)
-{
-	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
-
-	for (int i = 0; i < n; i++)
-	{
-		nulls[i] = values[i] == NULL;
-		d[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(values[i]);
-	}
-	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs,
-											  TEXTOID, -1, false, TYPALIGN_INT));
-}
-
-Datum
-voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align)
-{
-	return PointerGetDatum(construct_array(values, n, type, len, byval, align));
-}
-
-static char *
-col_text(HeapTuple tup, TupleDesc td, int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, td, col, &isnull);
-
-	return isnull ? NULL : TextDatumGetCString(d);
-}
-
-/* Copy row "tup" (of EVENT_SELECT_LIST) into ev, in CurrentMemoryContext. */
-static void
-read_event(HeapTuple tup, TupleDesc td, VoutboxEvent *ev)
-{
-	bool		isnull;
-	Datum		d;
-
-	memset(ev, 0, sizeof(*ev));
-	ev->id = col_text(tup, td, 1);
-	ev->seq = DatumGetInt64(SPI_getbinval(tup, td, 2, &isnull));
-	ev->tenant_id = col_text(tup, td, 3);
-	ev->aggregate_type = col_text(tup, td, 4);
-	ev->aggregate_id = col_text(tup, td, 5);
-	ev->event_type = col_text(tup, td, 6);
-	ev->event_version = DatumGetInt32(SPI_getbinval(tup, td, 7, &isnull));
-	ev->payload = col_text(tup, td, 8);
-	ev->metadata = col_text(tup, td, 9);
-	ev->idempotency_key = col_text(tup, td, 10);
-	ev->trace_id = col_text(tup, td, 11);
-	ev->traceparent = col_text(tup, td, 12);
-	ev->correlation_id = col_text(tup, td, 13);
-	ev->created_at = DatumGetTimestampTz(SPI_getbinval(tup, td, 14, &isnull));
-	d = SPI_getbinval(tup, td, 15, &ev->has_scheduled_for);
-	ev->has_scheduled_for = !ev->has_scheduled_for;
-	if (ev->has_scheduled_for)
-		ev->scheduled_for = DatumGetTimestampTz(d);
-	ev->pii = DatumGetBool(SPI_getbinval(tup, td, 16, &isnull));
-	d = SPI_getbinval(tup, td, 17, &isnull);
-	if (!isnull)
-	{
-		Datum	   *elems;
-
-		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
-						  &elems, NULL, &ev->n_pii_fields);
-		ev->pii_fields = palloc(sizeof(char *) * Max(ev->n_pii_fields, 1));
-		for (int i = 0; i < ev->n_pii_fields; i++)
-			ev->pii_fields[i] = TextDatumGetCString(elems[i]);
-	}
-	ev->consent = col_text(tup, td, 18);
-	ev->producer = col_text(tup, td, 19);
-	ev->topic = col_text(tup, td, 20);
-	ev->msg_key = col_text(tup, td, 21);
+	if (!OidIsValid(oid))
+		return VOUTBOX_STORAGE_MISSING;
+	voutbox_spi("SELECT extversion FROM pg_catalog.pg_extension WHERE oid = $1",
+				1, &type, &value, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return VOUTBOX_STORAGE_MISSING;
+	*version = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (strcmp(*version, VOUTBOX_SQL_VERSION) != 0)
+		return VOUTBOX_STORAGE_OTHER_VERSION;
+	*recreated = OidIsValid(ext_oid) && oid != ext_oid;
+	ext_oid = *extension = oid;
+	return VOUTBOX_STORAGE_READY;
 }
 
 /* ---------------------------------------------------------------------
@@ -220,8 +186,8 @@ load_held_keys(MemoryContext cxt)
 	HTAB	   *held = voutbox_key_set_new("voutbox held keys");
 
 	MemoryContextSwitchTo(old);
-	voutbox_spi("SELECT DISTINCT topic, msg_key FROM " VOUTBOX_SCHEMA ".deferred "
-				"WHERE delivered_at IS NULL AND holds_key",
+	voutbox_spi("SELECT DISTINCT d.topic, d.msg_key FROM " VOUTBOX_SCHEMA ".deferred d "
+				"WHERE " WAITING("d") " AND d.holds_key",
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -236,49 +202,266 @@ load_held_keys(MemoryContext cxt)
 }
 
 /* ---------------------------------------------------------------------
- * Reading a round
+ * Copying events into a round
  * ---------------------------------------------------------------------
  */
 
-/*
- * Look the extension up; remember the schema of its user-facing relations.
- * Sets *recreated when it is not the installation seen last time.  An
- * installation whose SQL objects are of another version than this library
- * is not used: its tables may lack columns the worker writes.
- */
-static VoutboxStorageStatus
-find_extension(bool *recreated, char **version)
+/* Room for at least n events in the round; actions start as VOUTBOX_SEND. */
+static void
+round_reserve(VoutboxRound *r, int n)
 {
-	static Oid	ext_oid = InvalidOid;
-	bool		isnull;
-	Oid			oid;
-	char	   *nsp;
+	int			cap = Max(r->capacity, 64);
 
-	voutbox_spi("SELECT oid, extnamespace::regnamespace::text, extversion FROM pg_catalog.pg_extension "
-				"WHERE extname = '" VOUTBOX_EXTENSION "'", 0, NULL, NULL, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		return VOUTBOX_STORAGE_MISSING;
-	*version = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-	if (strcmp(*version, VOUTBOX_SQL_VERSION) != 0)
-		return VOUTBOX_STORAGE_OTHER_VERSION;
-	oid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
-	*recreated = OidIsValid(ext_oid) && oid != ext_oid;
-	ext_oid = oid;
-	if (api_schema == NULL || strcmp(api_schema, nsp) != 0)
+	if (n <= r->capacity)
+		return;
+	while (cap < n)
+		cap *= 2;
+	if (r->events == NULL)
 	{
-		if (api_schema != NULL)
-			pfree(api_schema);
-		api_schema = MemoryContextStrdup(TopMemoryContext, nsp);
+		r->events = MemoryContextAlloc(r->cxt, sizeof(VoutboxEvent) * cap);
+		r->actions = MemoryContextAlloc(r->cxt, sizeof(VoutboxAction) * cap);
+		r->errs = MemoryContextAlloc(r->cxt, sizeof(int) * cap);
 	}
-	return VOUTBOX_STORAGE_READY;
+	else
+	{
+		r->events = repalloc(r->events, sizeof(VoutboxEvent) * cap);
+		r->actions = repalloc(r->actions, sizeof(VoutboxAction) * cap);
+		r->errs = repalloc(r->errs, sizeof(int) * cap);
+	}
+	r->capacity = cap;
 }
 
-const char *
-voutbox_api_schema(void)
+/* A text column as a C string, or NULL. */
+static char *
+text_col(TupleTableSlot *slot, int col)
 {
-	return api_schema;
+	bool		isnull;
+	Datum		d = slot_getattr(slot, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
 }
+
+/*
+ * s in UTF-8, the envelope's encoding: s itself in a UTF-8 database or if it
+ * is ASCII, else a converted copy.  A character without an equivalent in
+ * UTF-8 (outbox_save() refuses them, but an older version did not) raises no
+ * ERROR, which would stop every delivery: the event is marked, and goes to
+ * the dead-letter queue.  In a transaction (the conversion is a function of
+ * the catalogs).
+ */
+static char *
+to_utf8(char *s, VoutboxEvent *ev)
+{
+	static Oid	proc = InvalidOid;
+	int			enc = GetDatabaseEncoding();
+	int			len;
+	int			dstlen;
+	char	   *dst;
+
+	if (s == NULL || enc == PG_UTF8 || pg_is_ascii(s))
+		return s;
+	if (!OidIsValid(proc))
+		proc = FindDefaultConversionProc(enc, PG_UTF8);
+	len = strlen(s);
+	dstlen = len * MAX_CONVERSION_GROWTH + 1;
+	dst = palloc(dstlen);
+	if (!OidIsValid(proc) ||
+		pg_do_encoding_conversion_buf(proc, enc, PG_UTF8, (unsigned char *) s, len,
+									  (unsigned char *) dst, dstlen, true) < len)
+	{
+		pfree(dst);
+		ev->unconvertible = true;
+		return s;
+	}
+	return dst;
+}
+
+/* A text column that only goes to Kafka: one copy, in UTF-8. */
+static char *
+utf8_col(TupleTableSlot *slot, int col, VoutboxEvent *ev)
+{
+	char	   *s = text_col(slot, col);
+	char	   *u = to_utf8(s, ev);
+
+	if (u != s)
+		pfree(s);
+	return u;
+}
+
+/* Bytes the text columns of a row take, before they are copied. */
+static int64
+row_bytes(TupleTableSlot *slot)
+{
+	int64		bytes = sizeof(VoutboxEvent);
+
+	slot_getallattrs(slot);
+	for (int i = 0; i < slot->tts_tupleDescriptor->natts; i++)
+		if (!slot->tts_isnull[i] &&
+			TupleDescAttr(slot->tts_tupleDescriptor, i)->attlen == -1)
+			bytes += toast_raw_datum_size(slot->tts_values[i]);
+	return bytes;
+}
+
+/* Copy a row of EVENT_SELECT_LIST into ev, in CurrentMemoryContext. */
+static void
+read_event(TupleTableSlot *slot, VoutboxEvent *ev)
+{
+	bool		isnull;
+	Datum		d;
+
+	memset(ev, 0, sizeof(*ev));
+	ev->id = text_col(slot, 1);
+	ev->seq = DatumGetInt64(slot_getattr(slot, 2, &isnull));
+	ev->tenant_id = text_col(slot, 3);
+	ev->tenant_id_utf8 = to_utf8(ev->tenant_id, ev);
+	ev->aggregate_type = utf8_col(slot, 4, ev);
+	ev->aggregate_id = utf8_col(slot, 5, ev);
+	ev->event_type = utf8_col(slot, 6, ev);
+	ev->event_version = DatumGetInt32(slot_getattr(slot, 7, &isnull));
+	ev->payload = utf8_col(slot, 8, ev);
+	ev->metadata = utf8_col(slot, 9, ev);
+	ev->idempotency_key = utf8_col(slot, 10, ev);
+	ev->trace_id = utf8_col(slot, 11, ev);
+	ev->traceparent = utf8_col(slot, 12, ev);
+	ev->correlation_id = utf8_col(slot, 13, ev);
+	ev->created_at = DatumGetTimestampTz(slot_getattr(slot, 14, &isnull));
+	d = slot_getattr(slot, 15, &isnull);
+	ev->has_scheduled_for = !isnull;
+	if (ev->has_scheduled_for)
+		ev->scheduled_for = DatumGetTimestampTz(d);
+	ev->pii = DatumGetBool(slot_getattr(slot, 16, &isnull));
+	d = slot_getattr(slot, 17, &isnull);
+	if (!isnull)
+	{
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+
+		/* (NULL elements were refused when saved; none goes out.) */
+		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+						  &elems, &nulls, &n);
+		ev->pii_fields = palloc(sizeof(char *) * Max(n, 1));
+		for (int i = 0; i < n; i++)
+			if (!nulls[i])
+				ev->pii_fields[ev->n_pii_fields++] = to_utf8(TextDatumGetCString(elems[i]), ev);
+	}
+	ev->consent = utf8_col(slot, 18, ev);
+	ev->producer = utf8_col(slot, 19, ev);
+	ev->topic = text_col(slot, 20);
+	ev->msg_key = text_col(slot, 21);
+	ev->msg_key_utf8 = to_utf8(ev->msg_key, ev);
+	/* voutbox.deferred rows add holds_key and attempts */
+	if (slot->tts_tupleDescriptor->natts > EVENT_SELECT_COLUMNS)
+	{
+		ev->holds_key = DatumGetBool(slot_getattr(slot, 22, &isnull));
+		ev->attempts = DatumGetInt32(slot_getattr(slot, 23, &isnull));
+	}
+}
+
+/*
+ * A DestReceiver that copies rows into the round while it has room, counted
+ * in events (limit) and in bytes (budget; the first event always fits).  A
+ * row past either is not copied: the receiver counts it as "over" and, if
+ * stop_early, stops the query.
+ */
+typedef struct RoundReceiver
+{
+	DestReceiver pub;
+	VoutboxRound *round;
+	int			limit;
+	int64		budget;
+	bool		stop_early;
+	uint64		over;
+} RoundReceiver;
+
+static bool
+receive_event(TupleTableSlot *slot, DestReceiver *self)
+{
+	RoundReceiver *rr = (RoundReceiver *) self;
+	VoutboxRound *r = rr->round;
+	int64		bytes;
+	MemoryContext old;
+
+	if (rr->over > 0 || r->nevents >= rr->limit)
+	{
+		rr->over++;
+		return !rr->stop_early;
+	}
+	bytes = row_bytes(slot);
+	if (r->nevents > 0 && r->bytes + bytes > rr->budget)
+	{
+		rr->over++;
+		return !rr->stop_early;
+	}
+	round_reserve(r, r->nevents + 1);
+	old = MemoryContextSwitchTo(r->cxt);
+	read_event(slot, &r->events[r->nevents]);
+	MemoryContextSwitchTo(old);
+	r->actions[r->nevents] = VOUTBOX_SEND;
+	r->nevents++;
+	r->bytes += bytes;
+	return true;
+}
+
+static void
+receiver_startup(DestReceiver *self pg_attribute_unused(), int operation pg_attribute_unused(),
+				 TupleDesc typeinfo pg_attribute_unused())
+{
+}
+
+static void
+receiver_noop(DestReceiver *self pg_attribute_unused())
+{
+}
+
+static void
+receiver_init(RoundReceiver *rr, VoutboxRound *r, int limit, bool stop_early)
+{
+	memset(rr, 0, sizeof(*rr));
+	rr->pub.receiveSlot = receive_event;
+	rr->pub.rStartup = receiver_startup;
+	rr->pub.rShutdown = receiver_noop;
+	rr->pub.rDestroy = receiver_noop;
+	rr->pub.mydest = DestNone;
+	rr->round = r;
+	rr->limit = limit;
+	rr->budget = voutbox_batch_bytes;
+	rr->stop_early = stop_early;
+}
+
+/* Run a query over voutbox.deferred into the round, within its budget. */
+static void
+read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datum *values)
+{
+	RoundReceiver rr;
+	SPIExecuteOptions options;
+	ParamListInfo params = makeParamList(nargs);
+	int			rc;
+
+	for (int i = 0; i < nargs; i++)
+	{
+		params->params[i].value = values[i];
+		params->params[i].isnull = false;
+		params->params[i].pflags = PARAM_FLAG_CONST;
+		params->params[i].ptype = types[i];
+	}
+	receiver_init(&rr, r, voutbox_batch_size, true);
+	memset(&options, 0, sizeof(options));
+	options.params = params;
+	options.read_only = true;
+	options.dest = (DestReceiver *) &rr;
+	rc = SPI_execute_extended(sql, &options);
+	/* (SPI says SPI_OK_UTILITY for a SELECT into a receiver of type DestNone.) */
+	if (rc != SPI_OK_SELECT && rc != SPI_OK_UTILITY)
+		elog(ERROR, "voutbox: SPI_execute_extended returned %s for \"%s\"",
+			 SPI_result_code_string(rc), sql);
+	r->ndeferred = r->nevents;
+}
+
+/* ---------------------------------------------------------------------
+ * The cursor over a window
+ * ---------------------------------------------------------------------
+ */
 
 static void
 set_snapshot(char **field, const char *value, MemoryContext cxt)
@@ -296,8 +479,8 @@ load_cursor(VoutboxCursor *c)
 	bool		isnull;
 	Datum		d;
 
-	voutbox_spi("SELECT lo::text, hi::text, done_seq FROM " VOUTBOX_SCHEMA ".batches "
-				"ORDER BY batch_id DESC LIMIT 1", 0, NULL, NULL, NULL, SPI_OK_SELECT);
+	voutbox_spi("SELECT b.lo::text, b.hi::text, b.done_seq FROM " VOUTBOX_SCHEMA ".batches b "
+				"ORDER BY b.batch_id DESC LIMIT 1", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	if (SPI_processed != 1)
 		elog(ERROR, "voutbox: the table " VOUTBOX_SCHEMA ".batches is empty");
 	tup = SPI_tuptable->vals[0];
@@ -321,7 +504,7 @@ open_window(VoutboxCursor *c)
 
 	if (c->hi == NULL)
 	{
-		voutbox_spi("SELECT pg_current_snapshot()::text", 0, NULL, NULL, NULL, SPI_OK_SELECT);
+		voutbox_spi("SELECT pg_catalog.pg_current_snapshot()::text", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 		set_snapshot(&c->hi, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), cxt);
 		c->done_seq = PG_INT64_MIN;
 		if (strcmp(c->hi, c->lo) == 0)
@@ -333,12 +516,13 @@ open_window(VoutboxCursor *c)
 	values[0] = CStringGetTextDatum(c->lo);
 	values[1] = CStringGetTextDatum(c->hi);
 	values[2] = Int64GetDatum(c->done_seq);
-	voutbox_spi("DECLARE " PORTAL_NAME " NO SCROLL CURSOR WITH HOLD FOR "
+	c->consumed = 0;
+	voutbox_spi("DECLARE " PORTAL_NAME " SCROLL CURSOR WITH HOLD FOR "
 				"SELECT " EVENT_SELECT_LIST " FROM " VOUTBOX_SCHEMA ".events e "
-				"WHERE ((e.txid >= pg_snapshot_xmax($1::pg_snapshot) "
-				"        AND e.txid < pg_snapshot_xmax($2::pg_snapshot)) "
-				"       OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))) "
-				"  AND pg_visible_in_snapshot(e.txid, $2::pg_snapshot) "
+				"WHERE ((e.txid >= pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot) "
+				"        AND e.txid < pg_catalog.pg_snapshot_xmax($2::pg_catalog.pg_snapshot)) "
+				"       OR e.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot)))) "
+				"  AND pg_catalog.pg_visible_in_snapshot(e.txid, $2::pg_catalog.pg_snapshot) "
 				"  AND e.seq > $3 "
 				"ORDER BY e.seq",
 				3, types, values, NULL, SPI_OK_UTILITY);
@@ -355,100 +539,76 @@ close_window(VoutboxCursor *c)
 	c->portal_open = false;
 }
 
-/* Forget the cursor: it belongs to an installation that is gone. */
-static void
-forget_cursor(VoutboxCursor *c)
+/* Forget the cursor: it belongs to an installation that is gone, or failed. */
+void
+voutbox_forget_cursor(VoutboxCursor *c)
 {
-	if (c->portal_open)
-		close_window(c);
+	Portal		portal = GetPortalByName(PORTAL_NAME);
+
+	if (PortalIsValid(portal))
+		PortalDrop(portal, false);
+	c->portal_open = false;
+	c->stale = false;
 	set_snapshot(&c->lo, NULL, NULL);
 	set_snapshot(&c->hi, NULL, NULL);
 }
 
-/*
- * Room for "capacity" events in the round: the deferred ones that are due,
- * and a chunk of the window after them.  Actions start as VOUTBOX_SEND.
+/* ---------------------------------------------------------------------
+ * Reading a round
+ * ---------------------------------------------------------------------
  */
-static void
-round_alloc(VoutboxRound *r, int capacity, MemoryContext round_cxt)
-{
-	r->events = MemoryContextAlloc(round_cxt, sizeof(VoutboxEvent) * capacity);
-	r->actions = MemoryContextAllocZero(round_cxt, sizeof(VoutboxAction) * capacity);
-	r->errs = MemoryContextAlloc(round_cxt, sizeof(int) * capacity);
-}
-
-/* Copy the rows of a query over voutbox.deferred into the round. */
-static void
-load_deferred_rows(VoutboxRound *r, MemoryContext round_cxt)
-{
-	MemoryContext old;
-
-	round_alloc(r, SPI_processed + voutbox_batch_size, round_cxt);
-	old = MemoryContextSwitchTo(round_cxt);
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		bool		isnull;
-
-		read_event(tup, SPI_tuptable->tupdesc, &r->events[i]);
-		r->events[i].holds_key = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 22, &isnull));
-		r->events[i].attempts = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 23, &isnull));
-	}
-	r->ndeferred = r->nevents = SPI_processed;
-	MemoryContextSwitchTo(old);
-}
 
 /*
  * An event that must go alone (a permanent error hit it in a shared batch)
  * and is due makes a round of its own.  Returns whether there is one.
  */
 static bool
-read_alone_deferred(VoutboxRound *r, MemoryContext round_cxt)
+read_alone_deferred(VoutboxRound *r)
 {
-	voutbox_spi("SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
-				"  FROM " VOUTBOX_SCHEMA ".deferred e "
-				" WHERE e.delivered_at IS NULL AND e.alone AND e.due_at <= now() "
-				"   AND NOT (e.holds_key AND EXISTS ("
-				"        SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h "
-				"         WHERE h.delivered_at IS NULL AND h.holds_key "
-				"           AND h.topic = e.topic AND h.msg_key = e.msg_key AND h.seq < e.seq)) "
-				" ORDER BY e.seq LIMIT 1",
-				0, NULL, NULL, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0)
+	read_deferred_rows(r,
+					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
+					   "  FROM " VOUTBOX_SCHEMA ".deferred e "
+					   " WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
+					   "   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") "
+					   " ORDER BY e.batch_id, e.seq LIMIT 1",
+					   0, NULL, NULL);
+	if (r->nevents == 0)
 		return false;
-	load_deferred_rows(r, round_cxt);
 	r->alone = true;
 	return true;
 }
 
 /* Events of voutbox.deferred whose time has come, and the next due time. */
 static void
-read_due_deferred(VoutboxRound *r, MemoryContext round_cxt)
+read_due_deferred(VoutboxRound *r)
 {
 	Datum		limit = Int32GetDatum(voutbox_batch_size);
 	Oid			type = INT4OID;
 
 	/*
-	 * A held key's events are due when its head (lowest seq) is.  A head that
-	 * failed before goes alone: were it to fail again, events sent behind it
-	 * could get through and overtake it.  A head never tried (held, or
-	 * unsent at a shutdown) takes its key's queue along.  Events that hold
-	 * no key are due on their own.
+	 * A held key's events are due when its head (first in the key's queue)
+	 * is.  A head that failed before goes alone: were it to fail again,
+	 * events sent behind it could get through and overtake it.  A head
+	 * never tried (held, or unsent at a shutdown) takes its key's queue
+	 * along.  Events that hold no key are due on their own.
 	 */
-	voutbox_spi("WITH heads AS ("
-				"  SELECT DISTINCT ON (topic, msg_key) topic, msg_key, seq, due_at, attempts "
-				"    FROM " VOUTBOX_SCHEMA ".deferred "
-				"   WHERE delivered_at IS NULL AND holds_key ORDER BY topic, msg_key, seq) "
-				"SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
-				"  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
-				"       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
-				" WHERE e.delivered_at IS NULL AND NOT e.alone "
-				"   AND CASE WHEN e.holds_key "
-				"            THEN h.due_at <= now() AND (e.seq = h.seq OR h.attempts = 0) "
-				"            ELSE e.due_at <= now() END "
-				" ORDER BY e.seq LIMIT $1",
-				1, &type, &limit, NULL, SPI_OK_SELECT);
-	load_deferred_rows(r, round_cxt);
+	read_deferred_rows(r,
+					   "WITH heads AS ("
+					   "  SELECT DISTINCT ON (d.topic, d.msg_key) d.topic, d.msg_key, d.batch_id, "
+					   "         d.seq, d.due_at, d.attempts "
+					   "    FROM " VOUTBOX_SCHEMA ".deferred d "
+					   "   WHERE " WAITING("d") " AND d.holds_key "
+					   "   ORDER BY d.topic, d.msg_key, d.batch_id, d.seq) "
+					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
+					   "  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
+					   "       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
+					   " WHERE " WAITING("e") " AND NOT e.alone "
+					   "   AND CASE WHEN e.holds_key "
+					   "            THEN h.due_at <= pg_catalog.now() "
+					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "
+					   "            ELSE e.due_at <= pg_catalog.now() END "
+					   " ORDER BY e.batch_id, e.seq LIMIT $1",
+					   1, &type, &limit);
 	r->next_due = voutbox_next_due();
 }
 
@@ -462,12 +622,9 @@ voutbox_next_due(void)
 	bool		isnull;
 	Datum		d;
 
-	voutbox_spi("SELECT min(d.due_at) FROM " VOUTBOX_SCHEMA ".deferred d "
-				" WHERE d.delivered_at IS NULL AND d.due_at > now() "
-				"   AND NOT (d.holds_key AND EXISTS ("
-				"        SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h "
-				"         WHERE h.delivered_at IS NULL AND h.holds_key "
-				"           AND h.topic = d.topic AND h.msg_key = d.msg_key AND h.seq < d.seq))",
+	voutbox_spi("SELECT pg_catalog.min(e.due_at) FROM " VOUTBOX_SCHEMA ".deferred e "
+				" WHERE " WAITING("e") " AND e.due_at > pg_catalog.now() "
+				"   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ")",
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? 0 : DatumGetTimestampTz(d);
@@ -476,32 +633,77 @@ voutbox_next_due(void)
 static bool
 deferred_waiting(void)
 {
-	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred WHERE delivered_at IS NULL LIMIT 1",
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred e WHERE " WAITING("e") " LIMIT 1",
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
 	return SPI_processed > 0;
 }
 
-/* Fetch the next chunk of the window into the round; decide each event's action. */
+/*
+ * Fetch rows of the window into the round until it is full (events or
+ * bytes) or the window ends.  Rows fetched past the budget go back to the
+ * cursor.  How many rows to fetch at once follows the size of the events
+ * read so far, so that few are fetched in vain.
+ */
 static void
-read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cxt)
+fetch_window(VoutboxCursor *c, VoutboxRound *r)
 {
 	Portal		portal = SPI_cursor_find(PORTAL_NAME);
-	TimestampTz now = GetCurrentTimestamp();
-	MemoryContext old;
-	int			first = r->nevents;
+	RoundReceiver rr;
+	int			limit = voutbox_batch_size;	/* deferred events count too */
 
 	if (portal == NULL)
 		elog(ERROR, "voutbox: the cursor over the current window is gone");
-	SPI_cursor_fetch(portal, true, voutbox_batch_size);
-	r->window_done = SPI_processed < (uint64) voutbox_batch_size;
+	receiver_init(&rr, r, limit, false);
+	r->window_done = false;
+	while (r->nevents < limit)
+	{
+		int			first = r->nevents;
+		int64		want = limit - r->nevents;
+		uint64		fetched;
 
-	old = MemoryContextSwitchTo(round_cxt);
-	for (uint64 i = 0; i < SPI_processed; i++)
-		read_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &r->events[first + i]);
-	r->nevents += SPI_processed;
-	MemoryContextSwitchTo(old);
+		if (first - r->ndeferred > 0)
+		{
+			int64		avg = Max((r->bytes / Max(r->nevents, 1)), 1);
 
-	for (int i = first; i < r->nevents; i++)
+			want = Min(want, Max((rr.budget - r->bytes) / avg + 1, 1));
+		}
+		else
+			want = Min(want, FIRST_FETCH_ROWS);
+		fetched = PortalRunFetch(portal, FETCH_FORWARD, want, (DestReceiver *) &rr);
+		c->consumed += r->nevents - first;
+		CHECK_FOR_INTERRUPTS();
+		if (rr.over > 0)
+		{
+			/*
+			 * Back to the last row taken.  (Absolute: a fetch that ran off
+			 * the end leaves the cursor after the last row, not on it.)
+			 */
+			SPI_scroll_cursor_move(portal, FETCH_ABSOLUTE, (long) c->consumed);
+			break;
+		}
+		if (fetched < (uint64) want)
+		{
+			r->window_done = true;
+			break;
+		}
+	}
+
+	/* An empty fetch ends the window, and there is nothing to settle. */
+	if (r->window_done && r->nevents == r->ndeferred)
+	{
+		close_window(c);
+		set_snapshot(&c->lo, c->hi, c->cxt);
+		set_snapshot(&c->hi, NULL, NULL);
+	}
+}
+
+/* Decide what to do with each event of the window read into the round. */
+static void
+choose_actions(VoutboxRound *r, HTAB *held)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = r->ndeferred; i < r->nevents; i++)
 	{
 		VoutboxEvent *ev = &r->events[i];
 		uint64		h;
@@ -517,67 +719,96 @@ read_chunk(VoutboxCursor *c, VoutboxRound *r, HTAB *held, MemoryContext round_cx
 		else
 			r->actions[i] = VOUTBOX_SEND;
 	}
-
-	/* An empty fetch ends the window, and there is nothing to settle. */
-	if (SPI_processed == 0)
-	{
-		close_window(c);
-		set_snapshot(&c->lo, c->hi, c->cxt);
-		set_snapshot(&c->hi, NULL, NULL);
-	}
 }
 
 /*
- * Read the next round in one short transaction.  Returns whether the
- * extension is installed, in this library's version, in the worker's
- * database; if another version is, *version is set to it.
+ * Flush the WAL up to where it has been written.  Every commit visible to a
+ * snapshot taken before had its commit record written before: this makes it
+ * durable.  (At the very start of a page, GetXLogInsertRecPtr() points past
+ * the page's header, which holds nothing yet and which XLogFlush() refuses
+ * to wait for: the end of what was written is the page's start.)
+ */
+static void
+flush_written_wal(void)
+{
+	XLogRecPtr	upto = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(upto, wal_segment_size) == SizeOfXLogLongPHD)
+		upto -= SizeOfXLogLongPHD;
+	else if (upto % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		upto -= SizeOfXLogShortPHD;
+	XLogFlush(upto);
+}
+
+/*
+ * Read the next round in one short transaction, in CurrentMemoryContext.
+ * Returns whether the extension is installed, in this library's version,
+ * in the worker's database, and the database's encoding is one the envelope
+ * can be converted from; if another version is installed, *version is set
+ * to it.
  */
 VoutboxStorageStatus
 voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
 {
 	MemoryContext round_cxt = CurrentMemoryContext;
 	HTAB	   *held = NULL;
-	bool		recreated;
+	bool		recreated = false;
 	VoutboxStorageStatus status;
 
 	memset(r, 0, sizeof(*r));
+	r->cxt = round_cxt;
+	if (GetDatabaseEncoding() == PG_SQL_ASCII)
+		return VOUTBOX_STORAGE_BAD_ENCODING;
+
 	voutbox_xact_begin("reading the next batch");
-	if ((status = find_extension(&recreated, version)) != VOUTBOX_STORAGE_READY)
+	if ((status = find_extension(&recreated, version, &r->extension)) != VOUTBOX_STORAGE_READY)
 	{
 		if (*version != NULL)
 			*version = MemoryContextStrdup(round_cxt, *version);
-		forget_cursor(c);
+		voutbox_forget_cursor(c);
 		voutbox_xact_end();
 		return status;
 	}
-	if (recreated)
-		forget_cursor(c);
+	/* After a failed read the window's cursor may have moved past unsettled rows. */
+	if (recreated || c->stale)
+		voutbox_forget_cursor(c);
 	if (c->lo == NULL)
 		load_cursor(c);
 	if (deferred_waiting())
 	{
-		if (read_alone_deferred(r, round_cxt))
+		if (!read_alone_deferred(r))
 		{
-			voutbox_xact_end();
-			r->errs[0] = VOUTBOX_DELIVERY_PENDING;
-			return VOUTBOX_STORAGE_READY;
+			read_due_deferred(r);
+			held = load_held_keys(round_cxt);
 		}
-		read_due_deferred(r, round_cxt);
-		held = load_held_keys(round_cxt);
 	}
-	if (!c->portal_open)
-		open_window(c);
-	if (c->portal_open)
+	if (!r->alone)
 	{
-		if (r->events == NULL)
-			round_alloc(r, voutbox_batch_size, round_cxt);
-		read_chunk(c, r, held, round_cxt);
+		if (!c->portal_open)
+			open_window(c);
+		if (c->portal_open)
+			fetch_window(c, r);
+		choose_actions(r, held);
 	}
+
+	/* Deliver nothing whose commit a crash could still erase. */
+	if (r->nevents > 0)
+		flush_written_wal();
 	voutbox_xact_end();
 
 	for (int i = 0; i < r->nevents; i++)
+	{
 		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
 			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
+		/* Not sent: a permanent error, for the dead-letter queue. */
+		if (r->events[i].unconvertible && r->actions[i] == VOUTBOX_SEND)
+		{
+			r->errs[i] = RD_KAFKA_RESP_ERR__BAD_MSG;
+			ereport(LOG,
+					(errmsg("voutbox: event %s holds text that cannot be converted from %s to UTF-8; it is not sent",
+							r->events[i].id, GetDatabaseEncodingName())));
+		}
+	}
 	return VOUTBOX_STORAGE_READY;
 }
 
@@ -586,13 +817,14 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
  * ---------------------------------------------------------------------
  */
 
-/* Append the cursor row of the chunk just settled. */
-static void
+/* Append the cursor row of the chunk just settled; returns its batch_id. */
+static int64
 append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 {
 	Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, INT4OID};
 	Datum		values[4];
 	char		nulls[4] = {' ', ' ', ' ', ' '};
+	bool		isnull;
 
 	if (r->window_done)
 	{
@@ -607,31 +839,42 @@ append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 	}
 	values[3] = Int32GetDatum(r->nevents - r->ndeferred);
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".batches (lo, hi, done_seq, reach, events) "
-				"VALUES ($1::pg_snapshot, $2::pg_snapshot, $3, "
-				"        pg_snapshot_xmax(coalesce($2, $1)::pg_snapshot), $4)",
-				4, types, values, nulls, SPI_OK_INSERT);
+				"VALUES ($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot, $3, "
+				"        pg_catalog.pg_snapshot_xmax(coalesce($2, $1)::pg_catalog.pg_snapshot), $4) "
+				"RETURNING batch_id",
+				4, types, values, nulls, SPI_OK_INSERT_RETURNING);
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 /*
  * Record the outcome of a round in one transaction (settle.c judges the
- * events), advance the cursor in it, then in memory.  If anything fails, the
- * worker exits and reads the round again.
+ * events), advance the cursor in it, then in memory.  An ERROR leaves the
+ * round as it was, for the caller to settle again.
  */
 void
 voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
 {
 	bool		chunk = r->nevents > r->ndeferred;
 	bool		deferred;
+	int64		batch_id = 0;
 	VoutboxSettlement *settlement = voutbox_settle_begin(r);
 
 	voutbox_xact_begin("settling a batch");
-	deferred = voutbox_settle_events(settlement, r);
-	if (chunk)
+	if (voutbox_lock_extension() != r->extension)
 	{
-		append_batch_row(c, r);
-		if (r->window_done)
-			close_window(c);
+		/*
+		 * Dropped (and perhaps created again) since the round was read:
+		 * nothing of it is there to record; the cursor goes with it.
+		 */
+		voutbox_forget_cursor(c);
+		voutbox_xact_end();
+		return;
 	}
+	if (chunk)
+		batch_id = append_batch_row(c, r);
+	deferred = voutbox_settle_events(settlement, r, batch_id);
+	if (chunk && r->window_done)
+		close_window(c);
 	if (deferred || r->ndeferred > 0)
 		r->next_due = voutbox_next_due();
 	voutbox_xact_end();

@@ -33,6 +33,7 @@ char	   *voutbox_brokers = NULL;
 char	   *voutbox_topic_template = NULL;
 char	   *voutbox_key_template = NULL;
 int			voutbox_batch_size = 10000;
+int			voutbox_batch_bytes = 4 * 1024 * 1024;
 int			voutbox_poll_interval = 1000;
 int			voutbox_max_retries = 10;
 int			voutbox_backoff_base = 1000;
@@ -81,14 +82,22 @@ check_traceparent(char **newval, void **extra pg_attribute_unused(), GucSource s
 	return true;
 }
 
+/*
+ * The message names the property at fault, never the setting's value:
+ * PostgreSQL's own would quote it whole, and a secret may be in it.
+ */
 static bool
 check_kafka_properties(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
 {
 	char	   *detail = NULL;
+	char	   *hint = NULL;
 
-	if (voutbox_kafka_properties_are_valid(*newval, &detail))
+	if (voutbox_kafka_properties_are_valid(*newval, &detail, &hint))
 		return true;
+	GUC_check_errmsg("invalid value for parameter \"voutbox.kafka_properties\"");
 	GUC_check_errdetail("%s", detail);
+	if (hint)
+		GUC_check_errhint("%s", hint);
 	return false;
 }
 
@@ -129,6 +138,11 @@ define_gucs(void)
 							NULL,
 							&voutbox_batch_size, 10000, 1, 1000000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.batch_bytes",
+							"Most bytes of events the worker holds in a round (at least one event).",
+							"Counts the events' text as read from storage: payloads, metadata and the other columns.",
+							&voutbox_batch_bytes, 4 * 1024 * 1024, 1024, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
 	DefineCustomIntVariable("voutbox.poll_interval",
 							"Longest the idle worker sleeps; commits wake it at once.",
 							NULL,
@@ -188,7 +202,7 @@ define_gucs(void)
 							   "Extra librdkafka properties for the producer, as name=value pairs separated by semicolons.",
 							   NULL,
 							   &voutbox_kafka_properties, "",
-							   PGC_SIGHUP, 0, check_kafka_properties, NULL, NULL);
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_kafka_properties, NULL, NULL);
 	DefineCustomStringVariable("voutbox.kafka_secrets_file",
 							   "File of librdkafka properties holding secrets (passwords, keys), name=value per line; read by the worker.",
 							   "Relative paths are relative to the data directory. Only superusers can see the setting.",

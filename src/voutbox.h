@@ -6,8 +6,12 @@
  * voutbox stores events with outbox_save() inside the caller's transaction
  * (save.c) and a background worker (worker.c) delivers the committed ones to
  * Apache Kafka (producer.c, envelope.c), reading them in batches defined by
- * transaction visibility (storage.c).  voutbox.c holds the GUCs, the shared
- * memory and the worker registration; routing.c the topic and key templates.
+ * transaction visibility (storage.c) and settling them (settle.c,
+ * retention.c).  voutbox.c holds the GUCs, the shared memory and the worker
+ * registration; routing.c the topic and key templates; validate.c the rules
+ * an event follows; privileges.c who acts for which tenant; admin.c the DLQ
+ * administration functions; session.c the worker's pinned settings; spi.c
+ * its transactions.
  *
  * Everything not declared here is static to its file.
  *
@@ -17,6 +21,7 @@
 #define VOUTBOX_H
 
 #include <limits.h>
+#include <signal.h>
 
 #include "datatype/timestamp.h"
 #include "utils/palloc.h"
@@ -27,6 +32,18 @@
 #define VOUTBOX_EXTENSION		"voutbox"
 #define VOUTBOX_SCHEMA			"voutbox"
 #define VOUTBOX_RING_SLOTS		3
+/* The role that acts for every tenant (README, "Security"). */
+#define VOUTBOX_ADMIN_ROLE		"voutbox_admin"
+/*
+ * Longest text arguments, in bytes.  Names (tenant, types) and keys (the
+ * aggregate id, which makes the message key by default, the idempotency key)
+ * are indexed, and an index row must stay well below PostgreSQL's limit of
+ * about 2.7 kB; the correlation id and producer become Kafka headers.
+ */
+#define VOUTBOX_MAX_NAME_BYTES	255
+#define VOUTBOX_MAX_KEY_BYTES	1024
+/* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
+#define VOUTBOX_TOPIC_MAX_LEN	249
 
 /* The columns of voutbox.events, which voutbox.deferred repeats. */
 #define VOUTBOX_EVENT_COLUMNS \
@@ -41,6 +58,7 @@ extern char *voutbox_brokers;
 extern char *voutbox_topic_template;
 extern char *voutbox_key_template;
 extern int	voutbox_batch_size;
+extern int	voutbox_batch_bytes;
 extern int	voutbox_poll_interval;		/* ms */
 extern int	voutbox_max_retries;
 extern int	voutbox_backoff_base;		/* ms */
@@ -56,8 +74,11 @@ extern char *voutbox_kafka_secrets_file;
 extern int	voutbox_delivery_timeout;	/* ms */
 extern int	voutbox_stats_max_topics;
 
+/* How long the worker waits for a lock before it tries again later. */
+#define VOUTBOX_LOCK_TIMEOUT	"2s"
+
 /* The version of the SQL objects this library works with. */
-#define VOUTBOX_SQL_VERSION		"0.2.0"
+#define VOUTBOX_SQL_VERSION		"0.3.0"
 
 /*
  * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
@@ -100,13 +121,17 @@ extern PGDLLEXPORT void voutbox_worker_main(Datum arg) pg_attribute_noreturn();
 /*
  * One event as the worker reads it from storage.  Strings are NUL-terminated;
  * absent optional values are NULL.  JSON values are kept as the text that
- * PostgreSQL prints for the stored jsonb.
+ * PostgreSQL prints for the stored jsonb.  What goes to Kafka is in UTF-8;
+ * tenant_id, topic and msg_key stay in the server's encoding for the worker's
+ * own use (they name keys and counters), with UTF-8 copies for Kafka (the
+ * same strings in a UTF-8 database).
  */
 typedef struct VoutboxEvent
 {
 	char	   *id;
 	int64		seq;
 	char	   *tenant_id;
+	char	   *tenant_id_utf8;
 	char	   *aggregate_type;
 	char	   *aggregate_id;
 	char	   *event_type;
@@ -127,6 +152,8 @@ typedef struct VoutboxEvent
 	char	   *producer;
 	char	   *topic;
 	char	   *msg_key;
+	char	   *msg_key_utf8;
+	bool		unconvertible;	/* text without an equivalent in UTF-8 */
 	/* only for events read back from voutbox.deferred */
 	bool		holds_key;
 	int32		attempts;
@@ -147,14 +174,43 @@ typedef struct VoutboxRouteFields
 extern bool voutbox_template_is_valid(const char *tmpl, const char **detail);
 extern char *voutbox_render_template(const char *tmpl, const VoutboxRouteFields *fields);
 extern bool voutbox_topic_is_valid(const char *topic, const char **detail);
+extern char voutbox_tenant_separator(const char *tmpl);
+extern bool voutbox_topic_template_separates_tenants(const char *tmpl, const char **detail);
+
+/* Tenants and roles (privileges.c) */
+struct FunctionCallInfoBaseData;
+extern bool voutbox_acts_for(Oid role, const char *tenant_id);
+extern bool voutbox_acts_for_all(Oid role);
+extern bool voutbox_tenant_isolation(void);
+extern void voutbox_check_acts_for(const char *tenant_id, const char *what);
+extern void voutbox_become_owner(struct FunctionCallInfoBaseData *fcinfo, Oid *save_user,
+								 int *save_sec);
+extern void voutbox_restore_user(Oid save_user, int save_sec);
+
+/* The worker's session (session.c) */
+extern void voutbox_session_remember(void);
+extern void voutbox_session_pin(void);
 
 /* Envelope (envelope.c) */
 struct json_object;
 extern struct json_object *voutbox_envelope_new(const VoutboxEvent *ev);
 extern void voutbox_format_timestamp(TimestampTz ts, char *buf, size_t len);
 
-/* W3C trace context (save.c) */
+/* The rules an event must follow (validate.c) */
+extern void voutbox_check_length(const char *s, const char *name, int max_bytes);
+extern void voutbox_check_convertible(const char *s, const char *name);
+extern void voutbox_check_text(const char *s, const char *name, int max_bytes,
+							   const char *hint_if_empty);
+extern int32 voutbox_parse_event_type(const char *event_type);
+extern bool voutbox_is_trace_id(const char *s);
 extern bool voutbox_traceparent_is_valid(const char *value);
+extern void voutbox_check_payload(Datum jsonb);
+extern void voutbox_check_json_convertible(Datum jsonb, const char *name);
+extern void voutbox_check_pii_fields(Datum array);
+extern void voutbox_check_tenant_separator(const char *tenant_id, char sep);
+struct HeapTupleData;
+struct TupleDescData;
+extern void voutbox_check_event_row(struct HeapTupleData *tup, struct TupleDescData *desc);
 
 /*
  * The Kafka producer (producer.c).  A delivery outcome is 0 for an event the
@@ -166,16 +222,18 @@ extern bool voutbox_traceparent_is_valid(const char *value);
 
 typedef struct VoutboxProducer VoutboxProducer;
 
-extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail);
+extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint);
 extern void voutbox_producer_init(void);
 extern void voutbox_reload_config(void);
 extern VoutboxProducer *voutbox_producer_create(char **error);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);
+extern bool voutbox_producer_failed(VoutboxProducer *p);
+extern bool voutbox_producer_delivered_any(VoutboxProducer *p);
 extern bool voutbox_producer_config_changed(VoutboxProducer *p);
 extern int	voutbox_producer_socket(VoutboxProducer *p);
 extern void voutbox_producer_serve(VoutboxProducer *p);
-extern void voutbox_producer_deliver(VoutboxProducer *p, const VoutboxEvent *events,
+extern void voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events,
 									 int n, int *errs);
 extern const char *voutbox_delivery_error_text(int err);
 extern const char *voutbox_delivery_error_name(int err);
@@ -216,15 +274,21 @@ typedef struct VoutboxCursor
 	char	   *hi;				/* pg_snapshot of the open window, or NULL */
 	int64		done_seq;		/* window settled up to this seq */
 	bool		portal_open;	/* the window's holdable cursor exists */
+	int64		consumed;		/* rows of the cursor taken so far */
+	bool		stale;			/* a read failed: load it again from the table */
 } VoutboxCursor;
 
 typedef struct VoutboxRound
 {
+	MemoryContext cxt;			/* holds the events */
+	Oid			extension;		/* the installation it was read from */
 	int			ndeferred;		/* events[0..ndeferred-1] are deferred ones */
 	int			nevents;
+	int			capacity;
 	VoutboxEvent *events;
 	VoutboxAction *actions;
 	int		   *errs;			/* delivery outcome per event */
+	int64		bytes;			/* what the events took as read */
 	bool		window_done;	/* the chunk ends the window */
 	bool		alone;			/* one deferred event that goes alone */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
@@ -234,20 +298,24 @@ typedef enum VoutboxStorageStatus
 {
 	VOUTBOX_STORAGE_READY,
 	VOUTBOX_STORAGE_MISSING,		/* CREATE EXTENSION has not run */
-	VOUTBOX_STORAGE_OTHER_VERSION	/* ALTER EXTENSION UPDATE has not run */
+	VOUTBOX_STORAGE_OTHER_VERSION,	/* ALTER EXTENSION UPDATE has not run */
+	VOUTBOX_STORAGE_BAD_ENCODING	/* SQL_ASCII: no conversion to UTF-8 */
 } VoutboxStorageStatus;
 
+extern Oid	voutbox_lock_extension(void);
 extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
 													   char **version);
 extern void voutbox_storage_settle_round(VoutboxCursor *cursor, VoutboxRound *round);
+extern void voutbox_forget_cursor(VoutboxCursor *cursor);
 extern TimestampTz voutbox_next_due(void);
-extern const char *voutbox_api_schema(void);
 extern uint64 voutbox_key_hash(const char *topic, const char *key);
 extern struct HTAB *voutbox_key_set_new(const char *name);
 
-/* Short worker transactions with SPI (storage.c) */
+/* Short worker transactions with SPI (spi.c) */
+extern volatile sig_atomic_t voutbox_in_xact;
 extern void voutbox_xact_begin(const char *activity);
 extern void voutbox_xact_end(void);
+extern void voutbox_xact_abort(void);
 extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 						  const char *nulls, int expected);
 extern Datum voutbox_text_array(char **values, int n);
@@ -257,14 +325,18 @@ extern Datum voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool 
 typedef struct VoutboxSettlement VoutboxSettlement;
 
 extern VoutboxSettlement *voutbox_settle_begin(const VoutboxRound *round);
-extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round);
+extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round,
+								  int64 batch_id);
 extern void voutbox_settle_end(VoutboxSettlement *settlement);
 extern TimestampTz voutbox_topic_stalled_until(const char *topic, TimestampTz now);
+extern void voutbox_forget_stalled_topics(void);
+extern bool voutbox_dead_events_wait(void);
 
 /* Retention (retention.c) */
 extern void voutbox_retention_run(const VoutboxCursor *cursor);
 
 /* Worker status (worker.c) */
+extern bool voutbox_is_worker;
 extern void voutbox_report_activity(const char *what);
 
 /* Statistics in shared memory (stats.c) */
@@ -274,6 +346,7 @@ extern void voutbox_stats_worker_started(void);
 extern void voutbox_stats_worker_stopped(int code, Datum arg);
 extern void voutbox_stats_set_state(const char *state, const char *detail);
 extern void voutbox_stats_producer_built(void);
+extern void voutbox_stats_set_error(const char *error);
 
 typedef struct VoutboxStatsBatch VoutboxStatsBatch;
 
@@ -281,5 +354,8 @@ extern VoutboxStatsBatch *voutbox_stats_batch_new(void);
 extern void voutbox_stats_batch_add(VoutboxStatsBatch *b, const char *tenant_id, const char *topic,
 									int delivered, int failed, int dead, const char *error);
 extern void voutbox_stats_batch_flush(VoutboxStatsBatch *b);
+
+/* Dead events to the DLQ, unless it is locked (settle.c) */
+extern uint64 voutbox_move_dead_events(VoutboxStatsBatch *stats);
 
 #endif							/* VOUTBOX_H */

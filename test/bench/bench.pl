@@ -52,20 +52,28 @@ PostgreSQL::Test::Utils::append_to_file("$dir/save.sql",
 PostgreSQL::Test::Utils::append_to_file("$dir/insert.sql",
 	"\\set n random(1, 1000000)\nINSERT INTO plain_outbox (tenant_id, aggregate_type, aggregate_id, event_type, payload) "
 	  . "VALUES ('acme', 'order', :n::text, 'order.placed.v1', $payload);\n");
+# The same save by an application role bound to its tenant (isolation on),
+# in a database of its own.
+$node->safe_psql('postgres', 'CREATE ROLE bench_app LOGIN');
+$node->safe_psql('postgres', 'CREATE DATABASE save_tenant');
+$node->safe_psql('save_tenant', "CREATE EXTENSION voutbox; SELECT outbox_tenant_grant('acme', 'bench_app')");
 my %tps;
+my %run = (insert => 'save_bench', save => 'save_bench', save_tenant => 'save_tenant -U bench_app');
 for my $round (1 .. 2)
 {
-	for my $kind ('insert', 'save')
+	for my $kind ('insert', 'save', 'save_tenant')
 	{
-		my $out = `pgbench -n -c 2 -j 2 -T $SECONDS -f $dir/$kind.sql -h ${\ $node->host} -p ${\ $node->port} save_bench 2>&1`;
+		my $file = $kind eq 'save_tenant' ? 'save' : $kind;
+		my $out = `pgbench -n -c 2 -j 2 -T $SECONDS -f $dir/$file.sql -h ${\ $node->host} -p ${\ $node->port} $run{$kind} 2>&1`;
 		my ($t) = $out =~ /tps = ([\d.]+)/;
 		push @{ $tps{$kind} }, $t;
 	}
 }
-my $save = (sort { $a <=> $b } @{ $tps{save} })[-1];
-my $insert = (sort { $a <=> $b } @{ $tps{insert} })[-1];
+my ($save, $insert, $tenant) = map { (sort { $a <=> $b } @{ $tps{$_} })[-1] } qw(save insert save_tenant);
 push @report, sprintf('| save path: transactions/s, 2 clients, one event each | outbox_save %.0f | plain INSERT %.0f | %.2f |',
 	$save, $insert, $save / $insert);
+push @report, sprintf('| save path with tenant isolation on, as a role bound to its tenant | outbox_save %.0f | plain INSERT %.0f | %.2f |',
+	$tenant, $insert, $tenant / $insert);
 
 # --- 2. drain a backlog
 $node->safe_psql('postgres', 'SELECT outbox_save(\'acme\', \'order\', \'warm\', \'order.placed.v1\', \'{}\')');

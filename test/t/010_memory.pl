@@ -44,6 +44,24 @@ my $after_more = worker_memory();
 note("worker memory: $after_warmup bytes after 10000 events, $after_more after 60000");
 ok($after_more - $after_warmup < 512 * 1024, 'memory does not grow with the events delivered');
 
+# --- A byte budget per round (voutbox.batch_bytes): large events make small
+# rounds, so that the worker holds a few MB however large the payloads are.
+$node->append_conf('postgresql.conf', "voutbox.batch_bytes = '1MB'\n");
+$node->reload;
+$node->poll_query_until('postgres', "SELECT setting = '1048576' FROM pg_settings WHERE name = 'voutbox.batch_bytes'")
+  or die 'batch_bytes not applied';
+my $last_batch = $node->safe_psql('postgres', 'SELECT max(batch_id) FROM voutbox.batches');
+$node->safe_psql('postgres',
+	"SELECT count(outbox_save('acme', 'test', 'big' || g, 'item.big.v1', "
+	  . "jsonb_build_object('blob', repeat('x', 200000), 'g', g))) FROM generate_series(1, 40) g");
+wait_for_delivered($node, 40, "event_type = 'item.big.v1'");
+my ($rounds, $largest) = split /\|/, $node->safe_psql('postgres',
+	"SELECT count(*), max(events) FROM voutbox.batches WHERE batch_id > $last_batch AND events > 0");
+note("40 events of 200 kB with batch_bytes = 1MB: $rounds rounds, the largest of $largest events");
+ok($largest >= 1 && $largest <= 5, 'a round holds at most 1 MB of events');
+my @big = grep { $_->{event}{event} eq 'item.big.v1' } consume_all($kafka, 'acme.item.big.v1');
+is(scalar(keys %{ { map { $_->{event}{payload}{g} => 1 } @big } }), 40, 'and all 40 arrive');
+
 $node->stop;
 kafka_stop($kafka);
 done_testing();

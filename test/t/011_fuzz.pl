@@ -286,7 +286,7 @@ sub required_text
 		[ 5, sub { over_limit($limit) } ]);
 }
 
-my @TENANTS = ('acme', 'globex', 'initech', 't-1', 'T_2', 'a.b', '-', '_', '...', '0', 'A');
+my @TENANTS = ('acme', 'globex', 'initech', 't-1', 'T_2', '-', '_', '0', 'A');
 
 sub gen_tenant
 {
@@ -295,12 +295,14 @@ sub gen_tenant
 	{
 		return wpick(
 			[ 60, sub { t_val(pick(@TENANTS)) } ],
-			[ 30, sub { t_val(join '', map { pick(@WORDCHARS, '.') } 0 .. int(rand(30))) } ],
+			[ 30, sub { t_val(join '', map { pick(@WORDCHARS) } 0 .. int(rand(30))) } ],
 			[ 5, sub { t_val('t' x (100 + int(rand(150)))) } ]);
 	}
 	return wpick(
 		[ 20, sub { required_text('invalid', 'tenant_id') } ],
 		[ 5, sub { t_val(pick('.', '..')) } ],
+		# the separator after {tenant_id} in the topic template
+		[ 5, sub { t_val(pick('a.b', '...', 'acme.lead', 'x.', '.x')) } ],
 		[ 30, \&any_text ],    # mostly characters Kafka refuses
 		[ 5, sub { t_val('t' x (250 + int(rand(50)))) } ],
 		# characters of topics: too long for a topic, or for the limit
@@ -824,7 +826,7 @@ sub validate
 	return ('22001', 'producer') if $given->('producer') && bytes($text->('producer')) > $MAX_BYTES{producer};
 	return ('22008', 'scheduled_for') if $c->{scheduled_for} && $c->{scheduled_for}{infinite};
 	my $tenant = $text->('tenant_id');
-	return ('42602', 'tenant_id') if bytes($tenant) <= 249 && !topic_ok($tenant);
+	return ('42602', 'tenant_id') if bytes($tenant) <= 249 && (!topic_ok($tenant) || $tenant =~ /\./);
 	return ('42602', 'voutbox.topic_template') unless topic_ok($tenant . '.' . $text->('event_type'));
 	# the message key from voutbox.key_template, {aggregate_id} (the default)
 	return ('22001', 'voutbox.key_template') if bytes($text->('aggregate_id')) > $KEY_BYTES;

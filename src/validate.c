@@ -1,0 +1,348 @@
+/*-------------------------------------------------------------------------
+ *
+ * validate.c
+ *		The rules an event must follow, for outbox_save() and the DLQ.
+ *
+ * outbox_save() applies them to its arguments (save.c); the trigger on the
+ * dead-letter queue applies them to a row that someone fixes in place or
+ * adds by hand (admin.c), because the worker builds the event's envelope
+ * from that row and a value it could not send would stop it.  Each error
+ * names the argument (or column) and has the SQLSTATE the README lists.
+ *
+ * In a database whose encoding is not UTF-8, every text must also convert to
+ * UTF-8, the envelope's encoding: a character without an equivalent is the
+ * caller's error (22P05) rather than an event the worker cannot send.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "common/string.h"
+#include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+/* ---------------------------------------------------------------------
+ * Texts
+ * ---------------------------------------------------------------------
+ */
+
+void
+voutbox_check_length(const char *s, const char *name, int max_bytes)
+{
+	size_t		len = strlen(s);
+
+	if (len > (size_t) max_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("%s is longer than %d bytes", name, max_bytes),
+				 errdetail("It is %zu bytes long.", len)));
+}
+
+static void
+conversion_context(void *arg)
+{
+	errcontext("argument %s of outbox_save", (const char *) arg);
+}
+
+/*
+ * In a database whose encoding is not UTF-8, s must convert to UTF-8; else
+ * the conversion raises 22P05 (untranslatable_character) naming the
+ * argument.  (In SQL_ASCII nothing converts: the worker refuses to deliver.)
+ */
+void
+voutbox_check_convertible(const char *s, const char *name)
+{
+	int			enc = GetDatabaseEncoding();
+	ErrorContextCallback callback;
+	char	   *converted;
+
+	if (s == NULL || enc == PG_UTF8 || enc == PG_SQL_ASCII || pg_is_ascii(s))
+		return;
+	callback.callback = conversion_context;
+	callback.arg = (void *) name;
+	callback.previous = error_context_stack;
+	error_context_stack = &callback;
+	converted = pg_server_to_any(s, strlen(s), PG_UTF8);
+	error_context_stack = callback.previous;
+	if (converted != s)
+		pfree(converted);
+}
+
+/*
+ * event_type must read "name.vN": dot-separated segments of letters, digits,
+ * "_" and "-", the last one "v" and a positive version.  Returns N.
+ */
+int32
+voutbox_parse_event_type(const char *event_type)
+{
+	const char *dot = strrchr(event_type, '.');
+	const char *p;
+	int64		version = 0;
+	bool		ok = dot != NULL && dot != event_type && dot[1] == 'v' &&
+		dot[2] >= '1' && dot[2] <= '9';
+
+	for (p = dot ? dot + 2 : event_type; ok && *p; p++)
+	{
+		ok = *p >= '0' && *p <= '9';
+		version = version * 10 + (*p - '0');
+		ok = ok && version <= PG_INT32_MAX;
+	}
+	for (p = event_type; ok && p < dot; p++)
+	{
+		bool		sep = *p == '.';
+
+		ok = sep ? (p != event_type && p[-1] != '.') :
+			((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+			 (*p >= '0' && *p <= '9') || *p == '_' || *p == '-');
+	}
+	ok = ok && dot[-1] != '.';
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_type \"%s\" is not of the form name.vN", event_type),
+				 errdetail("An event type is dot-separated words of letters, digits, \"_\" and \"-\", ending in \".v\" and a version number from 1, such as \"lead.created.v1\".")));
+	return (int32) version;
+}
+
+/* len lowercase hex digits; when nonzero, not all of them "0" */
+static bool
+is_lower_hex(const char *s, int len, bool nonzero)
+{
+	bool		seen_nonzero = false;
+
+	for (int i = 0; i < len; i++)
+	{
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+		seen_nonzero = seen_nonzero || s[i] != '0';
+	}
+	return seen_nonzero || !nonzero;
+}
+
+bool
+voutbox_is_trace_id(const char *s)
+{
+	return strlen(s) == 32 && is_lower_hex(s, 32, true);
+}
+
+bool
+voutbox_traceparent_is_valid(const char *v)
+{
+	return strlen(v) == 55 && strncmp(v, "00-", 3) == 0 &&
+		is_lower_hex(v + 3, 32, true) && v[35] == '-' &&
+		is_lower_hex(v + 36, 16, true) && v[52] == '-' &&
+		is_lower_hex(v + 53, 2, false);
+}
+
+void
+voutbox_check_payload(Datum jsonb)
+{
+	Jsonb	   *payload = DatumGetJsonbP(jsonb);
+	char	   *text = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
+	size_t		len = strlen(text);
+
+	voutbox_check_convertible(text, "payload");
+	if (len > (size_t) voutbox_max_payload_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("The payload is %zu bytes as JSON text; voutbox.max_payload_bytes is %d.",
+						   len, voutbox_max_payload_bytes),
+				 errhint("Store large data elsewhere and put a reference in the event.")));
+	pfree(text);
+}
+
+/* The text of a JSON value must convert to UTF-8 (see voutbox_check_convertible). */
+void
+voutbox_check_json_convertible(Datum jsonb, const char *name)
+{
+	Jsonb	   *value;
+
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return;
+	value = DatumGetJsonbP(jsonb);
+	voutbox_check_convertible(JsonbToCString(NULL, &value->root, VARSIZE(value)), name);
+}
+
+void
+voutbox_check_pii_fields(Datum array)
+{
+	ArrayType  *arr = DatumGetArrayTypeP(array);
+	Datum	   *elems;
+	int			n;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("pii_fields must be a one-dimensional array")));
+	if (array_contains_nulls(arr))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("pii_fields must not contain nulls")));
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return;
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
+	for (int i = 0; i < n; i++)
+		voutbox_check_convertible(TextDatumGetCString(elems[i]), "pii_fields");
+}
+
+/*
+ * A tenant id must not contain the character that follows {tenant_id} in the
+ * topic template: with it, two tenants could render the same topic.  With
+ * tenant isolation on, when that character is "." or "_", it must contain
+ * neither, since Kafka refuses a topic that differs from another only in
+ * those two (a tenant could otherwise claim the name of another's topic).
+ */
+void
+voutbox_check_tenant_separator(const char *tenant_id, char sep)
+{
+	char		bad = '\0';
+
+	if (sep == '\0' || strlen(tenant_id) > VOUTBOX_TOPIC_MAX_LEN)
+		return;
+	if (strchr(tenant_id, sep) != NULL)
+		bad = sep;
+	else if ((sep == '.' || sep == '_') && voutbox_tenant_isolation())
+		bad = strchr(tenant_id, sep == '.' ? '_' : '.') ? (sep == '.' ? '_' : '.') : '\0';
+	if (bad != '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, bad),
+				 errdetail(bad == sep ?
+						   "voutbox.topic_template \"%s\" puts \"%c\" after the tenant id: with it, two tenants could share a topic." :
+						   "voutbox.topic_template \"%s\" puts \"%c\" after the tenant id, and Kafka takes \".\" and \"_\" for the same in topic names: with tenant isolation on, two tenants could claim each other's topics.",
+						   voutbox_topic_template, sep)));
+}
+
+/* A non-empty text of at most max_bytes, convertible to UTF-8. */
+void
+voutbox_check_text(const char *s, const char *name, int max_bytes, const char *hint_if_empty)
+{
+	if (s[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", name),
+				 hint_if_empty ? errhint("%s", hint_if_empty) : 0));
+	voutbox_check_length(s, name, max_bytes);
+	voutbox_check_convertible(s, name);
+}
+
+/* ---------------------------------------------------------------------
+ * A stored event
+ * ---------------------------------------------------------------------
+ */
+
+
+/* Column "name" of the row, or (Datum) 0 with *isnull. */
+static Datum
+row_value(HeapTuple tup, TupleDesc desc, const char *name, bool *isnull)
+{
+	int			att = SPI_fnumber(desc, name);
+
+	if (att <= 0)
+		elog(ERROR, "voutbox: column \"%s\" is missing", name);
+	return heap_getattr(tup, att, desc, isnull);
+}
+
+/* A text column: NULL if SQL NULL; else checked as outbox_save() checks it. */
+static char *
+row_text(HeapTuple tup, TupleDesc desc, const char *name, int max_bytes)
+{
+	bool		isnull;
+	Datum		d = row_value(tup, desc, name, &isnull);
+	char	   *s;
+
+	if (isnull)
+		return NULL;
+	s = TextDatumGetCString(d);
+	voutbox_check_text(s, name, max_bytes, NULL);
+	return s;
+}
+
+static void
+row_timestamp(HeapTuple tup, TupleDesc desc, const char *name)
+{
+	bool		isnull;
+	Datum		d = row_value(tup, desc, name, &isnull);
+
+	if (!isnull && TIMESTAMP_NOT_FINITE(DatumGetTimestampTz(d)))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("%s must be a finite timestamp", name)));
+}
+
+/*
+ * The row of a dead event must hold what outbox_save() would have accepted
+ * and stored: the worker builds its envelope from it.  (NOT NULL columns are
+ * left to the table's constraints.)
+ */
+void
+voutbox_check_event_row(HeapTuple tup, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		d;
+	char	   *event_type;
+	char	   *trace_id;
+	char	   *traceparent;
+	char	   *topic;
+	const char *detail;
+
+	(void) row_text(tup, desc, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
+	(void) row_text(tup, desc, "aggregate_type", VOUTBOX_MAX_NAME_BYTES);
+	(void) row_text(tup, desc, "aggregate_id", VOUTBOX_MAX_KEY_BYTES);
+	event_type = row_text(tup, desc, "event_type", VOUTBOX_MAX_NAME_BYTES);
+	d = row_value(tup, desc, "event_version", &isnull);
+	if (event_type != NULL && !isnull && voutbox_parse_event_type(event_type) != DatumGetInt32(d))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_version %d does not match event_type \"%s\"",
+						DatumGetInt32(d), event_type)));
+	d = row_value(tup, desc, "payload", &isnull);
+	if (!isnull)
+		voutbox_check_payload(d);
+	d = row_value(tup, desc, "metadata", &isnull);
+	if (!isnull)
+	{
+		if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(d)))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("metadata must be a JSON object")));
+		voutbox_check_json_convertible(d, "metadata");
+	}
+	d = row_value(tup, desc, "consent", &isnull);
+	if (!isnull)
+		voutbox_check_json_convertible(d, "consent");
+	(void) row_text(tup, desc, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
+	(void) row_text(tup, desc, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
+	(void) row_text(tup, desc, "producer", VOUTBOX_MAX_NAME_BYTES);
+	trace_id = row_text(tup, desc, "trace_id", VOUTBOX_MAX_NAME_BYTES);
+	if (trace_id != NULL && !voutbox_is_trace_id(trace_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("trace_id \"%s\" is not a W3C trace id", trace_id)));
+	traceparent = row_text(tup, desc, "traceparent", VOUTBOX_MAX_NAME_BYTES);
+	if (traceparent != NULL && !voutbox_traceparent_is_valid(traceparent))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("traceparent \"%s\" is not a W3C traceparent", traceparent)));
+	d = row_value(tup, desc, "pii_fields", &isnull);
+	if (!isnull)
+		voutbox_check_pii_fields(d);
+	row_timestamp(tup, desc, "created_at");
+	row_timestamp(tup, desc, "scheduled_for");
+	topic = row_text(tup, desc, "topic", VOUTBOX_TOPIC_MAX_LEN + 1);
+	if (topic != NULL && !voutbox_topic_is_valid(topic, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("topic \"%s\" is not a valid Kafka topic name", topic),
+				 errdetail("%s", detail)));
+	(void) row_text(tup, desc, "msg_key", VOUTBOX_MAX_KEY_BYTES);
+}
