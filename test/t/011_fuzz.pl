@@ -37,7 +37,7 @@ use VoutboxTest;
 
 my $CALLS = 10_000;
 my $MAX_PAYLOAD = 512 * 1024;    # voutbox.max_payload_bytes, default
-# Longest text arguments, in bytes of UTF-8 (README, "Bad input"; save.c):
+# Longest text arguments, in bytes of UTF-8 (README, "Bad input"; voutbox.h):
 # beyond, 22001 "<argument> is longer than <limit> bytes".  The message key
 # rendered from voutbox.key_template ({aggregate_id} by default) has the
 # limit of the keys.
@@ -1016,7 +1016,7 @@ is($internal, 0, 'no internal error (XX000, XX001, XX002)');
 my $timeouts = grep { $state{$_} eq '57014' } keys %state;
 is($timeouts, 0, "no call took longer than $TIMEOUT");
 
-my %voutbox_file = map { $_ => 1 } qw(save.c routing.c voutbox.c storage.c worker.c producer.c
+my %voutbox_file = map { $_ => 1 } qw(save.c validate.c routing.c voutbox.c storage.c worker.c producer.c
   envelope.c retention.c);
 $voutbox_file{ $_ =~ s{.*/}{}r } = 1 for glob(dirname(__FILE__) . '/../../src/*.c');
 
@@ -1042,9 +1042,9 @@ for my $n (sort { $a <=> $b } keys %state)
 	}
 	if ($st eq '22001')
 	{
-		# a text over its limit: save.c names it, its limit and its length
+		# a text over its limit: validate.c names it, its limit and its length
 		my ($want_m, $want_d) = defined $code && $code eq '22001' ? too_long($c, $arg) : ('?', '?');
-		if (($e->{file} // '') eq 'save.c' && $m eq $want_m && ($e->{detail} // '') eq $want_d)
+		if (($e->{file} // '') eq 'validate.c' && $m eq $want_m && ($e->{detail} // '') eq $want_d)
 		{
 			$too_long{$arg}++;
 			$straddled++ if $arg ne 'voutbox.key_template' && length($c->{$arg}{val}) <= $MAX_BYTES{$arg};
@@ -1094,7 +1094,7 @@ for my $n (sort { $a <=> $b } keys %state)
 is($unexpected, 0, 'every call had an outcome that README allows (success, or the SQLSTATE of its bad argument)');
 is($stderr_mismatch, 0, 'psql printed every error with its SQLSTATE');
 is($unclear, 0, "every error has a message, and voutbox's own errors name the argument");
-is($too_long_bad, 0, 'every 22001 came from save.c and named the argument, its limit and its length');
+is($too_long_bad, 0, 'every 22001 came from validate.c and named the argument, its limit and its length');
 note('22001 by argument: ' . join(', ', map { "$_ $too_long{$_}" } sort keys %too_long)
 	  . "; $straddled within the limit in characters, over it in bytes");
 note('saved at the limit exactly: ' . join(', ', map { "$_ $at_limit_ok{$_}" } sort keys %at_limit_ok));

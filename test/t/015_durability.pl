@@ -33,12 +33,16 @@ for my $attempt (1 .. 3)
 	$locker->query_safe('BEGIN');
 	$locker->query_safe('LOCK TABLE voutbox.batches IN EXCLUSIVE MODE');
 
+	# (The position of the WAL just before the commit record: the commit
+	# ends after it.)
 	my $commit_lsn = $node->safe_psql('postgres', qq{
 		SET synchronous_commit = off;
+		BEGIN;
 		SELECT count(outbox_save('acme', 'item', 'a$attempt-' || g, 'item.async.v1',
 		                         jsonb_build_object('attempt', $attempt, 'n', g)))
 		  FROM generate_series(1, 20) g;
-		SELECT pg_current_wal_insert_lsn();});
+		SELECT pg_current_wal_insert_lsn();
+		COMMIT;});
 	($commit_lsn) = $commit_lsn =~ /(\S+)\z/;
 	$node->poll_query_until('postgres',
 		"SELECT wait_event_type = 'Lock' AND query = 'settling a batch' "
