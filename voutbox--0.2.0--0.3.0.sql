@@ -119,24 +119,23 @@ $$;
 COMMENT ON FUNCTION @extschema@.outbox_tenant_grant(text, regrole) IS
 	'voutbox: let a role (and the roles that have its privileges) act for a tenant; true if it did not yet';
 
-CREATE FUNCTION @extschema@.outbox_tenant_revoke(tenant_id text, role regrole DEFAULT NULL)
+/* By name: the binding of a role that was dropped can be revoked too. */
+CREATE FUNCTION @extschema@.outbox_tenant_revoke(tenant_id text, role name DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 	WITH gone AS (
 		DELETE FROM voutbox.tenant_roles t
-		 WHERE t.tenant_id = $1
-		   AND ($2 IS NULL OR t.role_name = (SELECT r.rolname FROM pg_catalog.pg_roles r
-											  WHERE r.oid OPERATOR(pg_catalog.=) $2))
+		 WHERE t.tenant_id = $1 AND ($2 IS NULL OR t.role_name = $2)
 		RETURNING 1)
 	SELECT count(*) FROM gone
 $$;
-COMMENT ON FUNCTION @extschema@.outbox_tenant_revoke(text, regrole) IS
+COMMENT ON FUNCTION @extschema@.outbox_tenant_revoke(text, name) IS
 	'voutbox: remove a binding of a tenant (all of them without a role); returns how many';
 
 REVOKE ALL ON FUNCTION @extschema@.outbox_tenant_grant(text, regrole) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.outbox_tenant_revoke(text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.outbox_tenant_revoke(text, name) FROM PUBLIC;
 
 CREATE VIEW @extschema@.outbox_tenants WITH (security_barrier) AS
 SELECT t.tenant_id, t.role_name AS role, t.granted_at
@@ -202,6 +201,22 @@ BEGIN
 		END IF;
 		EXECUTE pg_catalog.format('REVOKE %s ON voutbox.dlq FROM %s CASCADE', g.priv, g.grantee);
 	END LOOP;
+	FOR g IN
+		SELECT a.privilege_type AS priv, att.attname AS col,
+			   CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN 'PUBLIC'
+					ELSE pg_catalog.quote_ident(r.rolname) END AS grantee
+		  FROM pg_catalog.pg_attribute att
+		 CROSS JOIN LATERAL pg_catalog.aclexplode(att.attacl) a
+		  LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.grantee
+		 WHERE att.attrelid OPERATOR(pg_catalog.=) 'voutbox.dlq'::pg_catalog.regclass::pg_catalog.oid
+		   AND att.attacl IS NOT NULL
+	LOOP
+		IF g.priv IN ('SELECT', 'UPDATE') THEN
+			grants := grants || pg_catalog.format('GRANT %s (%I) ON %I.outbox_dlq TO %s; ',
+												  g.priv, g.col, '@extschema@', g.grantee);
+		END IF;
+		EXECUTE pg_catalog.format('REVOKE %s (%I) ON voutbox.dlq FROM %s CASCADE', g.priv, g.col, g.grantee);
+	END LOOP;
 	IF grants <> '' THEN
 		RAISE WARNING 'outbox_dlq is now a view; the privileges granted on it are revoked'
 			USING HINT = 'Grant them again: ' || grants;
@@ -219,7 +234,8 @@ $$;
 CREATE FUNCTION voutbox.dlq_check()
 RETURNS trigger
 AS 'MODULE_PATHNAME', 'voutbox_dlq_check'
-LANGUAGE C;
+LANGUAGE C
+SET search_path = pg_catalog, pg_temp;
 CREATE TRIGGER dlq_check BEFORE INSERT OR UPDATE ON voutbox.dlq
 	FOR EACH ROW EXECUTE FUNCTION voutbox.dlq_check();
 
@@ -592,4 +608,4 @@ GRANT EXECUTE ON FUNCTION @extschema@.outbox_dlq_requeue(uuid),
 	@extschema@.outbox_dlq_discard_where(text, text, text, text, timestamptz, timestamptz,
 										 timestamptz, timestamptz),
 	@extschema@.outbox_tenant_grant(text, regrole),
-	@extschema@.outbox_tenant_revoke(text, regrole) TO voutbox_admin;
+	@extschema@.outbox_tenant_revoke(text, name) TO voutbox_admin;

@@ -63,6 +63,8 @@ typedef struct TenantEntry
 static MemoryContext bindings_cxt = NULL;
 static HTAB *bindings = NULL;
 static bool bindings_valid = false;
+/* Bumped by every invalidation: one during a load makes it load again. */
+static uint64 bindings_generation = 0;
 static bool isolation = false;
 static Oid	bindings_relid = InvalidOid;
 
@@ -70,7 +72,10 @@ static void
 forget_bindings(Datum arg pg_attribute_unused(), Oid relid)
 {
 	if (relid == InvalidOid || relid == bindings_relid)
+	{
 		bindings_valid = false;
+		bindings_generation++;
+	}
 }
 
 static void
@@ -78,6 +83,7 @@ forget_bindings_of_roles(Datum arg pg_attribute_unused(), int cacheid pg_attribu
 						 uint32 hashvalue pg_attribute_unused())
 {
 	bindings_valid = false;
+	bindings_generation++;
 }
 
 static void
@@ -101,10 +107,16 @@ add_binding(const char *tenant_id, Oid role)
 	e->roles[e->nroles++] = role;
 }
 
-/* Read voutbox.tenant_roles into the cache, if it is not valid. */
+/*
+ * Read voutbox.tenant_roles into the cache, if it is not valid.  Looking up
+ * a role can process invalidations: if one arrives while the table is read
+ * (a binding revoked meanwhile), the cache stays invalid and is read again
+ * the next time.
+ */
 static void
 load_bindings(void)
 {
+	uint64		generation = bindings_generation;
 	Oid			nsp;
 	Relation	rel;
 	Snapshot	snapshot;
@@ -167,7 +179,7 @@ load_bindings(void)
 	table_endscan(scan);
 	UnregisterSnapshot(snapshot);
 	table_close(rel, AccessShareLock);
-	bindings_valid = true;
+	bindings_valid = generation == bindings_generation;
 }
 
 /* Whether any binding exists: tenants are isolated from each other. */

@@ -109,7 +109,7 @@ static const char *const reserved_properties[] = {
 	"bootstrap.servers", "metadata.broker.list", "enable.idempotence", "acks",
 	"request.required.acks", "partitioner", "message.timeout.ms",
 	"delivery.timeout.ms", "transactional.id", "log.queue",
-	"enable.gapless.guarantee",
+	"enable.gapless.guarantee", "sasl.kerberos.min.time.before.relogin",
 };
 
 /*
@@ -141,10 +141,14 @@ is_secret_property(const char *name)
 /*
  * Properties that make librdkafka load a library or run a program: whoever
  * may set them (ALTER SYSTEM can be granted on a parameter) would run code
- * of its choosing in the worker.  Refused everywhere.
+ * of its choosing in the worker.  Refused everywhere.  librdkafka's own
+ * kinit command (for Kerberos) is a shell command that interpolates other
+ * properties, such as the principal: voutbox turns it off
+ * (sasl.kerberos.min.time.before.relogin=0), so that it never runs.
  */
 static const char *const code_properties[] = {
 	"plugin.library.paths", "sasl.kerberos.kinit.cmd", "ssl.engine.location",
+	"ssl.engine.id", "ssl.providers",
 };
 
 /*
@@ -196,6 +200,7 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **d
 			*detail = psprintf("The librdkafka property \"%s\" holds a secret.", name);
 			if (hint)
 				*hint = pstrdup("Put it in the file named by voutbox.kafka_secrets_file, which only the server reads; settings can reach the log and pg_settings.");
+			pfree(copy);
 			return false;
 		}
 		for (size_t i = 0; i < lengthof(reserved_properties); i++)
@@ -418,6 +423,7 @@ voutbox_producer_create(char **error)
 	conf_set(conf, "message.timeout.ms", "0");
 	conf_set(conf, "enable.gapless.guarantee", "true");
 	conf_set(conf, "log.queue", "true");
+	conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0");
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
 	if (secrets_error != NULL)
@@ -732,13 +738,15 @@ release_values(VoutboxEvent *ev)
  * Send the events[i] whose errs[i] is VOUTBOX_DELIVERY_PENDING and wait for
  * every delivery report.  errs[i] receives the outcome of events[i]: 0 when
  * the broker acknowledged it, else the librdkafka error.  The JSON values of
- * the events handed to librdkafka are released.
+ * the events handed to librdkafka are released.  Returns how many events
+ * were handed to librdkafka (none when a stop came first).
  */
-void
+int
 voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events, int n, int *errs)
 {
 	HTAB	   *refused = voutbox_key_set_new("voutbox refused keys");
 	int			handed = 0;
+	int			produced = 0;
 
 	p->errs = errs;
 	p->nevents = n;
@@ -790,7 +798,10 @@ voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events, int n, int *e
 				(void) hash_search(refused, &h, HASH_ENTER, NULL);
 		}
 		else
+		{
 			release_values(&events[i]);
+			produced++;
+		}
 	}
 	wait_for_reports(p, true);
 
@@ -804,6 +815,7 @@ voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events, int n, int *e
 			errs[i] = i < handed && p->timed_out ?
 				RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	p->errs = NULL;
+	return produced;
 }
 
 const char *

@@ -219,7 +219,8 @@ trim(const char *table, const char *sql, int seconds)
 static void
 move_dead_events(void)
 {
-	VoutboxStatsBatch *stats;
+	/* In the caller's context: SPI's goes at the end of the transaction. */
+	VoutboxStatsBatch *stats = voutbox_stats_batch_new(false);
 
 	if (!begin_step())
 		return;
@@ -230,7 +231,6 @@ move_dead_events(void)
 		voutbox_xact_end();
 		return;
 	}
-	stats = voutbox_stats_batch_new();
 	(void) voutbox_move_dead_events(stats);
 	voutbox_xact_end();
 	voutbox_stats_batch_flush(stats);

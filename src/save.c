@@ -38,6 +38,7 @@
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "catalog/namespace.h"
 #include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -194,7 +195,6 @@ render_routing(SaveRequest *req)
 	{"aggregate_id", req->aggregate_id},
 	{"event_type", req->event_type}};
 	const char *detail;
-	char		sep = voutbox_tenant_separator(voutbox_topic_template);
 
 	if (!voutbox_topic_template_separates_tenants(voutbox_topic_template, &detail))
 		ereport(ERROR,
@@ -216,7 +216,7 @@ render_routing(SaveRequest *req)
 					 errdetail("voutbox.topic_template \"%s\" puts %s into the topic. %s",
 							   voutbox_topic_template, args[i][0], detail)));
 	}
-	voutbox_check_tenant_separator(req->tenant_id, sep);
+	voutbox_check_tenant_in_topic(req->tenant_id, voutbox_topic_template);
 	req->topic = voutbox_render_template(voutbox_topic_template, &f);
 	if (!voutbox_topic_is_valid(req->topic, &detail))
 		ereport(ERROR,
@@ -363,7 +363,7 @@ prepare_plans(void)
  * the id of the event already saved under that key, if any.
  */
 static bool
-find_saved_event(SaveRequest *req, Datum *id)
+find_saved_event(SaveRequest *req, Oid api_nsp, Datum *id)
 {
 	LOCKTAG		tag;
 	uint64		h;
@@ -374,25 +374,29 @@ find_saved_event(SaveRequest *req, Datum *id)
 
 	/*
 	 * Prepared only when a key is given: the plan locks the DLQ, which an
-	 * operator may hold locked, and saves without a key need not wait.
+	 * operator may hold locked, and saves without a key need not wait.  The
+	 * event may be in the ring, or only in the retry queue (requeued from
+	 * the DLQ after its ring table was truncated), or in the DLQ: until
+	 * ALTER EXTENSION UPDATE moves it to voutbox.dlq, the table outbox_dlq
+	 * of 0.2.0 next to this function (the library is loaded at a restart,
+	 * which comes first).
 	 */
 	if (plan_find_key == NULL)
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
+		char	   *dlq = OidIsValid(get_relname_relid("dlq", get_namespace_oid(VOUTBOX_SCHEMA, false))) ?
+			VOUTBOX_SCHEMA ".dlq" :
+			psprintf("%s.outbox_dlq", quote_identifier(get_namespace_name(api_nsp)));
 
-		/*
-		 * The event may be in the ring, or only in the retry queue (requeued
-		 * from the DLQ after its ring table was truncated), or in the DLQ.
-		 */
-		plan_find_key = prepare_plan("SELECT e.id FROM " VOUTBOX_SCHEMA ".events e "
-									 " WHERE e.tenant_id = $1 AND e.idempotency_key = $2 "
-									 "UNION ALL "
-									 "SELECT d.id FROM " VOUTBOX_SCHEMA ".deferred d "
-									 " WHERE d.tenant_id = $1 AND d.idempotency_key = $2 "
-									 "UNION ALL "
-									 "SELECT q.id FROM " VOUTBOX_SCHEMA ".dlq q "
-									 " WHERE q.tenant_id = $1 AND q.idempotency_key = $2 "
-									 "LIMIT 1",
+		plan_find_key = prepare_plan(psprintf("SELECT e.id FROM " VOUTBOX_SCHEMA ".events e "
+											  " WHERE e.tenant_id = $1 AND e.idempotency_key = $2 "
+											  "UNION ALL "
+											  "SELECT d.id FROM " VOUTBOX_SCHEMA ".deferred d "
+											  " WHERE d.tenant_id = $1 AND d.idempotency_key = $2 "
+											  "UNION ALL "
+											  "SELECT q.id FROM %s q "
+											  " WHERE q.tenant_id = $1 AND q.idempotency_key = $2 "
+											  "LIMIT 1", dlq),
 									 2, types);
 	}
 	h = DatumGetUInt64(hash_any_extended((unsigned char *) key, keylen, 0));
@@ -561,7 +565,8 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 		elog(ERROR, "voutbox: SPI_connect failed");
 	prepare_plans();
 
-	found = req.idempotency_key != NULL && find_saved_event(&req, &id);
+	found = req.idempotency_key != NULL &&
+		find_saved_event(&req, get_func_namespace(fcinfo->flinfo->fn_oid), &id);
 	if (!found)
 	{
 		generate_uuidv7(uuid);

@@ -563,7 +563,7 @@ voutbox_settle_begin(const VoutboxRound *r)
 	SettleState *st = palloc0(sizeof(SettleState));
 
 	st->failed = voutbox_key_set_new("voutbox failed keys");
-	st->stats = voutbox_stats_batch_new();
+	st->stats = voutbox_stats_batch_new(true);
 	for (int i = 0; i < r->nevents; i++)
 		st->nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
 	return (VoutboxSettlement *) st;

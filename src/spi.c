@@ -46,9 +46,18 @@ voutbox_xact_begin(const char *activity)
 void
 voutbox_xact_end(void)
 {
+	voutbox_xact_commit(NULL);
+}
+
+/* Commit, and set *committed (if given) the moment the commit is done. */
+void
+voutbox_xact_commit(bool *committed)
+{
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	if (committed != NULL)
+		*committed = true;
 	voutbox_in_xact = false;
 	/* A stop request meant to cancel this transaction has nothing left to cancel. */
 	QueryCancelPending = false;

@@ -154,11 +154,11 @@ struct VoutboxStatsBatch
 	TopicCounters *last;		/* the entry of the previous call */
 	const char *last_tenant;
 	const char *last_topic;
-	uint64		rounds;
+	bool		round;			/* counts as a round of the worker */
 };
 
 VoutboxStatsBatch *
-voutbox_stats_batch_new(void)
+voutbox_stats_batch_new(bool round)
 {
 	VoutboxStatsBatch *b = palloc0(sizeof(VoutboxStatsBatch));
 	HASHCTL		ctl;
@@ -168,6 +168,7 @@ voutbox_stats_batch_new(void)
 	ctl.hcxt = CurrentMemoryContext;
 	b->local = hash_create("voutbox round counters", 16, &ctl,
 						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	b->round = round;
 	return b;
 }
 
@@ -244,7 +245,8 @@ voutbox_stats_batch_flush(VoutboxStatsBatch *b)
 		merge(&total, c);
 
 	SpinLockAcquire(&voutbox_shared->mutex);
-	voutbox_shared->rounds++;
+	if (b->round)
+		voutbox_shared->rounds++;
 	voutbox_shared->delivered += total.delivered;
 	voutbox_shared->failed_attempts += total.failed_attempts;
 	voutbox_shared->dead += total.dead;

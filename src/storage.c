@@ -867,7 +867,7 @@ voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
 		 * nothing of it is there to record; the cursor goes with it.
 		 */
 		voutbox_forget_cursor(c);
-		voutbox_xact_end();
+		voutbox_xact_commit(&r->settled);
 		return;
 	}
 	if (chunk)
@@ -877,7 +877,7 @@ voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
 		close_window(c);
 	if (deferred || r->ndeferred > 0)
 		r->next_due = voutbox_next_due();
-	voutbox_xact_end();
+	voutbox_xact_commit(&r->settled);
 	voutbox_settle_end(settlement);
 
 	if (chunk && r->window_done)

@@ -24,6 +24,7 @@
 #include "mb/pg_wchar.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
@@ -197,29 +198,30 @@ voutbox_check_pii_fields(Datum array)
 /*
  * A tenant id must not contain the character that follows {tenant_id} in the
  * topic template: with it, two tenants could render the same topic.  With
- * tenant isolation on, when that character is "." or "_", it must contain
- * neither, since Kafka refuses a topic that differs from another only in
- * those two (a tenant could otherwise claim the name of another's topic).
+ * tenant isolation on, it must contain neither "." nor "_" either, whatever
+ * the template: Kafka refuses a topic whose name differs from another's only
+ * in those two, so a tenant could claim the name of another's topic.
  */
 void
-voutbox_check_tenant_separator(const char *tenant_id, char sep)
+voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl)
 {
-	char		bad = '\0';
+	char		sep = voutbox_tenant_separator(tmpl);
+	const char *bad;
 
-	if (sep == '\0' || strlen(tenant_id) > VOUTBOX_TOPIC_MAX_LEN)
+	if (tmpl == NULL || strstr(tmpl, "{tenant_id}") == NULL ||
+		strlen(tenant_id) > VOUTBOX_TOPIC_MAX_LEN)
 		return;
-	if (strchr(tenant_id, sep) != NULL)
-		bad = sep;
-	else if ((sep == '.' || sep == '_') && voutbox_tenant_isolation())
-		bad = strchr(tenant_id, sep == '.' ? '_' : '.') ? (sep == '.' ? '_' : '.') : '\0';
-	if (bad != '\0')
+	if (sep != '\0' && strchr(tenant_id, sep) != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, bad),
-				 errdetail(bad == sep ?
-						   "voutbox.topic_template \"%s\" puts \"%c\" after the tenant id: with it, two tenants could share a topic." :
-						   "voutbox.topic_template \"%s\" puts \"%c\" after the tenant id, and Kafka takes \".\" and \"_\" for the same in topic names: with tenant isolation on, two tenants could claim each other's topics.",
-						   voutbox_topic_template, sep)));
+				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, sep),
+				 errdetail("voutbox.topic_template \"%s\" puts \"%c\" after the tenant id: with it, two tenants could share a topic.",
+						   tmpl, sep)));
+	if ((bad = strpbrk(tenant_id, "._")) != NULL && voutbox_tenant_isolation())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, *bad),
+				 errdetail("Kafka takes \".\" and \"_\" for the same in topic names: with tenant isolation on, two tenants could claim each other's topics.")));
 }
 
 /* A non-empty text of at most max_bytes, convertible to UTF-8. */
@@ -241,25 +243,68 @@ voutbox_check_text(const char *s, const char *name, int max_bytes, const char *h
  */
 
 
+/* A row being checked; old is the row it replaces (an UPDATE), or NULL. */
+typedef struct RowCheck
+{
+	HeapTuple	tup;
+	HeapTuple	old;
+	TupleDesc	desc;
+} RowCheck;
+
 /* Column "name" of the row, or (Datum) 0 with *isnull. */
 static Datum
-row_value(HeapTuple tup, TupleDesc desc, const char *name, bool *isnull)
+row_value(const RowCheck *rc, const char *name, bool *isnull)
 {
-	int			att = SPI_fnumber(desc, name);
+	int			att = SPI_fnumber(rc->desc, name);
 
 	if (att <= 0)
 		elog(ERROR, "voutbox: column \"%s\" is missing", name);
-	return heap_getattr(tup, att, desc, isnull);
+	return heap_getattr(rc->tup, att, rc->desc, isnull);
 }
 
-/* A text column: NULL if SQL NULL; else checked as outbox_save() checks it. */
+/* Whether column "name" differs between two versions of a row. */
+bool
+voutbox_column_changed(HeapTuple old, HeapTuple new, TupleDesc desc, const char *name)
+{
+	int			att = SPI_fnumber(desc, name);
+	Form_pg_attribute attr;
+	bool		old_null;
+	bool		new_null;
+	Datum		old_value;
+	Datum		new_value;
+
+	if (att <= 0)
+		elog(ERROR, "voutbox: column \"%s\" is missing", name);
+	attr = TupleDescAttr(desc, att - 1);
+	old_value = heap_getattr(old, att, desc, &old_null);
+	new_value = heap_getattr(new, att, desc, &new_null);
+	if (old_null || new_null)
+		return old_null != new_null;
+	return !datum_image_eq(old_value, new_value, attr->attbyval, attr->attlen);
+}
+
+/*
+ * Whether to check column "name": always in a new row; in an updated one,
+ * if it changed (so that fixing one column of a row that an older version
+ * stored is not refused for another).
+ */
+static bool
+to_check(const RowCheck *rc, const char *name)
+{
+	return rc->old == NULL || voutbox_column_changed(rc->old, rc->tup, rc->desc, name);
+}
+
+/* A text column to check: NULL if SQL NULL; else checked as outbox_save() checks it. */
 static char *
-row_text(HeapTuple tup, TupleDesc desc, const char *name, int max_bytes)
+row_text(const RowCheck *rc, const char *name, int max_bytes)
 {
 	bool		isnull;
-	Datum		d = row_value(tup, desc, name, &isnull);
+	Datum		d;
 	char	   *s;
 
+	if (!to_check(rc, name))
+		return NULL;
+	d = row_value(rc, name, &isnull);
 	if (isnull)
 		return NULL;
 	s = TextDatumGetCString(d);
@@ -268,48 +313,69 @@ row_text(HeapTuple tup, TupleDesc desc, const char *name, int max_bytes)
 }
 
 static void
-row_timestamp(HeapTuple tup, TupleDesc desc, const char *name)
+row_timestamp(const RowCheck *rc, const char *name)
 {
 	bool		isnull;
-	Datum		d = row_value(tup, desc, name, &isnull);
+	Datum		d;
 
+	if (!to_check(rc, name))
+		return;
+	d = row_value(rc, name, &isnull);
 	if (!isnull && TIMESTAMP_NOT_FINITE(DatumGetTimestampTz(d)))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 				 errmsg("%s must be a finite timestamp", name)));
 }
 
-/*
- * The row of a dead event must hold what outbox_save() would have accepted
- * and stored: the worker builds its envelope from it.  (NOT NULL columns are
- * left to the table's constraints.)
- */
-void
-voutbox_check_event_row(HeapTuple tup, TupleDesc desc)
+/* A JSON column to check, or (Datum) 0. */
+static Datum
+row_json(const RowCheck *rc, const char *name)
 {
 	bool		isnull;
 	Datum		d;
-	char	   *event_type;
+
+	if (!to_check(rc, name))
+		return (Datum) 0;
+	d = row_value(rc, name, &isnull);
+	return isnull ? (Datum) 0 : d;
+}
+
+/*
+ * The row of a dead event must hold what outbox_save() would have accepted
+ * and stored: the worker builds its envelope from it.  In an updated row
+ * (old is the one it replaces) only the columns that change are checked.
+ * (NOT NULL columns are left to the table's constraints.)
+ */
+void
+voutbox_check_event_row(HeapTuple tup, HeapTuple old, TupleDesc desc)
+{
+	RowCheck	rc = {tup, old, desc};
+	bool		isnull;
+	Datum		d;
 	char	   *trace_id;
 	char	   *traceparent;
 	char	   *topic;
 	const char *detail;
 
-	(void) row_text(tup, desc, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
-	(void) row_text(tup, desc, "aggregate_type", VOUTBOX_MAX_NAME_BYTES);
-	(void) row_text(tup, desc, "aggregate_id", VOUTBOX_MAX_KEY_BYTES);
-	event_type = row_text(tup, desc, "event_type", VOUTBOX_MAX_NAME_BYTES);
-	d = row_value(tup, desc, "event_version", &isnull);
-	if (event_type != NULL && !isnull && voutbox_parse_event_type(event_type) != DatumGetInt32(d))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("event_version %d does not match event_type \"%s\"",
-						DatumGetInt32(d), event_type)));
-	d = row_value(tup, desc, "payload", &isnull);
-	if (!isnull)
+	(void) row_text(&rc, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
+	(void) row_text(&rc, "aggregate_type", VOUTBOX_MAX_NAME_BYTES);
+	(void) row_text(&rc, "aggregate_id", VOUTBOX_MAX_KEY_BYTES);
+	if (to_check(&rc, "event_type") || to_check(&rc, "event_version"))
+	{
+		RowCheck	all = {tup, NULL, desc};
+		char	   *event_type = row_text(&all, "event_type", VOUTBOX_MAX_NAME_BYTES);
+
+		d = row_value(&rc, "event_version", &isnull);
+		if (event_type != NULL && !isnull &&
+			voutbox_parse_event_type(event_type) != DatumGetInt32(d))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("event_version %d does not match event_type \"%s\"",
+							DatumGetInt32(d), event_type)));
+	}
+	if ((d = row_json(&rc, "payload")) != (Datum) 0)
 		voutbox_check_payload(d);
-	d = row_value(tup, desc, "metadata", &isnull);
-	if (!isnull)
+	if ((d = row_json(&rc, "metadata")) != (Datum) 0)
 	{
 		if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(d)))
 			ereport(ERROR,
@@ -317,32 +383,30 @@ voutbox_check_event_row(HeapTuple tup, TupleDesc desc)
 					 errmsg("metadata must be a JSON object")));
 		voutbox_check_json_convertible(d, "metadata");
 	}
-	d = row_value(tup, desc, "consent", &isnull);
-	if (!isnull)
+	if ((d = row_json(&rc, "consent")) != (Datum) 0)
 		voutbox_check_json_convertible(d, "consent");
-	(void) row_text(tup, desc, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
-	(void) row_text(tup, desc, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
-	(void) row_text(tup, desc, "producer", VOUTBOX_MAX_NAME_BYTES);
-	trace_id = row_text(tup, desc, "trace_id", VOUTBOX_MAX_NAME_BYTES);
+	(void) row_text(&rc, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
+	(void) row_text(&rc, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
+	(void) row_text(&rc, "producer", VOUTBOX_MAX_NAME_BYTES);
+	trace_id = row_text(&rc, "trace_id", VOUTBOX_MAX_NAME_BYTES);
 	if (trace_id != NULL && !voutbox_is_trace_id(trace_id))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("trace_id \"%s\" is not a W3C trace id", trace_id)));
-	traceparent = row_text(tup, desc, "traceparent", VOUTBOX_MAX_NAME_BYTES);
+	traceparent = row_text(&rc, "traceparent", VOUTBOX_MAX_NAME_BYTES);
 	if (traceparent != NULL && !voutbox_traceparent_is_valid(traceparent))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("traceparent \"%s\" is not a W3C traceparent", traceparent)));
-	d = row_value(tup, desc, "pii_fields", &isnull);
-	if (!isnull)
+	if ((d = row_json(&rc, "pii_fields")) != (Datum) 0)
 		voutbox_check_pii_fields(d);
-	row_timestamp(tup, desc, "created_at");
-	row_timestamp(tup, desc, "scheduled_for");
-	topic = row_text(tup, desc, "topic", VOUTBOX_TOPIC_MAX_LEN + 1);
+	row_timestamp(&rc, "created_at");
+	row_timestamp(&rc, "scheduled_for");
+	topic = row_text(&rc, "topic", VOUTBOX_TOPIC_MAX_LEN + 1);
 	if (topic != NULL && !voutbox_topic_is_valid(topic, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("topic \"%s\" is not a valid Kafka topic name", topic),
 				 errdetail("%s", detail)));
-	(void) row_text(tup, desc, "msg_key", VOUTBOX_MAX_KEY_BYTES);
+	(void) row_text(&rc, "msg_key", VOUTBOX_MAX_KEY_BYTES);
 }

@@ -207,10 +207,13 @@ extern bool voutbox_traceparent_is_valid(const char *value);
 extern void voutbox_check_payload(Datum jsonb);
 extern void voutbox_check_json_convertible(Datum jsonb, const char *name);
 extern void voutbox_check_pii_fields(Datum array);
-extern void voutbox_check_tenant_separator(const char *tenant_id, char sep);
+extern void voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl);
 struct HeapTupleData;
 struct TupleDescData;
-extern void voutbox_check_event_row(struct HeapTupleData *tup, struct TupleDescData *desc);
+extern bool voutbox_column_changed(struct HeapTupleData *old, struct HeapTupleData *new,
+								   struct TupleDescData *desc, const char *name);
+extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleData *old,
+									struct TupleDescData *desc);
 
 /*
  * The Kafka producer (producer.c).  A delivery outcome is 0 for an event the
@@ -233,7 +236,7 @@ extern bool voutbox_producer_delivered_any(VoutboxProducer *p);
 extern bool voutbox_producer_config_changed(VoutboxProducer *p);
 extern int	voutbox_producer_socket(VoutboxProducer *p);
 extern void voutbox_producer_serve(VoutboxProducer *p);
-extern void voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events,
+extern int	voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events,
 									 int n, int *errs);
 extern const char *voutbox_delivery_error_text(int err);
 extern const char *voutbox_delivery_error_name(int err);
@@ -292,6 +295,7 @@ typedef struct VoutboxRound
 	bool		window_done;	/* the chunk ends the window */
 	bool		alone;			/* one deferred event that goes alone */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
+	bool		settled;		/* its settling transaction committed */
 } VoutboxRound;
 
 typedef enum VoutboxStorageStatus
@@ -315,6 +319,7 @@ extern struct HTAB *voutbox_key_set_new(const char *name);
 extern volatile sig_atomic_t voutbox_in_xact;
 extern void voutbox_xact_begin(const char *activity);
 extern void voutbox_xact_end(void);
+extern void voutbox_xact_commit(bool *committed);
 extern void voutbox_xact_abort(void);
 extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 						  const char *nulls, int expected);
@@ -350,7 +355,7 @@ extern void voutbox_stats_set_error(const char *error);
 
 typedef struct VoutboxStatsBatch VoutboxStatsBatch;
 
-extern VoutboxStatsBatch *voutbox_stats_batch_new(void);
+extern VoutboxStatsBatch *voutbox_stats_batch_new(bool round);
 extern void voutbox_stats_batch_add(VoutboxStatsBatch *b, const char *tenant_id, const char *topic,
 									int delivered, int failed, int dead, const char *error);
 extern void voutbox_stats_batch_flush(VoutboxStatsBatch *b);

@@ -354,6 +354,7 @@ typedef struct WorkerState
 	int			lock_failures;	/* reads that timed out on a lock in a row */
 	TimestampTz lock_retry_at;
 	TimestampTz lock_told_at;
+	bool		reading;		/* in voutbox_storage_read_round() */
 } WorkerState;
 
 static void
@@ -592,6 +593,19 @@ try_settle(WorkerState *st)
 	}
 	PG_END_TRY();
 
+	/*
+	 * An ERROR after the commit (the statistics, the cursor in memory): the
+	 * outcome is recorded; the cursor is read again from the table.
+	 */
+	if (edata != NULL && st->round.settled)
+	{
+		ereport(LOG,
+				(errmsg("voutbox: after recording the outcome of %d events: %s",
+						st->round.nevents, edata->message)));
+		st->cursor.stale = true;
+		FreeErrorData(edata);
+		edata = NULL;
+	}
 	if (edata == NULL)
 	{
 		if (st->settle_failures > 0)
@@ -646,7 +660,9 @@ deliver_round(WorkerState *st, TimestampTz *next_due)
 
 	MemoryContextReset(st->round_cxt);
 	caller_cxt = MemoryContextSwitchTo(st->round_cxt);
+	st->reading = true;
 	status = voutbox_storage_read_round(&st->cursor, round, &version);
+	st->reading = false;
 	MemoryContextSwitchTo(caller_cxt);
 	if (status != VOUTBOX_STORAGE_READY)
 	{
@@ -668,10 +684,18 @@ deliver_round(WorkerState *st, TimestampTz *next_due)
 
 	for (int i = 0; i < round->nevents; i++)
 		nsend += round->errs[i] == VOUTBOX_DELIVERY_PENDING;
+	/*
+	 * A stop before anything went out: nothing to settle (the next worker
+	 * reads the same events).
+	 */
+	if (ShutdownRequestPending)
+		return false;
 	worker_state("delivering", psprintf("delivering %d events%s", nsend,
 										round->alone ? " (one failed event alone)" : ""), true);
-	if (nsend > 0)
-		voutbox_producer_deliver(st->producer, round->events, round->nevents, round->errs);
+	if (nsend > 0 &&
+		voutbox_producer_deliver(st->producer, round->events, round->nevents, round->errs) == 0 &&
+		ShutdownRequestPending)
+		return false;
 	(void) try_settle(st);
 	if (!st->unsettled && round->next_due != 0)
 		*next_due = round->next_due;
@@ -686,7 +710,22 @@ static void
 lock_timed_out(WorkerState *st, const char *message)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	long		delay = Min(failing_delay_ms(++st->lock_failures), LOCK_RETRY_MAX_MS);
+	long		delay;
+
+	/* In retention: it waits for the next cleanup; delivery goes on. */
+	if (!st->reading)
+	{
+		st->next_cleanup = TimestampTzPlusMilliseconds(now, voutbox_cleanup_interval);
+		if (TimestampDifferenceExceeds(st->lock_told_at, now, 60000))
+		{
+			st->lock_told_at = now;
+			ereport(LOG,
+					(errmsg("voutbox: retention: %s; it goes on at the next cleanup", message)));
+		}
+		return;
+	}
+	st->reading = false;
+	delay = Min(failing_delay_ms(++st->lock_failures), LOCK_RETRY_MAX_MS);
 
 	st->lock_retry_at = TimestampTzPlusMilliseconds(now, delay);
 	st->cursor.stale = true;
