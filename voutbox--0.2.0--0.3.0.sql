@@ -122,14 +122,22 @@ COMMENT ON FUNCTION @extschema@.outbox_tenant_grant(text, regrole) IS
 /* By name: the binding of a role that was dropped can be revoked too. */
 CREATE FUNCTION @extschema@.outbox_tenant_revoke(tenant_id text, role name DEFAULT NULL)
 RETURNS bigint
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-	WITH gone AS (
-		DELETE FROM voutbox.tenant_roles t
-		 WHERE t.tenant_id = $1 AND ($2 IS NULL OR t.role_name = $2)
-		RETURNING 1)
-	SELECT count(*) FROM gone
+DECLARE
+	gone bigint;
+BEGIN
+	DELETE FROM voutbox.tenant_roles t
+	 WHERE t.tenant_id = $1 AND ($2 IS NULL OR t.role_name = $2);
+	GET DIAGNOSTICS gone = ROW_COUNT;
+	IF gone > 0 AND NOT EXISTS (SELECT FROM voutbox.tenant_roles) THEN
+		RAISE WARNING 'no role is bound to a tenant any more: tenant isolation is off'
+			USING DETAIL = 'Every role that may call outbox_save() now saves for, and sees, every tenant.',
+				  HINT = 'Bind a role to a tenant with outbox_tenant_grant() to turn it on again.';
+	END IF;
+	RETURN gone;
+END
 $$;
 COMMENT ON FUNCTION @extschema@.outbox_tenant_revoke(text, name) IS
 	'voutbox: remove a binding of a tenant (all of them without a role); returns how many';
@@ -150,6 +158,40 @@ COMMENT ON VIEW @extschema@.outbox_tenants IS
  * the table move to the view.
  * ---------------------------------------------------------------------
  */
+/*
+ * A trigger or foreign key another role put on the table (with a TRIGGER or
+ * REFERENCES grant) would come along into the storage schema, where the
+ * worker, a superuser, writes: the update stops on them.
+ */
+DO $$
+DECLARE
+	dlq pg_catalog.oid;
+	found text;
+BEGIN
+	SELECT c.oid INTO dlq
+	  FROM pg_catalog.pg_class c
+	  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+	 WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@'
+	   AND c.relname OPERATOR(pg_catalog.=) 'outbox_dlq';
+	SELECT pg_catalog.string_agg(o.what, ', ' ORDER BY o.what) INTO found
+	  FROM (SELECT pg_catalog.format('trigger %I', t.tgname) AS what
+			  FROM pg_catalog.pg_trigger t
+			 WHERE t.tgrelid OPERATOR(pg_catalog.=) dlq AND NOT t.tgisinternal
+			UNION ALL
+			SELECT pg_catalog.format('foreign key %I of table %s', k.conname,
+									 k.conrelid::pg_catalog.regclass)
+			  FROM pg_catalog.pg_constraint k
+			 WHERE k.confrelid OPERATOR(pg_catalog.=) dlq) o;
+	IF found IS NOT NULL THEN
+		RAISE EXCEPTION 'outbox_dlq has objects voutbox did not create: %', found
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  DETAIL = 'voutbox 0.3.0 moves the table into the schema voutbox, where its worker, a '
+						   'superuser, writes it: a trigger on it would run with the worker''s rights.',
+				  HINT = 'Drop them, then run ALTER EXTENSION voutbox UPDATE again.';
+	END IF;
+END
+$$;
+
 ALTER TABLE @extschema@.outbox_dlq SET SCHEMA voutbox;
 ALTER TABLE voutbox.outbox_dlq RENAME TO dlq;
 ALTER INDEX voutbox.outbox_dlq_pkey RENAME TO dlq_pkey;

@@ -119,3 +119,28 @@ SELECT extversion FROM pg_extension WHERE extname = 'voutbox';
 SELECT id = :'old_id' AS kept, status FROM outbox;
 SELECT tenant_id, pending FROM outbox_stats;
 DROP EXTENSION voutbox;
+
+-- A trigger or foreign key another role put on the 0.2.0 table stops the
+-- update: the table moves where the worker, a superuser, writes it.
+CREATE EXTENSION voutbox VERSION '0.2.0';
+CREATE ROLE regress_dlq_user;
+GRANT TRIGGER, REFERENCES ON outbox_dlq TO regress_dlq_user;
+GRANT CREATE ON SCHEMA public TO regress_dlq_user;
+SET ROLE regress_dlq_user;
+CREATE FUNCTION regress_trap() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+CREATE TRIGGER trap BEFORE INSERT ON outbox_dlq FOR EACH ROW EXECUTE FUNCTION regress_trap();
+CREATE TABLE regress_ref (dead_id uuid REFERENCES outbox_dlq (id));
+RESET ROLE;
+ALTER EXTENSION voutbox UPDATE;
+\echo :LAST_ERROR_SQLSTATE
+DROP TRIGGER trap ON outbox_dlq;
+ALTER EXTENSION voutbox UPDATE;
+DROP TABLE regress_ref;
+ALTER EXTENSION voutbox UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'voutbox';
+SELECT count(*) AS foreign_triggers FROM pg_trigger
+ WHERE tgrelid = 'voutbox.dlq'::regclass AND tgname <> 'dlq_check' AND NOT tgisinternal;
+DROP EXTENSION voutbox;
+DROP FUNCTION regress_trap();
+REVOKE CREATE ON SCHEMA public FROM regress_dlq_user;
+DROP ROLE regress_dlq_user;

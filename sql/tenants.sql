@@ -132,6 +132,7 @@ RESET ROLE;
 SET voutbox.max_payload_bytes = 100;   -- (a superuser setting)
 SET ROLE regress_acme;
 UPDATE outbox_dlq SET payload = jsonb_build_object('blob', repeat('x', 200)) WHERE id = :'a1';
+UPDATE outbox_dlq SET metadata = jsonb_build_object('blob', repeat('x', 100)) WHERE id = :'a1';
 RESET ROLE;
 RESET voutbox.max_payload_bytes;
 SET ROLE regress_acme;

@@ -53,6 +53,18 @@ SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1',
 \echo :LAST_ERROR_SQLSTATE
 SELECT outbox_save('acme', 'lead', 'fits', 'lead.created.v1',
                    jsonb_build_object('blob', repeat('x', 80))) IS NOT NULL AS fits;
+-- ... and of the event's data together: payload, metadata, consent and
+-- pii_fields (a control character is 6 bytes of JSON text: \u0001).
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}',
+                   metadata => jsonb_build_object('m', repeat(chr(1), 20)));
+\echo :LAST_ERROR_SQLSTATE
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', jsonb_build_object('blob', repeat('x', 40)),
+                   consent => jsonb_build_object('c', repeat('y', 50)));
+SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}',
+                   pii_fields => array_fill('field'::text, ARRAY[20]));
+SELECT outbox_save('acme', 'lead', 'fits', 'lead.created.v1', '{"a": 1}',
+                   metadata => '{"m": 1}', consent => '{"c": 1}',
+                   pii_fields => ARRAY['email']) IS NOT NULL AS fits;
 RESET voutbox.max_payload_bytes;
 
 -- metadata must be an object
@@ -130,6 +142,7 @@ SELECT outbox_save('acme', 'lead', '1', repeat('e', 260) || '.v1', '{}');
 SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', idempotency_key => repeat('k', 1025));
 SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', correlation_id => repeat('c', 1025));
 SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', producer => repeat('p', 256));
+SELECT set_config('voutbox.producer', repeat('p', 256), false);
 SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', trace_id => repeat('0', 256));
 SET voutbox.key_template = '{aggregate_id}-{aggregate_id}';
 SELECT outbox_save('acme', 'lead', repeat('a', 600), 'lead.created.v1', '{}');

@@ -242,6 +242,7 @@ static void
 read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 {
 	int32		type_version;
+	VoutboxEventSize size = {0};
 
 	memset(req, 0, sizeof(*req));
 	req->tenant_id = required_text(fcinfo, ARG_TENANT_ID, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
@@ -264,7 +265,7 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 				 errmsg("payload must not be null"),
 				 errhint("Pass '{}' or the JSON null value 'null' for an event without data.")));
 	req->payload = PG_GETARG_JSONB_P(ARG_PAYLOAD);
-	voutbox_check_payload(JsonbPGetDatum(req->payload));
+	size.payload = voutbox_check_payload(JsonbPGetDatum(req->payload));
 
 	if (!PG_ARGISNULL(ARG_METADATA))
 	{
@@ -273,7 +274,7 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("metadata must be a JSON object")));
-		voutbox_check_json_convertible(JsonbPGetDatum(req->metadata), "metadata");
+		size.metadata = voutbox_check_json(JsonbPGetDatum(req->metadata), "metadata");
 	}
 	req->idempotency_key = optional_text(fcinfo, ARG_IDEMPOTENCY_KEY, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
 	req->correlation_id = optional_text(fcinfo, ARG_CORRELATION_ID, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
@@ -288,18 +289,23 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 	req->pii = PG_GETARG_BOOL(ARG_PII);
 	if (!PG_ARGISNULL(ARG_PII_FIELDS))
 	{
-		voutbox_check_pii_fields(PG_GETARG_DATUM(ARG_PII_FIELDS));
+		size.pii_fields = voutbox_check_pii_fields(PG_GETARG_DATUM(ARG_PII_FIELDS));
 		req->pii_fields = PG_GETARG_DATUM(ARG_PII_FIELDS);
 		req->has_pii_fields = true;
 	}
 	if (!PG_ARGISNULL(ARG_CONSENT))
 	{
 		req->consent = PG_GETARG_JSONB_P(ARG_CONSENT);
-		voutbox_check_json_convertible(JsonbPGetDatum(req->consent), "consent");
+		size.consent = voutbox_check_json(JsonbPGetDatum(req->consent), "consent");
 	}
+	voutbox_check_event_size(&size);
 	req->producer = optional_text(fcinfo, ARG_PRODUCER, "producer", VOUTBOX_MAX_NAME_BYTES);
 	if (req->producer == NULL && voutbox_producer != NULL && voutbox_producer[0] != '\0')
+	{
+		/* Checked like the argument (its check hook cannot know the database's encoding). */
+		voutbox_check_text(voutbox_producer, "voutbox.producer", VOUTBOX_MAX_NAME_BYTES, NULL);
 		req->producer = pstrdup(voutbox_producer);
+	}
 
 	if (!PG_ARGISNULL(ARG_SCHEDULED_FOR))
 	{

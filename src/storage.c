@@ -254,8 +254,8 @@ to_utf8(char *s, VoutboxEvent *ev)
 {
 	static Oid	proc = InvalidOid;
 	int			enc = GetDatabaseEncoding();
-	int			len;
-	int			dstlen;
+	size_t		len;
+	size_t		dstlen;
 	char	   *dst;
 
 	if (s == NULL || enc == PG_UTF8 || pg_is_ascii(s))
@@ -264,10 +264,15 @@ to_utf8(char *s, VoutboxEvent *ev)
 		proc = FindDefaultConversionProc(enc, PG_UTF8);
 	len = strlen(s);
 	dstlen = len * MAX_CONVERSION_GROWTH + 1;
+	/* Beyond what outbox_save() accepts, even in a worst case: not sent. */
+	if (!OidIsValid(proc) || dstlen > MaxAllocSize)
+	{
+		ev->unconvertible = true;
+		return s;
+	}
 	dst = palloc(dstlen);
-	if (!OidIsValid(proc) ||
-		pg_do_encoding_conversion_buf(proc, enc, PG_UTF8, (unsigned char *) s, len,
-									  (unsigned char *) dst, dstlen, true) < len)
+	if (pg_do_encoding_conversion_buf(proc, enc, PG_UTF8, (unsigned char *) s, len,
+									  (unsigned char *) dst, dstlen, true) < (int) len)
 	{
 		pfree(dst);
 		ev->unconvertible = true;

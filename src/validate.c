@@ -143,14 +143,35 @@ voutbox_traceparent_is_valid(const char *v)
 		is_lower_hex(v + 53, 2, false);
 }
 
-void
-voutbox_check_payload(Datum jsonb)
+/* The length of a JSON value as text, as the envelope carries it. */
+static size_t
+json_text_size(Datum jsonb, const char *convertible_name)
 {
-	Jsonb	   *payload = DatumGetJsonbP(jsonb);
-	char	   *text = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
+	Jsonb	   *value = DatumGetJsonbP(jsonb);
+	char	   *text = JsonbToCString(NULL, &value->root, VARSIZE(value));
 	size_t		len = strlen(text);
 
-	voutbox_check_convertible(text, "payload");
+	if (convertible_name != NULL)
+		voutbox_check_convertible(text, convertible_name);
+	pfree(text);
+	return len;
+}
+
+/* pii_fields as the envelope carries it: a JSON array of strings. */
+static size_t
+pii_fields_text_size(Datum array)
+{
+	Datum		json = DirectFunctionCall1(array_to_json, array);
+
+	return VARSIZE_ANY_EXHDR(DatumGetPointer(json));
+}
+
+/* Checks a payload; returns its length as JSON text. */
+size_t
+voutbox_check_payload(Datum jsonb)
+{
+	size_t		len = json_text_size(jsonb, "payload");
+
 	if (len > (size_t) voutbox_max_payload_bytes)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -158,22 +179,21 @@ voutbox_check_payload(Datum jsonb)
 				 errdetail("The payload is %zu bytes as JSON text; voutbox.max_payload_bytes is %d.",
 						   len, voutbox_max_payload_bytes),
 				 errhint("Store large data elsewhere and put a reference in the event.")));
-	pfree(text);
+	return len;
 }
 
-/* The text of a JSON value must convert to UTF-8 (see voutbox_check_convertible). */
-void
-voutbox_check_json_convertible(Datum jsonb, const char *name)
+/*
+ * Checks the metadata or consent of an event: its text must convert to UTF-8
+ * (see voutbox_check_convertible).  Returns its length as JSON text.
+ */
+size_t
+voutbox_check_json(Datum jsonb, const char *name)
 {
-	Jsonb	   *value;
-
-	if (GetDatabaseEncoding() == PG_UTF8)
-		return;
-	value = DatumGetJsonbP(jsonb);
-	voutbox_check_convertible(JsonbToCString(NULL, &value->root, VARSIZE(value)), name);
+	return json_text_size(jsonb, name);
 }
 
-void
+/* Checks pii_fields; returns its length as a JSON array. */
+size_t
 voutbox_check_pii_fields(Datum array)
 {
 	ArrayType  *arr = DatumGetArrayTypeP(array);
@@ -188,11 +208,34 @@ voutbox_check_pii_fields(Datum array)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("pii_fields must not contain nulls")));
-	if (GetDatabaseEncoding() == PG_UTF8)
-		return;
-	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
-	for (int i = 0; i < n; i++)
-		voutbox_check_convertible(TextDatumGetCString(elems[i]), "pii_fields");
+	if (GetDatabaseEncoding() != PG_UTF8)
+	{
+		deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
+		for (int i = 0; i < n; i++)
+			voutbox_check_convertible(TextDatumGetCString(elems[i]), "pii_fields");
+	}
+	return pii_fields_text_size(PointerGetDatum(arr));
+}
+
+/*
+ * The event's data, which the envelope carries whole, is bounded like its
+ * payload: otherwise metadata of a gigabyte would make every round that reads
+ * it fail (or exhaust the worker's memory), and stop delivery for everyone.
+ */
+void
+voutbox_check_event_size(const VoutboxEventSize *size)
+{
+	size_t		total = size->payload + size->metadata + size->consent + size->pii_fields;
+
+	if (total > (size_t) voutbox_max_payload_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload, metadata, consent and pii_fields are too large together"),
+				 errdetail("They are %zu bytes as JSON text (%zu, %zu, %zu and %zu); "
+						   "voutbox.max_payload_bytes is %d.",
+						   total, size->payload, size->metadata, size->consent, size->pii_fields,
+						   voutbox_max_payload_bytes),
+				 errhint("Store large data elsewhere and put a reference in the event.")));
 }
 
 /*
@@ -341,6 +384,30 @@ row_json(const RowCheck *rc, const char *name)
 }
 
 /*
+ * The data of a row, bounded as a whole: with any of it changed, the sizes of
+ * the rest (not checked otherwise) are added to what the checks measured.
+ */
+static void
+check_row_size(const RowCheck *rc, VoutboxEventSize *size)
+{
+	RowCheck	all = {rc->tup, NULL, rc->desc};
+	Datum		d;
+
+	if (!to_check(rc, "payload") && !to_check(rc, "metadata") &&
+		!to_check(rc, "consent") && !to_check(rc, "pii_fields"))
+		return;
+	if (!to_check(rc, "payload") && (d = row_json(&all, "payload")) != (Datum) 0)
+		size->payload = json_text_size(d, NULL);
+	if (!to_check(rc, "metadata") && (d = row_json(&all, "metadata")) != (Datum) 0)
+		size->metadata = json_text_size(d, NULL);
+	if (!to_check(rc, "consent") && (d = row_json(&all, "consent")) != (Datum) 0)
+		size->consent = json_text_size(d, NULL);
+	if (!to_check(rc, "pii_fields") && (d = row_json(&all, "pii_fields")) != (Datum) 0)
+		size->pii_fields = pii_fields_text_size(d);
+	voutbox_check_event_size(size);
+}
+
+/*
  * The row of a dead event must hold what outbox_save() would have accepted
  * and stored: the worker builds its envelope from it.  In an updated row
  * (old is the one it replaces) only the columns that change are checked.
@@ -356,6 +423,7 @@ voutbox_check_event_row(HeapTuple tup, HeapTuple old, TupleDesc desc)
 	char	   *traceparent;
 	char	   *topic;
 	const char *detail;
+	VoutboxEventSize size = {0};
 
 	(void) row_text(&rc, "tenant_id", VOUTBOX_MAX_NAME_BYTES);
 	(void) row_text(&rc, "aggregate_type", VOUTBOX_MAX_NAME_BYTES);
@@ -374,17 +442,17 @@ voutbox_check_event_row(HeapTuple tup, HeapTuple old, TupleDesc desc)
 							DatumGetInt32(d), event_type)));
 	}
 	if ((d = row_json(&rc, "payload")) != (Datum) 0)
-		voutbox_check_payload(d);
+		size.payload = voutbox_check_payload(d);
 	if ((d = row_json(&rc, "metadata")) != (Datum) 0)
 	{
 		if (!JB_ROOT_IS_OBJECT(DatumGetJsonbP(d)))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("metadata must be a JSON object")));
-		voutbox_check_json_convertible(d, "metadata");
+		size.metadata = voutbox_check_json(d, "metadata");
 	}
 	if ((d = row_json(&rc, "consent")) != (Datum) 0)
-		voutbox_check_json_convertible(d, "consent");
+		size.consent = voutbox_check_json(d, "consent");
 	(void) row_text(&rc, "idempotency_key", VOUTBOX_MAX_KEY_BYTES);
 	(void) row_text(&rc, "correlation_id", VOUTBOX_MAX_KEY_BYTES);
 	(void) row_text(&rc, "producer", VOUTBOX_MAX_NAME_BYTES);
@@ -399,7 +467,8 @@ voutbox_check_event_row(HeapTuple tup, HeapTuple old, TupleDesc desc)
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("traceparent \"%s\" is not a W3C traceparent", traceparent)));
 	if ((d = row_json(&rc, "pii_fields")) != (Datum) 0)
-		voutbox_check_pii_fields(d);
+		size.pii_fields = voutbox_check_pii_fields(d);
+	check_row_size(&rc, &size);
 	row_timestamp(&rc, "created_at");
 	row_timestamp(&rc, "scheduled_for");
 	topic = row_text(&rc, "topic", VOUTBOX_TOPIC_MAX_LEN + 1);

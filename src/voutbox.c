@@ -82,6 +82,18 @@ check_traceparent(char **newval, void **extra pg_attribute_unused(), GucSource s
 	return true;
 }
 
+/* Like outbox_save()'s producer argument; its encoding is checked at save. */
+static bool
+check_producer(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	if (*newval != NULL && strlen(*newval) > VOUTBOX_MAX_NAME_BYTES)
+	{
+		GUC_check_errdetail("voutbox.producer must not be longer than %d bytes.", VOUTBOX_MAX_NAME_BYTES);
+		return false;
+	}
+	return true;
+}
+
 /*
  * The message names the property at fault, never the setting's value:
  * PostgreSQL's own would quote it whole, and a secret may be in it.
@@ -187,7 +199,7 @@ define_gucs(void)
 							   "Default producer name written into the envelope.",
 							   NULL,
 							   &voutbox_producer, "",
-							   PGC_USERSET, 0, NULL, NULL, NULL);
+							   PGC_USERSET, 0, check_producer, NULL, NULL);
 	DefineCustomIntVariable("voutbox.max_payload_bytes",
 							"Largest payload outbox_save() accepts, as JSON text.",
 							NULL,

@@ -204,9 +204,19 @@ extern void voutbox_check_text(const char *s, const char *name, int max_bytes,
 extern int32 voutbox_parse_event_type(const char *event_type);
 extern bool voutbox_is_trace_id(const char *s);
 extern bool voutbox_traceparent_is_valid(const char *value);
-extern void voutbox_check_payload(Datum jsonb);
-extern void voutbox_check_json_convertible(Datum jsonb, const char *name);
-extern void voutbox_check_pii_fields(Datum array);
+/* Lengths of an event's data as JSON text, bounded together. */
+typedef struct VoutboxEventSize
+{
+	size_t		payload;
+	size_t		metadata;
+	size_t		consent;
+	size_t		pii_fields;
+} VoutboxEventSize;
+
+extern size_t voutbox_check_payload(Datum jsonb);
+extern size_t voutbox_check_json(Datum jsonb, const char *name);
+extern size_t voutbox_check_pii_fields(Datum array);
+extern void voutbox_check_event_size(const VoutboxEventSize *size);
 extern void voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl);
 struct HeapTupleData;
 struct TupleDescData;

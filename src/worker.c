@@ -789,7 +789,9 @@ voutbox_worker_main(Datum arg)
 	voutbox_is_worker = true;
 	setup_signals(true);
 	voutbox_session_remember();
-	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid, 0);
+	/* Its owner may close the database to connections: what it committed still goes out. */
+	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(arg), InvalidOid,
+											  BGWORKER_BYPASS_ALLOWCONN);
 	voutbox_session_pin();
 	pgstat_report_appname("voutbox worker");
 	publish_worker();

@@ -822,6 +822,9 @@ sub validate
 		return ('2202E', 'pii_fields') if $pf->{ndim} > 1;
 		return ('22004', 'pii_fields') if $pf->{has_null};
 	}
+	my $data = 0;
+	$data += $_->{plen} // 0 for grep { $_ && !$_->{null} } map { $c->{$_} } qw(payload metadata consent pii_fields);
+	return ('54000', 'payload') if $data > $MAX_PAYLOAD;
 	return ('22023', 'producer') if $given->('producer') && $text->('producer') eq '';
 	return ('22001', 'producer') if $given->('producer') && bytes($text->('producer')) > $MAX_BYTES{producer};
 	return ('22008', 'scheduled_for') if $c->{scheduled_for} && $c->{scheduled_for}{infinite};
@@ -940,6 +943,34 @@ sub run_psql
 	open my $e, '<:raw', $err or die;
 	return ($rc, decode_utf8(<$o> // ''), decode_utf8(<$e> // ''));
 }
+
+# The event's data (payload, metadata, consent, pii_fields) is bounded as a
+# whole, as JSON text the way PostgreSQL prints it: PostgreSQL measures each
+# value for the model, which cannot print jsonb the same way.
+my $sizes = "$script.sizes";
+my @measured;
+open my $sfh, '>:raw', $sizes or die "could not write $sizes: $!";
+print $sfh "\\encoding UTF8\n\\set ON_ERROR_STOP 0\nSET statement_timeout = '$TIMEOUT';\n";
+for my $c (@calls)
+{
+	for my $a (qw(payload metadata consent pii_fields))
+	{
+		my $v = $c->{$a};
+		next if !$v || $v->{null} || $v->{omit} || $v->{sure};
+		my $text = $a eq 'pii_fields' ? "pg_catalog.array_to_json(($v->{sql})::text[])::text"
+		  : "(($v->{sql})::jsonb)::text";
+		push @measured, $v;
+		print $sfh encode_utf8("SELECT $#measured, octet_length($text);\n");
+	}
+}
+close $sfh;
+my (undef, $sized) = run_psql($sizes);
+for (split /\n/, $sized)
+{
+	my ($i, $len) = /\A(\d+)\|(\d+)\z/ or next;
+	$measured[$i]{plen} = $len;
+}
+note(sprintf('%d of %d values measured', scalar(grep { defined $_->{plen} } @measured), scalar(@measured)));
 
 $t0 = time;
 my ($rc, $out, $err) = run_psql($script);

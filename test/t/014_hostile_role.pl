@@ -276,6 +276,28 @@ $node->poll_query_until('app', "SELECT status = 'delivered' FROM public_old.outb
   or die 'not delivered after the schema was renamed';
 pass('delivery and the DLQ work after the schema of the API was renamed');
 
+# --- It closes its database to connections (as its owner may): the worker
+# still connects, and delivers what was committed (an event scheduled for
+# after the restart, so that the new worker is the one that sends it).
+kafka_create_topic($kafka, 'acme.lead.closed.v1', 1);
+my $later = $node->safe_psql('postgres', "SELECT now() + interval '8 seconds'");
+as_app_ok("SET default_transaction_read_only = off; SET statement_timeout = 0; "
+	  . "SELECT public_old.outbox_save('acme', 'lead', 'c1', 'lead.closed.v1', '{}', "
+	  . "scheduled_for => '$later')");
+my $old_worker = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'voutbox worker'");
+# (From another database, as PostgreSQL requires.)
+$node->safe_psql('postgres', 'SET ROLE app; ALTER DATABASE app ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($old_worker)");
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'voutbox worker' "
+	  . "AND datname = 'app' AND pid <> $old_worker")
+  or die 'the worker did not connect to the closed database';
+pass('the worker connects to a database closed to connections');
+my @closed = consume_events($kafka, 'acme.lead.closed.v1', 1);
+is($closed[0]{event}{aggregate_id}, 'c1', 'it delivers what was committed there');
+$node->safe_psql('postgres', 'ALTER DATABASE app ALLOW_CONNECTIONS true');
+
 # --- It gained nothing.
 is($node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles WHERE rolname = 'app'"), 'f',
 	'the hostile role is not a superuser');
