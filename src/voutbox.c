@@ -33,7 +33,7 @@ char	   *voutbox_brokers = NULL;
 char	   *voutbox_topic_template = NULL;
 char	   *voutbox_key_template = NULL;
 int			voutbox_batch_size = 10000;
-int			voutbox_batch_bytes = 4 * 1024 * 1024;
+int			voutbox_batch_bytes = 8 * 1024 * 1024;
 int			voutbox_poll_interval = 1000;
 int			voutbox_max_retries = 10;
 int			voutbox_backoff_base = 1000;
@@ -153,7 +153,7 @@ define_gucs(void)
 	DefineCustomIntVariable("voutbox.batch_bytes",
 							"Most bytes of events the worker holds in a round (at least one event).",
 							"Counts the events' text as read from storage: payloads, metadata and the other columns.",
-							&voutbox_batch_bytes, 4 * 1024 * 1024, 1024, INT_MAX,
+							&voutbox_batch_bytes, 8 * 1024 * 1024, 1024, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
 	DefineCustomIntVariable("voutbox.poll_interval",
 							"Longest the idle worker sleeps; commits wake it at once.",

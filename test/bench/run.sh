@@ -3,7 +3,7 @@
 #   bash test/bench/run.sh
 # Builds and installs like test/run.sh, then runs as an unprivileged user.
 # Settings: BENCH_EVENTS (200000), BENCH_BATCH (10000), BENCH_SECONDS (15),
-# BENCH_RATE (100).
+# BENCH_RATE (100), BENCH_BATCH_BYTES (8MB), BENCH_PARTS (save,drain,latency).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$here"
