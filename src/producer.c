@@ -67,20 +67,24 @@
 /* How often a wait for the broker says so in the server log. */
 #define STALL_NOTICE_MS		60000
 #define MAX_PENDING_LOGS	32
+/* librdkafka's linger.ms unless voutbox.kafka_properties sets it. */
+#define VOUTBOX_DEFAULT_LINGER_MS	"1"
 
 struct VoutboxProducer
 {
 	rd_kafka_t *rk;
 	char	   *config;			/* the settings it was built from */
+	int			config_checked;	/* config_generation when compared last */
+	bool		config_changed;	/* what the comparison said */
 	int			pipe_r;
 	int			pipe_w;
-	/* outcome of the batch being delivered: written by the report callback */
-	int		   *errs;
-	int			nevents;
-	int			pending;
+	/* where delivery reports go: called from the report callback */
+	VoutboxReportFn report;
+	void	   *report_arg;
+	int			pending;		/* events handed over, not reported yet */
 	TimestampTz last_notice;	/* when the log last said we wait */
 	TimestampTz shutdown_at;	/* when a shutdown request was seen */
-	TimestampTz last_progress;	/* last delivery report, or start of the batch */
+	TimestampTz last_progress;	/* last delivery report, or the first send since none was pending */
 	bool		progress;		/* a report arrived since the last check */
 	bool		brokers_down;	/* no broker reachable since the last report */
 	bool		down_sign;		/* a connection failed since the last serve */
@@ -103,6 +107,9 @@ struct VoutboxProducer
  */
 static char *secrets = NULL;
 static char *secrets_error = NULL;
+
+/* Counts reloads of the configuration. */
+static int	config_generation = 0;
 
 /* Properties voutbox sets itself: overriding them would break a guarantee. */
 static const char *const reserved_properties[] = {
@@ -244,20 +251,18 @@ static void
 on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg, void *opaque)
 {
 	VoutboxProducer *p = opaque;
-	intptr_t	i = (intptr_t) msg->_private;
+	int			err = msg->err;
 
 	p->progress = true;
-	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		p->delivered_any = true;
-	if (p->errs == NULL || i < 0 || i >= p->nevents ||
-		p->errs[i] != VOUTBOX_DELIVERY_PENDING)
-		return;
-	p->errs[i] = msg->err;
-	/* Purged for want of a report: what the event gets is a timeout. */
-	if (p->timed_out && (msg->err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
-						 msg->err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT))
-		p->errs[i] = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
 	p->pending--;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		p->delivered_any = true;
+	/* Purged for want of a report: what the event gets is a timeout. */
+	if (p->timed_out && (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
+						 err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT))
+		err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
+	if (p->report != NULL)
+		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err);
 }
 
 static void
@@ -360,6 +365,7 @@ voutbox_reload_config(void)
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
 	load_secrets();
+	config_generation++;
 }
 
 /* The first load, when the worker starts. */
@@ -382,7 +388,12 @@ current_config(void)
 bool
 voutbox_producer_config_changed(VoutboxProducer *p)
 {
-	return strcmp(p->config, current_config()) != 0;
+	if (p->config_checked != config_generation)
+	{
+		p->config_checked = config_generation;
+		p->config_changed = strcmp(p->config, current_config()) != 0;
+	}
+	return p->config_changed;
 }
 
 /*
@@ -424,6 +435,12 @@ voutbox_producer_create(char **error)
 	conf_set(conf, "enable.gapless.guarantee", "true");
 	conf_set(conf, "log.queue", "true");
 	conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0");
+	/*
+	 * Latency first: the worker hands over whole rounds at once, so batches
+	 * fill without waiting under load; a trickle need not wait librdkafka's
+	 * default 5 ms.  voutbox.kafka_properties may set it otherwise.
+	 */
+	conf_set(conf, "linger.ms", VOUTBOX_DEFAULT_LINGER_MS);
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
 	if (secrets_error != NULL)
@@ -455,6 +472,7 @@ voutbox_producer_create(char **error)
 	}
 	rd_kafka_set_log_queue(p->rk, NULL);
 	p->config = MemoryContextStrdup(TopMemoryContext, current_config());
+	p->config_checked = config_generation;
 
 	if (pipe(fds) != 0 ||
 		fcntl(fds[0], F_SETFL, O_NONBLOCK) != 0 || fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0 ||
@@ -476,7 +494,7 @@ voutbox_producer_create(char **error)
 void
 voutbox_producer_destroy(VoutboxProducer *p)
 {
-	p->errs = NULL;
+	p->report = NULL;
 	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_flush(p->rk, 1000);
 	rd_kafka_destroy(p->rk);
@@ -584,7 +602,7 @@ headers_new(const VoutboxEvent *ev)
 }
 
 static rd_kafka_resp_err_t
-produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
+produce_one(VoutboxProducer *p, const VoutboxEvent *ev, uint64 ticket)
 {
 	struct json_object *env = voutbox_envelope_new(ev);
 	size_t		len;
@@ -602,7 +620,7 @@ produce_one(VoutboxProducer *p, const VoutboxEvent *ev, int i)
 							RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 							RD_KAFKA_V_HEADERS(hdrs),
 							RD_KAFKA_V_TIMESTAMP(ts_ms),
-							RD_KAFKA_V_OPAQUE((void *) (intptr_t) i),
+							RD_KAFKA_V_OPAQUE((void *) (uintptr_t) ticket),
 							RD_KAFKA_V_END);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		rd_kafka_headers_destroy(hdrs);
@@ -626,96 +644,110 @@ outage(VoutboxProducer *p)
 }
 
 /*
- * Wait until the batch's reports are in (or, with until_all false, for one
- * round of the wait).  On shutdown, outstanding messages get a grace period
- * and are then purged, so they come back failed and unsettled.
+ * Watch the deadlines of the events handed over; call after serving, as
+ * often as the caller wakes up (at least once a second while events are
+ * pending).  A new configuration, a stop request (after a grace period) or
+ * delivery_timeout without a report purges the producer, whose events then
+ * report at once.  Returns true when purged events did not report within
+ * PURGE_GRACE_MS: the caller then counts them as not sent, and destroys the
+ * producer (whose later reports nobody hears).
  */
-static void
-wait_for_reports(VoutboxProducer *p, bool until_all)
+bool
+voutbox_producer_watch(VoutboxProducer *p)
 {
-	for (;;)
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (p->pending == 0)
+		return false;
+	/*
+	 * A new broker list or librdkafka setting needs a new producer: give up
+	 * on this one, its events come back unsent and go out again.
+	 */
+	if (ConfigReloadPending)
+		voutbox_reload_config();
+	if (!p->purged && voutbox_producer_config_changed(p))
 	{
+		ereport(LOG, (errmsg("voutbox: Kafka settings changed; rebuilding the producer")));
+		purge(p);
+	}
+	if (ShutdownRequestPending && !p->purged)
+	{
+		if (p->shutdown_at == 0)
+			p->shutdown_at = now;
+		else if (TimestampDifferenceExceeds(p->shutdown_at, now, SHUTDOWN_GRACE_MS))
+			purge(p);
+	}
+	/*
+	 * No report for delivery_timeout while some broker answers: give up on
+	 * the outstanding events, which time out and are retried.
+	 */
+	if (!p->purged && !outage(p) &&
+		TimestampDifferenceExceeds(p->last_progress, now, voutbox_delivery_timeout))
+	{
+		ereport(LOG,
+				(errmsg("voutbox: no delivery report for %d ms; %d events time out",
+						voutbox_delivery_timeout, p->pending),
+				 errdetail("They are retried with backoff by a new producer, each key's later events behind them.")));
+		p->timed_out = true;
+		purge(p);
+	}
+	if (p->purged)
+	{
+		/* Purged events report at once, as a rule. */
 		voutbox_producer_serve(p);
 		if (p->pending == 0)
-			return;
-		/*
-		 * A new broker list or librdkafka setting needs a new producer: give
-		 * up on this one, its events come back unsent and go out again.
-		 */
-		if (ConfigReloadPending)
-		{
-			voutbox_reload_config();
-			if (!p->purged && voutbox_producer_config_changed(p))
-			{
-				ereport(LOG, (errmsg("voutbox: Kafka settings changed; rebuilding the producer")));
-				purge(p);
-				continue;
-			}
-		}
-		if (ShutdownRequestPending && !p->purged)
-		{
-			TimestampTz now = GetCurrentTimestamp();
-
-			if (p->shutdown_at == 0)
-				p->shutdown_at = now;
-			else if (TimestampDifferenceExceeds(p->shutdown_at, now, SHUTDOWN_GRACE_MS))
-			{
-				purge(p);
-				continue;
-			}
-		}
-		/*
-		 * No report for delivery_timeout while some broker answers: give up
-		 * on the outstanding events, which time out and are retried.
-		 */
-		if (!p->purged && !outage(p) &&
-			TimestampDifferenceExceeds(p->last_progress, GetCurrentTimestamp(),
-									   voutbox_delivery_timeout))
-		{
-			ereport(LOG,
-					(errmsg("voutbox: no delivery report for %d ms; %d of %d events time out",
-							voutbox_delivery_timeout, p->pending, p->nevents),
-					 errdetail("They are retried with backoff by a new producer, each key's later events behind them.")));
-			p->timed_out = true;
-			purge(p);
-			continue;
-		}
-
-		/*
-		 * Purged events report at once, as a rule; should some not, they
-		 * count as purged after a grace period, and the producer goes.
-		 */
-		if (p->purged &&
-			TimestampDifferenceExceeds(p->purged_at, GetCurrentTimestamp(), PURGE_GRACE_MS))
+			return false;
+		/* Should some not, they count as purged after a grace period. */
+		if (TimestampDifferenceExceeds(p->purged_at, GetCurrentTimestamp(), PURGE_GRACE_MS))
 		{
 			ereport(LOG,
 					(errmsg("voutbox: %d purged events did not report within %d ms; they count as not sent",
 							p->pending, PURGE_GRACE_MS)));
-			return;
+			return true;
 		}
-		if (TimestampDifferenceExceeds(p->last_notice, GetCurrentTimestamp(), STALL_NOTICE_MS))
-		{
-			p->last_notice = GetCurrentTimestamp();
-			ereport(LOG,
-					(errmsg("voutbox: still waiting for the broker to acknowledge %d of %d events",
-							p->pending, p->nevents),
-					 errdetail("Kafka brokers: %s. %s", voutbox_brokers,
-							   outage(p) ?
-							   "No broker can be reached; delivery resumes, in order, when one answers. Waiting uses up no retry." :
-							   "Nothing is lost.")));
-		}
-		voutbox_report_activity(psprintf("waiting for the broker: %d of %d events unacknowledged",
-										 p->pending, p->nevents));
-		voutbox_stats_set_state(outage(p) ? "broker unreachable" : "waiting for broker",
-								psprintf("%d of %d events unacknowledged", p->pending, p->nevents));
-		(void) WaitLatchOrSocket(MyLatch,
-								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-								 p->pipe_r, 1000, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-		if (!until_all)
-			return;
+		return false;
 	}
+	if (TimestampDifferenceExceeds(p->last_notice, now, STALL_NOTICE_MS))
+	{
+		p->last_notice = now;
+		ereport(LOG,
+				(errmsg("voutbox: still waiting for the broker to acknowledge %d events",
+						p->pending),
+				 errdetail("Kafka brokers: %s. %s", voutbox_brokers,
+						   outage(p) ?
+						   "No broker can be reached; delivery resumes, in order, when one answers. Waiting uses up no retry." :
+						   "Nothing is lost.")));
+	}
+	/* Said only when the wait is long enough to be seen. */
+	if (TimestampDifferenceExceeds(p->last_progress, now, 1000))
+	{
+		voutbox_report_activity(psprintf("waiting for the broker: %d events unacknowledged",
+										 p->pending));
+		voutbox_stats_set_state(outage(p) ? "broker unreachable" : "waiting for broker",
+								psprintf("%d events unacknowledged", p->pending));
+	}
+	return false;
+}
+
+/* Events handed over whose report has not come. */
+int
+voutbox_producer_pending(VoutboxProducer *p)
+{
+	return p->pending;
+}
+
+/* Whether the producer was purged for want of reports. */
+bool
+voutbox_producer_timed_out(VoutboxProducer *p)
+{
+	return p->timed_out;
+}
+
+void
+voutbox_producer_set_reporter(VoutboxProducer *p, VoutboxReportFn report, void *arg)
+{
+	p->report = report;
+	p->report_arg = arg;
 }
 
 /*
@@ -735,87 +767,40 @@ release_values(VoutboxEvent *ev)
 }
 
 /*
- * Send the events[i] whose errs[i] is VOUTBOX_DELIVERY_PENDING and wait for
- * every delivery report.  errs[i] receives the outcome of events[i]: 0 when
- * the broker acknowledged it, else the librdkafka error.  The JSON values of
- * the events handed to librdkafka are released.  Returns how many events
- * were handed to librdkafka (none when a stop came first).
+ * Hand an event to librdkafka; its report will carry the ticket.  Returns 0,
+ * or the error that made librdkafka refuse it at once (a broken producer or a
+ * stop request: _PURGE_QUEUE, the producer's trouble).  A full local queue
+ * is waited out.  The JSON values of an event handed over are released.
  */
 int
-voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events, int n, int *errs)
+voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 {
-	HTAB	   *refused = voutbox_key_set_new("voutbox refused keys");
-	int			handed = 0;
-	int			produced = 0;
+	rd_kafka_resp_err_t err;
 
-	p->errs = errs;
-	p->nevents = n;
-	p->pending = 0;
-	p->last_notice = GetCurrentTimestamp();
-	p->last_progress = p->last_notice;
-	p->shutdown_at = 0;
-
-	for (int i = 0; i < n && !p->purged && !ShutdownRequestPending; i++)
+	for (;;)
 	{
-		rd_kafka_resp_err_t err;
-		uint64		h = 0;
-
-		handed = i + 1;
-		if (errs[i] != VOUTBOX_DELIVERY_PENDING)
-		{
-			/* Failed before it was sent (storage.c): its key waits behind it. */
-			if (errs[i] != VOUTBOX_DELIVERY_SKIPPED && events[i].msg_key != NULL)
-			{
-				h = voutbox_key_hash(events[i].topic, events[i].msg_key);
-				(void) hash_search(refused, &h, HASH_ENTER, NULL);
-			}
-			continue;
-		}
+		if (p->purged || p->fatal || ShutdownRequestPending)
+			return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+		err = produce_one(p, ev, ticket);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;
+		voutbox_producer_serve(p);
+		(void) voutbox_producer_watch(p);
+		(void) WaitLatchOrSocket(MyLatch,
+								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 p->pipe_r, 100, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-
-		/*
-		 * librdkafka refused an earlier event of this key at once: sending
-		 * this one would overtake it.  It stays unsent, behind it.
-		 */
-		if (events[i].msg_key != NULL)
-		{
-			h = voutbox_key_hash(events[i].topic, events[i].msg_key);
-			if (hash_search(refused, &h, HASH_FIND, NULL) != NULL)
-			{
-				errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
-				continue;
-			}
-		}
-		p->pending++;
-		while ((err = produce_one(p, &events[i], i)) == RD_KAFKA_RESP_ERR__QUEUE_FULL &&
-			   !p->purged && !ShutdownRequestPending)
-			wait_for_reports(p, false);
-		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			errs[i] = err;
-			p->pending--;
-			if (events[i].msg_key != NULL)
-				(void) hash_search(refused, &h, HASH_ENTER, NULL);
-		}
-		else
-		{
-			release_values(&events[i]);
-			produced++;
-		}
 	}
-	wait_for_reports(p, true);
-
-	/*
-	 * Events never handed to librdkafka (the producer broke first) go again.
-	 * Handed ones that did not report after a purge count as purged too, or
-	 * as timed out if the purge was for want of reports.
-	 */
-	for (int i = 0; i < n; i++)
-		if (errs[i] == VOUTBOX_DELIVERY_PENDING)
-			errs[i] = i < handed && p->timed_out ?
-				RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
-	p->errs = NULL;
-	return produced;
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return err;
+	if (p->pending++ == 0)
+	{
+		p->last_progress = p->last_notice = GetCurrentTimestamp();
+		p->shutdown_at = 0;
+	}
+	release_values(ev);
+	return 0;
 }
 
 const char *

@@ -59,14 +59,14 @@ all_settled(const char *relname, const char *lo)
 	Oid			type = TEXTOID;
 	Datum		value = CStringGetTextDatum(lo);
 
-	voutbox_spi(psprintf("SELECT 1 FROM " VOUTBOX_SCHEMA ".%s e "
+	voutbox_spi_once(psprintf("SELECT 1 FROM " VOUTBOX_SCHEMA ".%s e "
 						 "WHERE e.txid >= pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot) "
 						 "   OR e.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot))) "
 						 "LIMIT 1", relname),
 				1, &type, &value, NULL, SPI_OK_SELECT);
 	if (SPI_processed > 0)
 		return false;
-	voutbox_spi(psprintf("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred d "
+	voutbox_spi_once(psprintf("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred d "
 						 "JOIN " VOUTBOX_SCHEMA ".%s e ON e.id = d.id "
 						 "WHERE d.delivered_at IS NULL LIMIT 1", relname),
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
@@ -124,7 +124,7 @@ truncate_slot(int slot, const char *lo)
 		locked_since[slot] = 0;
 		if (all_settled(relname, lo))
 		{
-			voutbox_spi(psprintf("TRUNCATE " VOUTBOX_SCHEMA ".%s", relname),
+			voutbox_spi_once(psprintf("TRUNCATE " VOUTBOX_SCHEMA ".%s", relname),
 						0, NULL, NULL, NULL, SPI_OK_UTILITY);
 			voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring r SET state = 'empty', since = pg_catalog.now(), "
 						"opened_at = NULL WHERE r.slot = $1",
@@ -237,12 +237,12 @@ move_dead_events(void)
 }
 
 void
-voutbox_retention_run(const VoutboxCursor *cursor)
+voutbox_retention_run(const char *settled_lo)
 {
-	if (cursor->lo == NULL)
+	if (settled_lo == NULL)
 		return;
 	for (int slot = 0; slot < VOUTBOX_RING_SLOTS; slot++)
-		truncate_slot(slot, cursor->lo);
+		truncate_slot(slot, settled_lo);
 	rotate_ring();
 	move_dead_events();
 

@@ -51,7 +51,7 @@ static const struct
 	{"default_transaction_deferrable", "off"},
 	/*
 	 * No lock a user can hold makes it wait long: it tries again later (an
-	 * ERROR 55P03 it expects, worker.c); its other waits are its own.
+	 * ERROR 55P03 it expects, stream.c); its other waits are its own.
 	 */
 	{"lock_timeout", VOUTBOX_LOCK_TIMEOUT},
 	{"statement_timeout", "0"},
@@ -69,6 +69,14 @@ static const struct
 	{"IntervalStyle", "postgres"},
 	/* the bootstrap superuser, not a role a default names */
 	{"role", "none"},
+	/*
+	 * Its statements are written for indexes, and their plans are kept
+	 * (spi.c): a plan made while a table is empty and without statistics
+	 * must not scan it whole once it holds millions of rows.
+	 */
+	{"enable_seqscan", "off"},
+	/* (which would make its plans' costs huge:) no JIT for its short statements */
+	{"jit", "off"},
 };
 
 typedef struct SavedSetting

@@ -556,17 +556,30 @@ log_failures(const SettleState *st)
  * ---------------------------------------------------------------------
  */
 
-/* Before the settling transaction: what the round needs to be judged. */
+/*
+ * Before the settling transaction: a settlement of rounds that were in
+ * flight together, judged as one (only the first failure of a key among
+ * them is the key's; an event sent alone is one that nothing else was in
+ * flight with).
+ */
 VoutboxSettlement *
-voutbox_settle_begin(const VoutboxRound *r)
+voutbox_settle_begin(void)
 {
 	SettleState *st = palloc0(sizeof(SettleState));
 
 	st->failed = voutbox_key_set_new("voutbox failed keys");
 	st->stats = voutbox_stats_batch_new(true);
+	return (VoutboxSettlement *) st;
+}
+
+/* Count a round of the settlement, before it is settled. */
+void
+voutbox_settle_count(VoutboxSettlement *s, const VoutboxRound *r)
+{
+	SettleState *st = (SettleState *) s;
+
 	for (int i = 0; i < r->nevents; i++)
 		st->nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
-	return (VoutboxSettlement *) st;
 }
 
 /*

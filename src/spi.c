@@ -20,6 +20,7 @@
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
@@ -62,6 +63,7 @@ voutbox_xact_commit(bool *committed)
 	/* A stop request meant to cancel this transaction has nothing left to cancel. */
 	QueryCancelPending = false;
 	MemoryContextSwitchTo(xact_caller_cxt);
+	xact_caller_cxt = NULL;
 	pgstat_report_stat(false);
 }
 
@@ -77,12 +79,88 @@ voutbox_xact_abort(void)
 	QueryCancelPending = false;
 	if (xact_caller_cxt != NULL)
 		MemoryContextSwitchTo(xact_caller_cxt);
+	xact_caller_cxt = NULL;
 }
 
-/* Run sql with parameters; returns SPI_processed. */
+/*
+ * Plans of the worker's statements, parsed once and kept (SPI_keepplan), so
+ * that a round costs no parsing or planning: the statements are string
+ * constants, found by their address (and their text, lest a string built at
+ * run time reuse an address).  PostgreSQL's plan cache replans a kept plan
+ * when a relation it uses changes (a DROP and CREATE EXTENSION), with the
+ * search_path it was made with, the worker's pinned one.
+ */
+typedef struct KeptPlan
+{
+	const char *sql;			/* hash key: the address */
+	char	   *text;
+	SPIPlanPtr	plan;
+} KeptPlan;
+
+static HTAB *kept_plans = NULL;
+
+SPIPlanPtr
+voutbox_plan(const char *sql, int nargs, Oid *types)
+{
+	KeptPlan   *kp;
+	bool		found;
+	SPIPlanPtr	plan;
+
+	if (kept_plans == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(const char *);
+		ctl.entrysize = sizeof(KeptPlan);
+		ctl.hcxt = TopMemoryContext;
+		kept_plans = hash_create("voutbox kept plans", 64, &ctl,
+								 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	kp = hash_search(kept_plans, &sql, HASH_FIND, NULL);
+	if (kp != NULL && strcmp(kp->text, sql) == 0)
+		return kp->plan;
+
+	/*
+	 * Generic plans: planned once, not at every execution (a custom plan's
+	 * estimates win against a generic one's for the window query, and
+	 * planning would then cost more than running it).  Prepared before it is
+	 * entered: preparing may fail (a lock timeout, a cancel), and leaves no
+	 * entry behind then.
+	 */
+	plan = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+	if (plan == NULL)
+		elog(ERROR, "voutbox: SPI_prepare returned %s for \"%s\"",
+			 SPI_result_code_string(SPI_result), sql);
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "voutbox: SPI_keepplan failed");
+	kp = hash_search(kept_plans, &sql, HASH_ENTER, &found);
+	if (found)
+	{
+		SPI_freeplan(kp->plan);
+		pfree(kp->text);
+	}
+	kp->plan = plan;
+	kp->text = MemoryContextStrdup(TopMemoryContext, sql);
+	return plan;
+}
+
+/* Run sql (a kept plan of it) with parameters; returns SPI_processed. */
 uint64
 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 			const char *nulls, int expected)
+{
+	int			rc = SPI_execute_plan(voutbox_plan(sql, nargs, types), values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "voutbox: SPI_execute_plan returned %s for \"%s\"",
+			 SPI_result_code_string(rc), sql);
+	return SPI_processed;
+}
+
+/* Run sql built at run time, planned for this one call. */
+uint64
+voutbox_spi_once(const char *sql, int nargs, Oid *types, Datum *values,
+				 const char *nulls, int expected)
 {
 	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
 

@@ -13,14 +13,18 @@
  * or txid in xip(lo)", so a window is found by two index scans however old
  * the oldest open transaction is.
  *
- * Within a window, events go in save order (seq).  A window is read through a
- * holdable scrollable cursor: its rows are sorted once, kept by PostgreSQL
- * in a tuplestore (spilling to disk), and fetched in short transactions.
- * A round takes at most voutbox.batch_size events and voutbox.batch_bytes of
- * them (at least one): a DestReceiver copies each row once, straight into
- * the round, and rows fetched past the budget are not copied but given back
- * to the cursor (MOVE ABSOLUTE).  No transaction or snapshot stays open
- * while the worker waits for Kafka.
+ * Within a window, events go in save order (seq), in rounds of at most the
+ * number of events and bytes the caller has room for (at least one).  A
+ * window that fits in the round is read by one query (a kept plan asking for
+ * one row more than there is room for), the common case of a steady flow.  A
+ * larger one is read through a holdable scrollable cursor: its rows are
+ * sorted once, kept by PostgreSQL in a tuplestore (spilling to disk), and
+ * fetched in short transactions; a DestReceiver copies each row once,
+ * straight into the round, and rows fetched past the budget are not copied
+ * but given back to the cursor (MOVE ABSOLUTE).  The reader moves on as it
+ * reads; the cursor's table moves on only when the rounds are settled, in
+ * the order they were read (stream.c).  No transaction or snapshot stays
+ * open while the worker waits for Kafka.
  *
  * Only committed work that is durable is delivered: at the end of a read,
  * the WAL is flushed up to where it was written, which covers the commit
@@ -28,8 +32,9 @@
  * only after its record is written, but with synchronous_commit = off it may
  * be visible before the record is flushed).
  *
- * Settling appends one row to voutbox.batches (lo, hi, done_seq): the
- * window is settled up to done_seq, or wholly once the cursor is exhausted.
+ * Settling appends one row per round to voutbox.batches (lo, hi, done_seq):
+ * the window is settled up to done_seq, or wholly once it was read to its
+ * end.
  * Nothing is updated or deleted in the ring of event tables.
  *
  * Events that cannot be sent now are copied to voutbox.deferred: failed ones
@@ -110,14 +115,28 @@
 Oid
 voutbox_lock_extension(void)
 {
-	Oid			oid = get_extension_oid(VOUTBOX_EXTENSION, true);
+	static Oid	last = InvalidOid;
+	Oid			oid;
 
+	/*
+	 * Lock the installation seen last before looking it up: one look-up
+	 * then tells that it is (still) the one, the usual case.
+	 */
+	if (OidIsValid(last))
+		LockDatabaseObject(ExtensionRelationId, last, 0, AccessShareLock);
+	oid = get_extension_oid(VOUTBOX_EXTENSION, true);
+	if (oid == last)
+		return oid;
+	if (OidIsValid(last))
+		UnlockDatabaseObject(ExtensionRelationId, last, 0, AccessShareLock);
+	last = InvalidOid;
 	if (!OidIsValid(oid))
 		return InvalidOid;
 	LockDatabaseObject(ExtensionRelationId, oid, 0, AccessShareLock);
 	/* It may have been dropped while we waited for the lock. */
 	if (get_extension_oid(VOUTBOX_EXTENSION, true) != oid)
 		return InvalidOid;
+	last = oid;
 	return oid;
 }
 
@@ -130,13 +149,23 @@ voutbox_lock_extension(void)
 static VoutboxStorageStatus
 find_extension(bool *recreated, char **version, Oid *extension)
 {
-	static Oid	ext_oid = InvalidOid;
+	static Oid	ext_oid = InvalidOid;	/* ready, as checked at checked_at */
+	static Oid	last_oid = InvalidOid;	/* the installation read last */
+	static TimestampTz checked_at = 0;
 	Oid			oid = voutbox_lock_extension();
 	Oid			type = OIDOID;
 	Datum		value = ObjectIdGetDatum(oid);
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (!OidIsValid(oid))
 		return VOUTBOX_STORAGE_MISSING;
+	/* Its version is looked up again once a second, and when it is another. */
+	if (oid == ext_oid && !TimestampDifferenceExceeds(checked_at, now, 1000))
+	{
+		*extension = oid;
+		return VOUTBOX_STORAGE_READY;
+	}
+	ext_oid = InvalidOid;
 	voutbox_spi("SELECT extversion FROM pg_catalog.pg_extension WHERE oid = $1",
 				1, &type, &value, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
@@ -144,8 +173,9 @@ find_extension(bool *recreated, char **version, Oid *extension)
 	*version = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	if (strcmp(*version, VOUTBOX_SQL_VERSION) != 0)
 		return VOUTBOX_STORAGE_OTHER_VERSION;
-	*recreated = OidIsValid(ext_oid) && oid != ext_oid;
-	ext_oid = *extension = oid;
+	*recreated = OidIsValid(last_oid) && oid != last_oid;
+	ext_oid = last_oid = *extension = oid;
+	checked_at = now;
 	return VOUTBOX_STORAGE_READY;
 }
 
@@ -420,7 +450,7 @@ receiver_noop(DestReceiver *self pg_attribute_unused())
 }
 
 static void
-receiver_init(RoundReceiver *rr, VoutboxRound *r, int limit, bool stop_early)
+receiver_init(RoundReceiver *rr, VoutboxRound *r, int limit, int64 budget, bool stop_early)
 {
 	memset(rr, 0, sizeof(*rr));
 	rr->pub.receiveSlot = receive_event;
@@ -430,13 +460,14 @@ receiver_init(RoundReceiver *rr, VoutboxRound *r, int limit, bool stop_early)
 	rr->pub.mydest = DestNone;
 	rr->round = r;
 	rr->limit = limit;
-	rr->budget = voutbox_batch_bytes;
+	rr->budget = budget;
 	rr->stop_early = stop_early;
 }
 
 /* Run a query over voutbox.deferred into the round, within its budget. */
-static void
-read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datum *values)
+static uint64
+read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datum *values,
+				   int limit, int64 budget)
 {
 	RoundReceiver rr;
 	SPIExecuteOptions options;
@@ -450,17 +481,17 @@ read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datu
 		params->params[i].pflags = PARAM_FLAG_CONST;
 		params->params[i].ptype = types[i];
 	}
-	receiver_init(&rr, r, voutbox_batch_size, true);
+	receiver_init(&rr, r, limit, budget, true);
 	memset(&options, 0, sizeof(options));
 	options.params = params;
 	options.read_only = true;
 	options.dest = (DestReceiver *) &rr;
-	rc = SPI_execute_extended(sql, &options);
+	rc = SPI_execute_plan_extended(voutbox_plan(sql, nargs, types), &options);
 	/* (SPI says SPI_OK_UTILITY for a SELECT into a receiver of type DestNone.) */
 	if (rc != SPI_OK_SELECT && rc != SPI_OK_UTILITY)
-		elog(ERROR, "voutbox: SPI_execute_extended returned %s for \"%s\"",
+		elog(ERROR, "voutbox: SPI_execute_plan_extended returned %s for \"%s\"",
 			 SPI_result_code_string(rc), sql);
-	r->ndeferred = r->nevents;
+	return rr.over;
 }
 
 /* ---------------------------------------------------------------------
@@ -490,47 +521,178 @@ load_cursor(VoutboxCursor *c)
 		elog(ERROR, "voutbox: the table " VOUTBOX_SCHEMA ".batches is empty");
 	tup = SPI_tuptable->vals[0];
 	set_snapshot(&c->lo, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1), cxt);
+	c->params_valid = false;
 	set_snapshot(&c->hi, SPI_getvalue(tup, SPI_tuptable->tupdesc, 2), cxt);
+	c->params_valid = false;
 	d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull);
-	c->done_seq = isnull ? PG_INT64_MIN : DatumGetInt64(d);
+	c->read_seq = isnull ? PG_INT64_MIN : DatumGetInt64(d);
 }
 
 /*
- * Open the holdable cursor over the window (lo, hi], rows after done_seq.
- * Without an open window, take the current snapshot as the new hi; when it
- * is the same as lo, nothing committed since and no window is opened.
+ * The events of the window (lo, hi] after seq $5, in seq order: $1 is
+ * xmax(lo), $2 xmax(hi), $3 xip(lo), $4 hi (window_params()).  Typed
+ * parameters, so that a kept (generic) plan scans the txid indexes and
+ * converts no snapshot per row.
  */
+#define WINDOW_QUERY \
+	"SELECT " EVENT_SELECT_LIST " FROM " VOUTBOX_SCHEMA ".events e " \
+	"WHERE ((e.txid >= $1 AND e.txid < $2) OR e.txid = ANY ($3)) " \
+	"  AND pg_catalog.pg_visible_in_snapshot(e.txid, $4) " \
+	"  AND e.seq > $5 " \
+	"ORDER BY e.seq"
+#define WINDOW_NPARAMS	5
+
+/*
+ * The parameters of WINDOW_QUERY for the cursor's window, computed once per
+ * window, into values[0..4] (types[0..4]).
+ */
+static void
+window_params(VoutboxCursor *c, Datum *values, Oid *types)
+{
+	static const Oid param_types[WINDOW_NPARAMS] = {XID8OID, XID8OID, XID8ARRAYOID, PG_SNAPSHOTOID, INT8OID};
+
+	if (!c->params_valid)
+	{
+		Oid			t[2] = {TEXTOID, TEXTOID};
+		Datum		v[2] = {CStringGetTextDatum(c->lo), CStringGetTextDatum(c->hi)};
+		MemoryContext old;
+		bool		isnull;
+
+		voutbox_spi("SELECT pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot), "
+					"       pg_catalog.pg_snapshot_xmax($2::pg_catalog.pg_snapshot), "
+					"       ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot)), "
+					"       $2::pg_catalog.pg_snapshot",
+					2, t, v, NULL, SPI_OK_SELECT);
+		old = MemoryContextSwitchTo(c->cxt);
+		for (int i = 0; i < 4; i++)
+		{
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, i + 1, &isnull);
+
+			if (c->params[i] != (Datum) 0 && i >= 2)
+				pfree(DatumGetPointer(c->params[i]));
+			c->params[i] = i < 2 ? d : PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
+		}
+		MemoryContextSwitchTo(old);
+		c->params_valid = true;
+	}
+	for (int i = 0; i < 4; i++)
+		values[i] = c->params[i];
+	values[4] = Int64GetDatum(c->read_seq);
+	memcpy(types, param_types, sizeof(param_types));
+}
+
+static bool deferred_waiting(void);
+
+/*
+ * The one query that starts a read: without an open window, the current
+ * snapshot as the new hi, with the parameters of the window it opens (none
+ * when it equals lo: nothing committed since); and, if asked, whether
+ * deferred events wait.  Returns the latter.
+ */
+static bool
+look(VoutboxCursor *c, bool want_deferred)
+{
+	Oid			types[2] = {TEXTOID, BOOLOID};
+	Datum		values[2];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	bool		deferred;
+	char	   *hi;
+	MemoryContext old;
+
+	if (c->hi != NULL)
+		return want_deferred && deferred_waiting();
+	values[0] = CStringGetTextDatum(c->lo);
+	values[1] = BoolGetDatum(want_deferred);
+	voutbox_spi("SELECT s::pg_catalog.text, "
+				"       $2 AND EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred e WHERE " WAITING("e") "), "
+				"       pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot), "
+				"       pg_catalog.pg_snapshot_xmax(s), "
+				"       ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot)), s "
+				"  FROM pg_catalog.pg_current_snapshot() s",
+				2, types, values, NULL, SPI_OK_SELECT);
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	deferred = DatumGetBool(SPI_getbinval(tup, desc, 2, &isnull));
+	hi = SPI_getvalue(tup, desc, 1);
+	if (strcmp(hi, c->lo) == 0)
+		return deferred;
+	set_snapshot(&c->hi, hi, c->cxt);
+	c->read_seq = PG_INT64_MIN;
+	c->fresh = true;
+	old = MemoryContextSwitchTo(c->cxt);
+	for (int i = 0; i < 4; i++)
+	{
+		Datum		d = SPI_getbinval(tup, desc, i + 3, &isnull);
+
+		if (c->params[i] != (Datum) 0 && i >= 2)
+			pfree(DatumGetPointer(c->params[i]));
+		c->params[i] = i < 2 ? d : PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
+	}
+	MemoryContextSwitchTo(old);
+	c->params_valid = true;
+	return deferred;
+}
+
+/*
+ * A window small enough for the room left in the round is read by one
+ * query, with no cursor: the common case of a steady flow.  Asks for one
+ * row more than there is room for; when that row comes (or the bytes run
+ * out), the rest of the window is read through a cursor.  Returns whether
+ * the query read the whole window.
+ */
+static bool
+read_small_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
+{
+	Oid			types[WINDOW_NPARAMS + 1];
+	Datum		values[WINDOW_NPARAMS + 1];
+	RoundReceiver rr;
+	SPIExecuteOptions options;
+	ParamListInfo params = makeParamList(WINDOW_NPARAMS + 1);
+	int			room = limit - r->nevents;
+	int			rc;
+
+	window_params(c, values, types);
+	types[WINDOW_NPARAMS] = INT8OID;
+	values[WINDOW_NPARAMS] = Int64GetDatum((int64) room + 1);
+	for (int i = 0; i <= WINDOW_NPARAMS; i++)
+	{
+		params->params[i].value = values[i];
+		params->params[i].isnull = false;
+		params->params[i].pflags = PARAM_FLAG_CONST;
+		params->params[i].ptype = types[i];
+	}
+	receiver_init(&rr, r, limit, budget, true);
+	memset(&options, 0, sizeof(options));
+	options.params = params;
+	/*
+	 * Not read-only: SPI then takes a new snapshot for the query, which sees
+	 * every transaction that hi sees (the transaction's first snapshot was
+	 * taken before hi, and may not).
+	 */
+	options.read_only = false;
+	options.dest = (DestReceiver *) &rr;
+	rc = SPI_execute_plan_extended(voutbox_plan(WINDOW_QUERY " LIMIT $6", WINDOW_NPARAMS + 1, types),
+								   &options);
+	if (rc != SPI_OK_SELECT && rc != SPI_OK_UTILITY)
+		elog(ERROR, "voutbox: reading a window: SPI_execute_plan_extended returned %s",
+			 SPI_result_code_string(rc));
+	c->consumed = 0;
+	return rr.over == 0;
+}
+
+/* Open the holdable cursor over the rest of the window, rows after read_seq. */
 static void
 open_window(VoutboxCursor *c)
 {
-	MemoryContext cxt = c->cxt;
-	Oid			types[3] = {TEXTOID, TEXTOID, INT8OID};
-	Datum		values[3];
+	Oid			types[WINDOW_NPARAMS];
+	Datum		values[WINDOW_NPARAMS];
 
-	if (c->hi == NULL)
-	{
-		voutbox_spi("SELECT pg_catalog.pg_current_snapshot()::text", 0, NULL, NULL, NULL, SPI_OK_SELECT);
-		set_snapshot(&c->hi, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), cxt);
-		c->done_seq = PG_INT64_MIN;
-		if (strcmp(c->hi, c->lo) == 0)
-		{
-			set_snapshot(&c->hi, NULL, cxt);
-			return;
-		}
-	}
-	values[0] = CStringGetTextDatum(c->lo);
-	values[1] = CStringGetTextDatum(c->hi);
-	values[2] = Int64GetDatum(c->done_seq);
+	window_params(c, values, types);
 	c->consumed = 0;
-	voutbox_spi("DECLARE " PORTAL_NAME " SCROLL CURSOR WITH HOLD FOR "
-				"SELECT " EVENT_SELECT_LIST " FROM " VOUTBOX_SCHEMA ".events e "
-				"WHERE ((e.txid >= pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot) "
-				"        AND e.txid < pg_catalog.pg_snapshot_xmax($2::pg_catalog.pg_snapshot)) "
-				"       OR e.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot)))) "
-				"  AND pg_catalog.pg_visible_in_snapshot(e.txid, $2::pg_catalog.pg_snapshot) "
-				"  AND e.seq > $3 "
-				"ORDER BY e.seq",
-				3, types, values, NULL, SPI_OK_UTILITY);
+	voutbox_spi_once("DECLARE " PORTAL_NAME " SCROLL CURSOR WITH HOLD FOR " WINDOW_QUERY,
+					 WINDOW_NPARAMS, types, values, NULL, SPI_OK_UTILITY);
 	c->portal_open = true;
 }
 
@@ -555,7 +717,9 @@ voutbox_forget_cursor(VoutboxCursor *c)
 	c->portal_open = false;
 	c->stale = false;
 	set_snapshot(&c->lo, NULL, NULL);
+	c->params_valid = false;
 	set_snapshot(&c->hi, NULL, NULL);
+	c->params_valid = false;
 }
 
 /* ---------------------------------------------------------------------
@@ -568,7 +732,7 @@ voutbox_forget_cursor(VoutboxCursor *c)
  * and is due makes a round of its own.  Returns whether there is one.
  */
 static bool
-read_alone_deferred(VoutboxRound *r)
+read_alone_deferred(VoutboxRound *r, int64 budget)
 {
 	read_deferred_rows(r,
 					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
@@ -576,7 +740,8 @@ read_alone_deferred(VoutboxRound *r)
 					   " WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
 					   "   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") "
 					   " ORDER BY e.batch_id, e.seq LIMIT 1",
-					   0, NULL, NULL);
+					   0, NULL, NULL, 1, budget);
+	r->ndeferred = r->nevents;
 	if (r->nevents == 0)
 		return false;
 	r->alone = true;
@@ -585,9 +750,9 @@ read_alone_deferred(VoutboxRound *r)
 
 /* Events of voutbox.deferred whose time has come, and the next due time. */
 static void
-read_due_deferred(VoutboxRound *r)
+read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 {
-	Datum		limit = Int32GetDatum(voutbox_batch_size);
+	Datum		limit = Int32GetDatum(max_events);
 	Oid			type = INT4OID;
 
 	/*
@@ -613,7 +778,8 @@ read_due_deferred(VoutboxRound *r)
 					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "
 					   "            ELSE e.due_at <= pg_catalog.now() END "
 					   " ORDER BY e.batch_id, e.seq LIMIT $1",
-					   1, &type, &limit);
+					   1, &type, &limit, max_events, budget);
+	r->ndeferred = r->nevents;
 	r->next_due = voutbox_next_due();
 }
 
@@ -643,6 +809,17 @@ deferred_waiting(void)
 	return SPI_processed > 0;
 }
 
+/* Whether a deferred event is due now (a key's head, or one that holds no key). */
+static bool
+deferred_due(void)
+{
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred e "
+				" WHERE " WAITING("e") " AND e.due_at <= pg_catalog.now() "
+				"   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") LIMIT 1",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	return SPI_processed > 0;
+}
+
 /*
  * Fetch rows of the window into the round until it is full (events or
  * bytes) or the window ends.  Rows fetched past the budget go back to the
@@ -650,15 +827,14 @@ deferred_waiting(void)
  * read so far, so that few are fetched in vain.
  */
 static void
-fetch_window(VoutboxCursor *c, VoutboxRound *r)
+fetch_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
 {
 	Portal		portal = SPI_cursor_find(PORTAL_NAME);
 	RoundReceiver rr;
-	int			limit = voutbox_batch_size;	/* deferred events count too */
 
 	if (portal == NULL)
 		elog(ERROR, "voutbox: the cursor over the current window is gone");
-	receiver_init(&rr, r, limit, false);
+	receiver_init(&rr, r, limit, budget, false);
 	r->window_done = false;
 	while (r->nevents < limit)
 	{
@@ -692,32 +868,66 @@ fetch_window(VoutboxCursor *c, VoutboxRound *r)
 			break;
 		}
 	}
+}
 
-	/* An empty fetch ends the window, and there is nothing to settle. */
-	if (r->window_done && r->nevents == r->ndeferred)
+/*
+ * Read the next chunk of the window into the round, and move the reader
+ * on: to the next window when this one is read to its end (its cursor row
+ * is written only when the round is settled), else past the last event
+ * read.  The round keeps the window it was read from.
+ */
+static void
+read_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
+{
+	int			first = r->nevents;
+
+	if (c->hi == NULL)
+		return;
+	r->lo = MemoryContextStrdup(r->cxt, c->lo);
+	r->hi = MemoryContextStrdup(r->cxt, c->hi);
+	if (c->fresh && !c->portal_open && !c->large_windows)
+		r->window_done = read_small_window(c, r, limit, budget);
+	else
 	{
-		close_window(c);
-		set_snapshot(&c->lo, c->hi, c->cxt);
-		set_snapshot(&c->hi, NULL, NULL);
+		if (!c->portal_open)
+			open_window(c);
+		fetch_window(c, r, limit, budget);
 	}
+	/* A window too large for one query makes the next one use the cursor at once. */
+	if (c->fresh)
+		c->large_windows = !r->window_done;
+	c->fresh = false;
+	if (r->window_done)
+	{
+		if (c->portal_open)
+			close_window(c);
+		set_snapshot(&c->lo, c->hi, c->cxt);
+		c->params_valid = false;
+		set_snapshot(&c->hi, NULL, NULL);
+		c->params_valid = false;
+		c->read_seq = PG_INT64_MIN;
+	}
+	else if (r->nevents > first)
+		c->read_seq = r->events[r->nevents - 1].seq;
 }
 
 /* Decide what to do with each event of the window read into the round. */
 static void
-choose_actions(VoutboxRound *r, HTAB *held)
+choose_actions(VoutboxRound *r, HTAB *held, HTAB *held_in_flight)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
 	for (int i = r->ndeferred; i < r->nevents; i++)
 	{
 		VoutboxEvent *ev = &r->events[i];
-		uint64		h;
+		uint64		h = ev->msg_key ? voutbox_key_hash(ev->topic, ev->msg_key) : 0;
 
 		if (ev->has_scheduled_for && ev->scheduled_for > now)
 			r->actions[i] = VOUTBOX_SCHEDULE;
-		else if (held != NULL && ev->msg_key != NULL &&
-				 (h = voutbox_key_hash(ev->topic, ev->msg_key),
-				  hash_search(held, &h, HASH_FIND, NULL) != NULL))
+		else if (ev->msg_key != NULL &&
+				 ((held != NULL && hash_search(held, &h, HASH_FIND, NULL) != NULL) ||
+				  (held_in_flight != NULL &&
+				   hash_search(held_in_flight, &h, HASH_FIND, NULL) != NULL)))
 			r->actions[i] = VOUTBOX_HOLD;
 		else if ((ev->wait_until = voutbox_topic_stalled_until(ev->topic, now)) != 0)
 			r->actions[i] = VOUTBOX_WAIT_TOPIC;
@@ -746,14 +956,19 @@ flush_written_wal(void)
 }
 
 /*
- * Read the next round in one short transaction, in CurrentMemoryContext.
- * Returns whether the extension is installed, in this library's version,
- * in the worker's database, and the database's encoding is one the envelope
- * can be converted from; if another version is installed, *version is set
- * to it.
+ * Read the next round in one short transaction, in CurrentMemoryContext: at
+ * most "limit" events and "budget" bytes of them (at least one).  With
+ * "deferred", the deferred events that are due come first (the caller has
+ * none in flight), or an event that must go alone makes the round by itself
+ * (the caller has nothing in flight); without, *due_waiting says (if
+ * check_due) whether deferred events are due.  Returns whether the
+ * extension is installed, in this library's version, in the worker's
+ * database, and the database's encoding is one the envelope can be
+ * converted from; if another version is installed, *version is set to it.
  */
 VoutboxStorageStatus
-voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
+voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadOptions *opt,
+						   char **version)
 {
 	MemoryContext round_cxt = CurrentMemoryContext;
 	HTAB	   *held = NULL;
@@ -779,21 +994,29 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
 		voutbox_forget_cursor(c);
 	if (c->lo == NULL)
 		load_cursor(c);
-	if (deferred_waiting())
+	/*
+	 * While deferred events wait, their keys are held: later events of those
+	 * keys wait behind them, whether or not deferred ones are read now.
+	 */
+	if (look(c, true))
 	{
-		if (!read_alone_deferred(r))
+		if (!opt->deferred)
 		{
-			read_due_deferred(r);
+			held = load_held_keys(round_cxt);
+			if (opt->check_due)
+				*opt->due_waiting = deferred_due();
+		}
+		else if (!read_alone_deferred(r, opt->budget))
+		{
+			read_due_deferred(r, opt->limit, opt->budget);
 			held = load_held_keys(round_cxt);
 		}
 	}
 	if (!r->alone)
 	{
-		if (!c->portal_open)
-			open_window(c);
-		if (c->portal_open)
-			fetch_window(c, r);
-		choose_actions(r, held);
+		if (r->nevents < opt->limit && r->bytes < opt->budget)
+			read_window(c, r, opt->limit, opt->budget);
+		choose_actions(r, held, opt->held_in_flight);
 	}
 
 	/* Deliver nothing whose commit a crash could still erase. */
@@ -822,9 +1045,9 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, char **version)
  * ---------------------------------------------------------------------
  */
 
-/* Append the cursor row of the chunk just settled; returns its batch_id. */
+/* Append the cursor row of the round's chunk of a window; returns its batch_id. */
 static int64
-append_batch_row(VoutboxCursor *c, VoutboxRound *r)
+append_batch_row(VoutboxRound *r)
 {
 	Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, INT4OID};
 	Datum		values[4];
@@ -833,13 +1056,13 @@ append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 
 	if (r->window_done)
 	{
-		values[0] = CStringGetTextDatum(c->hi);
+		values[0] = CStringGetTextDatum(r->hi);
 		nulls[1] = nulls[2] = 'n';
 	}
 	else
 	{
-		values[0] = CStringGetTextDatum(c->lo);
-		values[1] = CStringGetTextDatum(c->hi);
+		values[0] = CStringGetTextDatum(r->lo);
+		values[1] = CStringGetTextDatum(r->hi);
 		values[2] = Int64GetDatum(r->events[r->nevents - 1].seq);
 	}
 	values[3] = Int32GetDatum(r->nevents - r->ndeferred);
@@ -852,44 +1075,40 @@ append_batch_row(VoutboxCursor *c, VoutboxRound *r)
 }
 
 /*
- * Record the outcome of a round in one transaction (settle.c judges the
- * events), advance the cursor in it, then in memory.  An ERROR leaves the
- * round as it was, for the caller to settle again.
+ * Record the outcome of rounds read one after the other (settle.c judges
+ * the events) in one transaction, with the cursor row of each.  Returns the
+ * next time a deferred event is due, or 0.  An ERROR leaves the rounds as
+ * they were, for the caller to settle again; rounds read from an
+ * installation that is gone record nothing.
  */
-void
-voutbox_storage_settle_round(VoutboxCursor *c, VoutboxRound *r)
+TimestampTz
+voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed)
 {
-	bool		chunk = r->nevents > r->ndeferred;
-	bool		deferred;
-	int64		batch_id = 0;
-	VoutboxSettlement *settlement = voutbox_settle_begin(r);
+	bool		deferred = false;
+	TimestampTz next_due = 0;
+	VoutboxSettlement *settlement = voutbox_settle_begin();
+	Oid			extension;
 
+	for (int i = 0; i < n; i++)
+		voutbox_settle_count(settlement, rounds[i]);
 	voutbox_xact_begin("settling a batch");
-	if (voutbox_lock_extension() != r->extension)
+	extension = voutbox_lock_extension();
+	for (int i = 0; i < n; i++)
 	{
-		/*
-		 * Dropped (and perhaps created again) since the round was read:
-		 * nothing of it is there to record; the cursor goes with it.
-		 */
-		voutbox_forget_cursor(c);
-		voutbox_xact_commit(&r->settled);
-		return;
-	}
-	if (chunk)
-		batch_id = append_batch_row(c, r);
-	deferred = voutbox_settle_events(settlement, r, batch_id);
-	if (chunk && r->window_done)
-		close_window(c);
-	if (deferred || r->ndeferred > 0)
-		r->next_due = voutbox_next_due();
-	voutbox_xact_commit(&r->settled);
-	voutbox_settle_end(settlement);
+		VoutboxRound *r = rounds[i];
+		int64		batch_id = 0;
 
-	if (chunk && r->window_done)
-	{
-		set_snapshot(&c->lo, c->hi, c->cxt);
-		set_snapshot(&c->hi, NULL, NULL);
+		/* Dropped (and perhaps created again) since the round was read. */
+		if (r->extension != extension)
+			continue;
+		if (r->nevents > r->ndeferred)
+			batch_id = append_batch_row(r);
+		deferred |= voutbox_settle_events(settlement, r, batch_id);
+		deferred |= r->ndeferred > 0;
 	}
-	else if (chunk)
-		c->done_seq = r->events[r->nevents - 1].seq;
+	if (deferred)
+		next_due = voutbox_next_due();
+	voutbox_xact_commit(committed);
+	voutbox_settle_end(settlement);
+	return next_due;
 }

@@ -235,6 +235,9 @@ extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleD
 
 typedef struct VoutboxProducer VoutboxProducer;
 
+/* Where delivery reports go; called inside librdkafka: record only. */
+typedef void (*VoutboxReportFn) (void *arg, uint64 ticket, int err);
+
 extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint);
 extern void voutbox_producer_init(void);
 extern void voutbox_reload_config(void);
@@ -246,8 +249,11 @@ extern bool voutbox_producer_delivered_any(VoutboxProducer *p);
 extern bool voutbox_producer_config_changed(VoutboxProducer *p);
 extern int	voutbox_producer_socket(VoutboxProducer *p);
 extern void voutbox_producer_serve(VoutboxProducer *p);
-extern int	voutbox_producer_deliver(VoutboxProducer *p, VoutboxEvent *events,
-									 int n, int *errs);
+extern void voutbox_producer_set_reporter(VoutboxProducer *p, VoutboxReportFn report, void *arg);
+extern int	voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket);
+extern bool voutbox_producer_watch(VoutboxProducer *p);
+extern int	voutbox_producer_pending(VoutboxProducer *p);
+extern bool voutbox_producer_timed_out(VoutboxProducer *p);
 extern const char *voutbox_delivery_error_text(int err);
 extern const char *voutbox_delivery_error_name(int err);
 
@@ -283,18 +289,30 @@ typedef enum VoutboxAction
 typedef struct VoutboxCursor
 {
 	MemoryContext cxt;			/* holds lo and hi */
-	char	   *lo;				/* pg_snapshot: settled what it sees */
+	char	   *lo;				/* pg_snapshot: read all that it sees */
 	char	   *hi;				/* pg_snapshot of the open window, or NULL */
-	int64		done_seq;		/* window settled up to this seq */
+	int64		read_seq;		/* window read up to this seq */
+	bool		fresh;			/* nothing of the window read yet */
+	bool		large_windows;	/* the last window needed the cursor */
 	bool		portal_open;	/* the window's holdable cursor exists */
 	int64		consumed;		/* rows of the cursor taken so far */
 	bool		stale;			/* a read failed: load it again from the table */
+	bool		params_valid;	/* params are those of (lo, hi] */
+	Datum		params[4];		/* xmax(lo), xmax(hi), xip(lo), hi (storage.c) */
 } VoutboxCursor;
 
+/*
+ * A round: the events read at once (the deferred ones that are due, then a
+ * chunk of the window), sent, and settled together or with the rounds in
+ * flight with it.
+ */
 typedef struct VoutboxRound
 {
-	MemoryContext cxt;			/* holds the events */
+	MemoryContext cxt;			/* holds the round and its events */
+	struct VoutboxRound *next;	/* the next round in flight */
 	Oid			extension;		/* the installation it was read from */
+	char	   *lo;				/* the window it read from, if any */
+	char	   *hi;
 	int			ndeferred;		/* events[0..ndeferred-1] are deferred ones */
 	int			nevents;
 	int			capacity;
@@ -305,8 +323,24 @@ typedef struct VoutboxRound
 	bool		window_done;	/* the chunk ends the window */
 	bool		alone;			/* one deferred event that goes alone */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
-	bool		settled;		/* its settling transaction committed */
+	/* in flight (stream.c) */
+	TimestampTz read_at;
+	uint64		first_ticket;	/* events[i] is sent with ticket first_ticket + i */
+	int			pending;		/* events sent whose report has not come */
+	bool		failed;			/* an event failed */
 } VoutboxRound;
+
+/* What to read (voutbox_storage_read_round). */
+typedef struct VoutboxReadOptions
+{
+	int			limit;			/* most events */
+	int64		budget;			/* most bytes */
+	bool		deferred;		/* read the deferred events that are due */
+	bool		check_due;		/* else, say whether some are */
+	bool	   *due_waiting;
+	/* keys held by events of rounds in flight, not yet in voutbox.deferred */
+	struct HTAB *held_in_flight;
+} VoutboxReadOptions;
 
 typedef enum VoutboxStorageStatus
 {
@@ -318,8 +352,9 @@ typedef enum VoutboxStorageStatus
 
 extern Oid	voutbox_lock_extension(void);
 extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
+													   const VoutboxReadOptions *opt,
 													   char **version);
-extern void voutbox_storage_settle_round(VoutboxCursor *cursor, VoutboxRound *round);
+extern TimestampTz voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed);
 extern void voutbox_forget_cursor(VoutboxCursor *cursor);
 extern TimestampTz voutbox_next_due(void);
 extern uint64 voutbox_key_hash(const char *topic, const char *key);
@@ -331,15 +366,20 @@ extern void voutbox_xact_begin(const char *activity);
 extern void voutbox_xact_end(void);
 extern void voutbox_xact_commit(bool *committed);
 extern void voutbox_xact_abort(void);
+struct _SPI_plan;
+extern struct _SPI_plan *voutbox_plan(const char *sql, int nargs, Oid *types);
 extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
 						  const char *nulls, int expected);
+extern uint64 voutbox_spi_once(const char *sql, int nargs, Oid *types, Datum *values,
+							   const char *nulls, int expected);
 extern Datum voutbox_text_array(char **values, int n);
 extern Datum voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align);
 
 /* What becomes of the events of a round (settle.c) */
 typedef struct VoutboxSettlement VoutboxSettlement;
 
-extern VoutboxSettlement *voutbox_settle_begin(const VoutboxRound *round);
+extern VoutboxSettlement *voutbox_settle_begin(void);
+extern void voutbox_settle_count(VoutboxSettlement *settlement, const VoutboxRound *round);
 extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round,
 								  int64 batch_id);
 extern void voutbox_settle_end(VoutboxSettlement *settlement);
@@ -348,7 +388,10 @@ extern void voutbox_forget_stalled_topics(void);
 extern bool voutbox_dead_events_wait(void);
 
 /* Retention (retention.c) */
-extern void voutbox_retention_run(const VoutboxCursor *cursor);
+extern void voutbox_retention_run(const char *settled_lo);
+
+/* The delivery loop (stream.c) */
+extern void voutbox_stream_run(void);
 
 /* Worker status (worker.c) */
 extern bool voutbox_is_worker;

@@ -1,0 +1,932 @@
+/*-------------------------------------------------------------------------
+ *
+ * stream.c
+ *		The delivery worker's loop: read, send, acknowledge and settle,
+ *		overlapping.
+ *
+ * Rounds of events (storage.c) are read and handed to librdkafka while
+ * earlier ones are in flight: up to STREAM_ROUNDS rounds, voutbox.batch_size
+ * events and voutbox.batch_bytes of them.  Delivery reports come back
+ * through a callback that only records them, by ticket, in their round.  As
+ * soon as the oldest rounds have every report, they are settled together in
+ * one short transaction, while the later ones fly on.  Rounds are settled in
+ * the order they were read, which keeps the cursor rows, the retry queue
+ * and the keys' order what a lock-step worker would have written.
+ *
+ * A failure changes the pace: once an event of the rounds in flight has
+ * failed, nothing more is read, and when every round in flight has its
+ * reports, they are all settled as one (settle.c: only the first failure of
+ * a key among them is the key's, the rest of the key waits behind it).
+ * Events of a key sent in several rounds in flight keep their order as the
+ * events of one batch do: the idempotent producer sends them in order, and
+ * with enable.gapless.guarantee a failed batch stops the producer rather
+ * than let later ones of its partition through.  Events that wait (held
+ * behind their key, or for their topic) hold their key from the moment they
+ * are read, not only once settled into voutbox.deferred: later rounds do not
+ * send that key's events meanwhile.  Deferred events (retries, held keys,
+ * scheduled events) are read only when nothing is in flight, so that no
+ * deferred row is read twice; when some are due, reading pauses until the
+ * stream is empty.
+ *
+ * A steady trickle costs little: a window that fits in a round is read by
+ * one kept plan, with no cursor (storage.c), and while a round is in flight,
+ * wake-ups are coalesced: the next round is read at most every
+ * READ_COALESCE_MS, unless the last read left events behind.
+ *
+ * Errors are those of worker.c: an ERROR while reading ends the worker
+ * (what it did not settle is sent again by the next one), but a lock waited
+ * for too long only delays reading; an ERROR while settling keeps the
+ * rounds and tries again with a growing delay, sending nothing meanwhile.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <librdkafka/rdkafka.h>
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/interrupt.h"
+#include "storage/latch.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+/* Rounds in flight at once, and the share of the budget one round takes. */
+#define STREAM_ROUNDS			16
+#define ROUND_SHARE				4
+/*
+ * How long acknowledged rounds may wait to be settled together, in ms:
+ * settling is the worker's bookkeeping, not delivery, and one settle (and
+ * one WAL flush) for many rounds costs little more than for one.
+ */
+#define SETTLE_DELAY_MS			10
+/* Least time between two reads while a round is in flight, in ms. */
+#define READ_COALESCE_MS		1
+/* How often deferred events are looked for while rounds are in flight. */
+#define DUE_CHECK_MS			1000
+/* How often to look again for a missing extension, or a producer. */
+#define RECHECK_MS				5000
+/* Longest delay between tries of a failing settle, or producer. */
+#define FAILING_DELAY_MAX_MS	60000
+/* Longest delay between reads that a user's lock made time out. */
+#define LOCK_RETRY_MAX_MS		10000
+
+typedef struct Stream
+{
+	/* the producer */
+	VoutboxProducer *producer;
+	char	   *producer_error;		/* why the last build failed, or NULL */
+	TimestampTz producer_built_at;	/* last attempt to build it */
+	int			producer_failures;	/* producers in a row that failed before delivering */
+	TimestampTz producer_retry_at;	/* no new producer before then */
+	/* reading */
+	VoutboxCursor cursor;
+	VoutboxStorageStatus told_status;	/* what the log said last */
+	bool		more;			/* events may wait: read */
+	TimestampTz last_read;
+	TimestampTz last_due_check;
+	bool		due_waiting;	/* deferred events are due: read after the stream empties */
+	TimestampTz next_due;		/* when a deferred event is due, or 0 */
+	int			lock_failures;	/* reads that timed out on a lock in a row */
+	TimestampTz lock_retry_at;
+	TimestampTz lock_told_at;
+	bool		reading;
+	MemoryContext reading_cxt;	/* the round being read */
+	/* in flight, oldest first */
+	MemoryContext cxt;
+	VoutboxRound *head;
+	VoutboxRound *tail;
+	int			nrounds;
+	int			nevents;
+	int64		bytes;
+	uint64		next_ticket;
+	bool		failing;		/* an event in flight failed */
+	/*
+	 * Keys that events of rounds in flight hold though they are not in
+	 * voutbox.deferred yet (held or waiting for their topic: they go there
+	 * when their round is settled), with how many such events each.
+	 */
+	HTAB	   *held;
+	/* an ERROR while reading: stop once the rounds in flight are settled */
+	bool		stop_after_drain;
+	/* settling */
+	bool		unsettled;		/* a settle failed: try again, read nothing */
+	int			settle_failures;
+	TimestampTz settle_retry_at;
+	char	   *settled_lo;		/* every event it sees is settled */
+	TimestampTz next_cleanup;
+	/* what it sleeps on: its latch, and the producer's queue */
+	WaitEventSet *waits;
+	int			waits_socket;
+} Stream;
+
+/* The delivery worker's state for outbox_worker, and pg_stat_activity's. */
+static void
+worker_state(const char *state, const char *what, bool running)
+{
+	pgstat_report_activity(running ? STATE_RUNNING : STATE_IDLE, what);
+	voutbox_stats_set_state(state, what);
+}
+
+/* 1 s, doubling with every failure in a row, at most a minute. */
+static long
+failing_delay_ms(int failures)
+{
+	long		delay = 1000;
+
+	for (int i = 1; i < failures && delay < FAILING_DELAY_MAX_MS; i++)
+		delay *= 2;
+	return Min(delay, FAILING_DELAY_MAX_MS);
+}
+
+/* ---------------------------------------------------------------------
+ * The producer
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * A delivery report, inside librdkafka: record it in its round.  A report
+ * for no round in flight (one given up on) is dropped.
+ */
+static void
+record_report(void *arg, uint64 ticket, int err)
+{
+	Stream	   *s = arg;
+
+	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+	{
+		if (ticket < r->first_ticket || ticket >= r->first_ticket + r->nevents)
+			continue;
+		if (r->errs[ticket - r->first_ticket] == VOUTBOX_DELIVERY_PENDING)
+		{
+			r->errs[ticket - r->first_ticket] = err;
+			r->pending--;
+			if (err != 0)
+				r->failed = s->failing = true;
+		}
+		return;
+	}
+}
+
+/*
+ * Reports that did not come after a purge: the events count as purged, or
+ * as timed out if the purge was for want of reports.
+ */
+static void
+give_up_reports(Stream *s)
+{
+	int			err = voutbox_producer_timed_out(s->producer) ?
+		RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+
+	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+	{
+		for (int i = 0; i < r->nevents && r->pending > 0; i++)
+			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+			{
+				r->errs[i] = err;
+				r->pending--;
+			}
+		r->pending = 0;
+		r->failed = s->failing = true;
+	}
+}
+
+/*
+ * Destroy a producer that broke or whose settings changed.  One that failed
+ * fatally before it delivered anything counts as a failure in a row: the
+ * next is built after a growing delay, so that a producer that cannot work
+ * (an ACL the cluster lacks, a broker that refuses idempotence) does not
+ * make the worker send the same events again every second.
+ */
+static void
+retire_producer(Stream *s)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		failed = voutbox_producer_failed(s->producer) &&
+		!voutbox_producer_delivered_any(s->producer);
+
+	voutbox_producer_destroy(s->producer);
+	s->producer = NULL;
+	/* Its pipe is closed: the next wait builds its set again. */
+	if (s->waits != NULL)
+	{
+		FreeWaitEventSet(s->waits);
+		s->waits = NULL;
+	}
+	if (!failed)
+	{
+		s->producer_failures = 0;
+		return;
+	}
+	s->producer_failures++;
+	s->producer_retry_at = TimestampTzPlusMilliseconds(now, failing_delay_ms(s->producer_failures));
+	ereport(LOG,
+			(errmsg("voutbox: the Kafka producer failed %d time%s in a row before it delivered anything; the next one is built in %ld ms",
+					s->producer_failures, s->producer_failures == 1 ? "" : "s",
+					failing_delay_ms(s->producer_failures)),
+			 errhint("See the error above; nothing is lost meanwhile.")));
+}
+
+/*
+ * Build the producer if there is none.  Returns false if it cannot be built
+ * (now); the error is logged once per configuration.
+ */
+static bool
+ensure_producer(Stream *s)
+{
+	char	   *error = NULL;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (s->producer != NULL)
+		return true;
+	if (now < s->producer_retry_at)
+	{
+		worker_state("producer failing",
+					 psprintf("the Kafka producer failed %d times in a row; next try in %ld ms",
+							  s->producer_failures, (long) ((s->producer_retry_at - now) / 1000)),
+					 false);
+		return false;
+	}
+
+	/*
+	 * Build at most once a second, and retry a configuration that failed
+	 * only every few seconds: a producer that keeps failing must not spin.
+	 */
+	if (!TimestampDifferenceExceeds(s->producer_built_at, now,
+									s->producer_error ? RECHECK_MS : 1000))
+		return false;
+	s->producer_built_at = now;
+	s->producer = voutbox_producer_create(&error);
+	if (s->producer != NULL)
+	{
+		voutbox_producer_set_reporter(s->producer, record_report, s);
+		if (s->producer_error != NULL)
+			pfree(s->producer_error);
+		s->producer_error = NULL;
+		return true;
+	}
+	if (s->producer_error == NULL || strcmp(s->producer_error, error) != 0)
+		ereport(LOG,
+				(errmsg("voutbox: could not create the Kafka producer: %s", error),
+				 errhint("Fix voutbox.brokers, voutbox.kafka_properties or voutbox.kafka_secrets_file and reload the configuration.")));
+	if (s->producer_error != NULL)
+		pfree(s->producer_error);
+	s->producer_error = MemoryContextStrdup(TopMemoryContext, error);
+	worker_state("no kafka configuration", "waiting for a valid Kafka configuration", false);
+	return false;
+}
+
+/*
+ * Serve librdkafka and watch its deadlines; a producer that broke (or whose
+ * settings changed) goes once it has nothing in flight.
+ */
+static void
+serve_producer(Stream *s)
+{
+	VoutboxProducer *p = s->producer;
+
+	if (p == NULL)
+		return;
+	voutbox_producer_serve(p);
+	if (voutbox_producer_watch(p))
+		give_up_reports(s);
+	else if (voutbox_producer_pending(p) > 0)
+		return;
+	if (voutbox_producer_is_broken(p) || voutbox_producer_config_changed(p))
+		retire_producer(s);
+}
+
+/* ---------------------------------------------------------------------
+ * Reading and sending
+ * ---------------------------------------------------------------------
+ */
+
+typedef struct HeldKey
+{
+	uint64		hash;
+	int			events;
+} HeldKey;
+
+/*
+ * Count (delta +1) or uncount (-1) the keys the round's unsent events hold:
+ * until the round is settled and they are in voutbox.deferred, later events
+ * of their keys must wait as if they were.
+ */
+static void
+count_held_keys(Stream *s, VoutboxRound *r, int delta)
+{
+	for (int i = r->ndeferred; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		uint64		h;
+		HeldKey    *k;
+		bool		found;
+
+		if (ev->msg_key == NULL ||
+			(r->actions[i] != VOUTBOX_HOLD && r->actions[i] != VOUTBOX_WAIT_TOPIC))
+			continue;
+		h = voutbox_key_hash(ev->topic, ev->msg_key);
+		k = hash_search(s->held, &h, delta > 0 ? HASH_ENTER : HASH_FIND, &found);
+		if (k == NULL)
+			continue;
+		k->events = (found ? k->events : 0) + delta;
+		if (k->events <= 0)
+			(void) hash_search(s->held, &h, HASH_REMOVE, NULL);
+	}
+}
+
+/* Log why the worker does not deliver, once per reason. */
+static void
+tell_not_ready(Stream *s, VoutboxStorageStatus status, const char *version)
+{
+	if (s->told_status == status)
+		return;
+	s->told_status = status;
+	if (status == VOUTBOX_STORAGE_MISSING)
+		ereport(LOG,
+				(errmsg("voutbox: extension \"voutbox\" is not installed in database \"%s\"",
+						voutbox_database),
+				 errhint("Run CREATE EXTENSION voutbox in that database.")));
+	else if (status == VOUTBOX_STORAGE_OTHER_VERSION)
+		ereport(LOG,
+				(errmsg("voutbox: extension \"voutbox\" in database \"%s\" is version %s, but the library is version %s",
+						voutbox_database, version, VOUTBOX_SQL_VERSION),
+				 errdetail("No event is delivered until the versions agree; nothing is lost."),
+				 errhint("Run ALTER EXTENSION voutbox UPDATE in that database.")));
+	else
+		ereport(LOG,
+				(errmsg("voutbox: database \"%s\" has the encoding SQL_ASCII; no event is delivered",
+						voutbox_database),
+				 errdetail("The envelope is UTF-8 JSON, and SQL_ASCII does not say what the stored bytes mean, so they cannot be converted."),
+				 errhint("Keep the outbox in a database with a real encoding (UTF8 is best); events stay pending meanwhile.")));
+}
+
+/*
+ * Hand the round's events to the producer.  An event librdkafka refuses at
+ * once keeps its key's later events of the round from going (they wait
+ * behind it); any failure stops reading until the stream is settled.
+ */
+static void
+send_round(Stream *s, VoutboxRound *r)
+{
+	HTAB	   *refused = NULL;
+
+	r->first_ticket = s->next_ticket;
+	s->next_ticket += Max(r->nevents, 1);
+	for (int i = 0; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		uint64		h = 0;
+		int			err;
+
+		if (ev->msg_key != NULL)
+			h = voutbox_key_hash(ev->topic, ev->msg_key);
+		if (r->errs[i] == VOUTBOX_DELIVERY_SKIPPED)
+			continue;
+		/* (A report served while librdkafka's queue was full may say a failure.) */
+		if (r->errs[i] == VOUTBOX_DELIVERY_PENDING && !s->failing &&
+			(refused == NULL || ev->msg_key == NULL ||
+			 hash_search(refused, &h, HASH_FIND, NULL) == NULL))
+		{
+			err = voutbox_producer_send(s->producer, ev, r->first_ticket + i);
+			if (err == 0)
+			{
+				r->pending++;
+				continue;
+			}
+			r->errs[i] = err;
+		}
+		else if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+			r->errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+		/* Failed before it was sent: its key waits behind it. */
+		r->failed = s->failing = true;
+		if (ev->msg_key != NULL)
+		{
+			if (refused == NULL)
+				refused = voutbox_key_set_new("voutbox refused keys");
+			(void) hash_search(refused, &h, HASH_ENTER, NULL);
+		}
+	}
+	if (refused != NULL)
+		hash_destroy(refused);
+}
+
+/* Whether the worker may read another round now; sets *wait_ms if it will soon. */
+static bool
+may_read(Stream *s, TimestampTz now, long *wait_ms)
+{
+	if (ShutdownRequestPending || s->unsettled || s->failing || s->stop_after_drain || !s->more)
+		return false;
+	if (now < s->lock_retry_at)
+		return false;
+	if (s->head == NULL)
+		return true;
+	/* An event that goes alone goes alone. */
+	if (s->tail->alone)
+		return false;
+	/* Deferred events go only when nothing is in flight. */
+	if (s->cursor.stale || s->due_waiting || (s->next_due != 0 && s->next_due <= now))
+		return false;
+	if (s->nrounds >= STREAM_ROUNDS || s->nevents >= voutbox_batch_size ||
+		s->bytes >= voutbox_batch_bytes)
+		return false;
+	if (!TimestampDifferenceExceeds(s->last_read, now, READ_COALESCE_MS))
+	{
+		*wait_ms = Min(*wait_ms, READ_COALESCE_MS);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Read a round and send it.  Returns whether it read any event.  A stop
+ * request before anything went out drops the round: the next worker reads
+ * it again.
+ */
+static bool
+read_round(Stream *s)
+{
+	MemoryContext cxt = AllocSetContextCreate(s->cxt, "voutbox round", ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old;
+	VoutboxRound *r;
+	int			share = Max(voutbox_batch_size / ROUND_SHARE, 1);
+	VoutboxReadOptions opt;
+	VoutboxStorageStatus status;
+	char	   *version = NULL;
+	int			nsend = 0;
+
+	opt.limit = Min(share, voutbox_batch_size - s->nevents);
+	opt.budget = Max(voutbox_batch_bytes / ROUND_SHARE, 1);
+	opt.budget = Min(opt.budget, voutbox_batch_bytes - s->bytes);
+	opt.deferred = s->head == NULL;
+	opt.check_due = !opt.deferred &&
+		TimestampDifferenceExceeds(s->last_due_check, GetCurrentTimestamp(), DUE_CHECK_MS);
+	opt.due_waiting = &s->due_waiting;
+	opt.held_in_flight = hash_get_num_entries(s->held) > 0 ? s->held : NULL;
+	if (opt.check_due)
+		s->last_due_check = GetCurrentTimestamp();
+	s->reading = true;
+	s->reading_cxt = cxt;
+	old = MemoryContextSwitchTo(cxt);
+	r = palloc0(sizeof(VoutboxRound));
+	status = voutbox_storage_read_round(&s->cursor, r, &opt, &version);
+	MemoryContextSwitchTo(old);
+	s->reading = false;
+	s->reading_cxt = NULL;
+	s->last_read = GetCurrentTimestamp();
+	s->more = false;
+	if (status != VOUTBOX_STORAGE_READY)
+	{
+		tell_not_ready(s, status, version);
+		MemoryContextDelete(cxt);
+		s->next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RECHECK_MS);
+		if (status == VOUTBOX_STORAGE_MISSING)
+			worker_state("not installed", "waiting for CREATE EXTENSION voutbox", false);
+		else if (status == VOUTBOX_STORAGE_OTHER_VERSION)
+			worker_state("needs update", "waiting for ALTER EXTENSION voutbox UPDATE", false);
+		else
+			worker_state("unsupported encoding", "the database's encoding is SQL_ASCII", false);
+		return false;
+	}
+	s->told_status = VOUTBOX_STORAGE_READY;
+	s->lock_failures = 0;
+	if (opt.deferred)
+	{
+		s->next_due = r->next_due;
+		s->due_waiting = false;
+	}
+	/* The window goes on, or events of deferred ones are due: read again. */
+	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0;
+	if (r->nevents == 0 || ShutdownRequestPending)
+	{
+		MemoryContextDelete(cxt);
+		return false;
+	}
+
+	r->cxt = cxt;
+	r->read_at = s->last_read;
+	if (s->tail != NULL)
+		s->tail->next = r;
+	else
+		s->head = r;
+	s->tail = r;
+	s->nrounds++;
+	s->nevents += r->nevents;
+	s->bytes += r->bytes;
+	count_held_keys(s, r, 1);
+	for (int i = 0; i < r->nevents; i++)
+		nsend += r->errs[i] == VOUTBOX_DELIVERY_PENDING;
+	worker_state("delivering", psprintf("delivering %d events%s; %d rounds in flight", nsend,
+										r->alone ? " (one failed event alone)" : "", s->nrounds),
+				 true);
+	send_round(s, r);
+	return true;
+}
+
+/* ---------------------------------------------------------------------
+ * Settling
+ * ---------------------------------------------------------------------
+ */
+
+/* Take the first n rounds off the stream. */
+static void
+drop_rounds(Stream *s, int n)
+{
+	for (int i = 0; i < n; i++)
+	{
+		VoutboxRound *r = s->head;
+
+		if (r->nevents > r->ndeferred && r->hi != NULL)
+		{
+			if (s->settled_lo != NULL)
+				pfree(s->settled_lo);
+			s->settled_lo = MemoryContextStrdup(TopMemoryContext,
+												r->window_done ? r->hi : r->lo);
+		}
+		count_held_keys(s, r, -1);
+		s->head = r->next;
+		s->nrounds--;
+		s->nevents -= r->nevents;
+		s->bytes -= r->bytes;
+		MemoryContextDelete(r->cxt);
+	}
+	if (s->head == NULL)
+	{
+		s->tail = NULL;
+		s->failing = false;
+	}
+}
+
+/*
+ * The rounds to settle now: the oldest ones that have every report, once
+ * the oldest has waited SETTLE_DELAY_MS or room is needed; but once an event
+ * failed, all of them, when they all have.  Returns how many.
+ */
+static int
+rounds_to_settle(Stream *s, VoutboxRound **rounds)
+{
+	int			n = 0;
+
+	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+	{
+		if (r->pending > 0)
+		{
+			if (s->failing)
+				return 0;
+			break;
+		}
+		rounds[n++] = r;
+	}
+	if (n == 0 || s->failing || s->unsettled || ShutdownRequestPending ||
+		s->nrounds >= STREAM_ROUNDS || s->nevents >= voutbox_batch_size ||
+		s->bytes >= voutbox_batch_bytes)
+		return n;
+	if (!TimestampDifferenceExceeds(s->head->read_at, GetCurrentTimestamp(), SETTLE_DELAY_MS))
+		return 0;
+	return n;
+}
+
+/*
+ * Settle the rounds ready for it; on an ERROR, keep them for another try
+ * after a growing delay.  Returns whether it settled any.
+ */
+static bool
+settle_ready(Stream *s)
+{
+	VoutboxRound *rounds[STREAM_ROUNDS];
+	int			n;
+	volatile int nevents = 0;
+	volatile bool released = false;
+	volatile bool committed = false;
+	MemoryContext cxt = CurrentMemoryContext;
+	ErrorData  *volatile edata = NULL;
+	volatile TimestampTz next_due = 0;
+
+	if (s->unsettled && GetCurrentTimestamp() < s->settle_retry_at)
+		return false;
+	if ((n = rounds_to_settle(s, rounds)) == 0)
+		return false;
+	for (int i = 0; i < n; i++)
+	{
+		nevents += rounds[i]->nevents;
+		released |= rounds[i]->failed || rounds[i]->ndeferred > 0;
+	}
+
+	PG_TRY();
+	{
+		next_due = voutbox_storage_settle(rounds, n, (bool *) &committed);
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		if (!committed)
+			voutbox_xact_abort();
+		/* What the failed settle taught about silent topics may be wrong. */
+		if (!committed)
+			voutbox_forget_stalled_topics();
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
+
+	/* An ERROR after the commit (the statistics, the log): the outcome is recorded. */
+	if (edata != NULL && committed)
+	{
+		ereport(LOG,
+				(errmsg("voutbox: after recording the outcome of %d events: %s",
+						nevents, edata->message)));
+		FreeErrorData(edata);
+		edata = NULL;
+	}
+	if (edata == NULL)
+	{
+		if (s->settle_failures > 0)
+			ereport(LOG,
+					(errmsg("voutbox: recorded the outcome of %d events after %d failed tries",
+							nevents, s->settle_failures)));
+		s->unsettled = false;
+		s->settle_failures = 0;
+		drop_rounds(s, n);
+		if (next_due != 0 && (s->next_due == 0 || next_due < s->next_due))
+			s->next_due = next_due;
+		/* Failed and deferred events may have released keys: look again. */
+		if (released)
+			s->more = true;
+		return true;
+	}
+	s->unsettled = true;
+	s->settle_failures++;
+	s->settle_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													 failing_delay_ms(s->settle_failures));
+	ereport(LOG,
+			(errmsg("voutbox: could not record the outcome of %d delivered events (try %d): %s",
+					nevents, s->settle_failures, edata->message),
+			 errdetail("The worker tries again in %ld ms without sending them again; nothing new is sent meanwhile.",
+					   failing_delay_ms(s->settle_failures)),
+			 edata->detail ? errhint("%s", edata->detail) : 0));
+	worker_state("settle failing",
+				 psprintf("could not record %d delivered events (try %d): %s",
+						  nevents, s->settle_failures, edata->message),
+				 false);
+	voutbox_stats_set_error(psprintf("settle: %s", edata->message));
+	FreeErrorData(edata);
+	return false;
+}
+
+/* ---------------------------------------------------------------------
+ * The loop
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * A lock waited for too long: try again after a growing delay, and say so
+ * (once a minute).  The round read so far is dropped: nothing of it was sent.
+ */
+static void
+lock_timed_out(Stream *s, const char *message)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		delay;
+
+	/* In retention: it waits for the next cleanup; delivery goes on. */
+	if (!s->reading)
+	{
+		s->next_cleanup = TimestampTzPlusMilliseconds(now, voutbox_cleanup_interval);
+		if (TimestampDifferenceExceeds(s->lock_told_at, now, 60000))
+		{
+			s->lock_told_at = now;
+			ereport(LOG,
+					(errmsg("voutbox: retention: %s; it goes on at the next cleanup", message)));
+		}
+		return;
+	}
+	s->reading = false;
+	delay = Min(failing_delay_ms(++s->lock_failures), LOCK_RETRY_MAX_MS);
+	s->lock_retry_at = TimestampTzPlusMilliseconds(now, delay);
+	s->cursor.stale = true;
+	s->more = true;
+	if (TimestampDifferenceExceeds(s->lock_told_at, now, 60000))
+	{
+		s->lock_told_at = now;
+		ereport(LOG,
+				(errmsg("voutbox: %s; trying again in %ld ms", message, delay),
+				 errdetail("A session holds a lock on the storage that the worker would wait for (see pg_locks); nothing is lost meanwhile.")));
+	}
+	worker_state("waiting for a lock", psprintf("%s; trying again in %ld ms", message, delay), false);
+}
+
+/* Run retention when it is due (and what it sees as settled is known). */
+static void
+maybe_cleanup(Stream *s)
+{
+	const char *lo = s->head == NULL && !s->cursor.stale ? s->cursor.lo : s->settled_lo;
+
+	if (GetCurrentTimestamp() < s->next_cleanup)
+		return;
+	if (lo != NULL && !s->unsettled)
+		voutbox_retention_run(lo);
+	s->next_cleanup = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), voutbox_cleanup_interval);
+}
+
+/*
+ * Read (if it may) and clean up (if due).  An ERROR that a stop request
+ * caused (it cancels the statement the worker waits in) ends the worker
+ * cleanly, and a lock it waited for too long only delays it; any other
+ * ERROR ends it as an ERROR does.  Returns whether it read events.
+ */
+static bool
+read_or_clean(Stream *s, long *wait_ms)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool busy = false;
+
+	PG_TRY();
+	{
+		if (may_read(s, GetCurrentTimestamp(), wait_ms) &&
+			(s->producer != NULL ? !voutbox_producer_is_broken(s->producer) :
+			 s->head == NULL && ensure_producer(s)))
+			busy = read_round(s);
+		if (s->producer != NULL && !ShutdownRequestPending)
+			maybe_cleanup(s);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		/* With nothing in flight, an ERROR ends the worker as ERRORs do. */
+		if (!ShutdownRequestPending && edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE &&
+			s->head == NULL)
+		{
+			RESUME_INTERRUPTS();
+			PG_RE_THROW();
+		}
+		FlushErrorState();
+		voutbox_xact_abort();
+		MemoryContextSwitchTo(cxt);
+		RESUME_INTERRUPTS();
+		if (s->reading_cxt != NULL)
+			MemoryContextDelete(s->reading_cxt);
+		s->reading_cxt = NULL;
+		if (!ShutdownRequestPending && edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)
+			lock_timed_out(s, edata->message);
+		else if (!ShutdownRequestPending)
+		{
+			/*
+			 * Rather than send the rounds in flight again, the next worker
+			 * starts after they are settled.
+			 */
+			ereport(LOG,
+					(errmsg("voutbox: %s", edata->message),
+					 errdetail("The delivery worker stops once the %d events in flight are settled.",
+							   s->nevents)));
+			s->stop_after_drain = true;
+			s->cursor.stale = true;
+		}
+		s->reading = false;
+		FreeErrorData(edata);
+		busy = false;
+	}
+	PG_END_TRY();
+	return busy;
+}
+
+/* How long to sleep: until the poll interval, or the first thing due. */
+static long
+sleep_ms(Stream *s, long wait_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz until = TimestampTzPlusMilliseconds(now, Min(voutbox_poll_interval, wait_ms));
+
+	/* (Deferred events are read only when nothing is in flight.) */
+	if (s->head == NULL && s->next_due != 0 && s->next_due < until)
+		until = s->next_due;
+	if (s->unsettled && s->settle_retry_at < until)
+		until = s->settle_retry_at;
+	if (s->lock_retry_at > now && s->lock_retry_at < until)
+		until = s->lock_retry_at;
+	if (s->producer_retry_at > now && s->producer_retry_at < until)
+		until = s->producer_retry_at;
+	if (s->producer != NULL && s->cursor.lo != NULL && s->next_cleanup < until)
+		until = s->next_cleanup;
+	/* Deadlines of events in flight are watched every second. */
+	if (s->head != NULL)
+		until = Min(until, TimestampTzPlusMilliseconds(now, 1000));
+	/* Acknowledged rounds are settled after a while (failing: when all are). */
+	if (s->head != NULL && s->head->pending == 0 && !s->failing && !s->unsettled)
+		until = Min(until, TimestampTzPlusMilliseconds(s->head->read_at, SETTLE_DELAY_MS));
+	return until <= now ? 0 : (long) ((until - now + 999) / 1000);
+}
+
+/*
+ * Sleep on the latch and the producer's queue for at most timeout_ms; returns
+ * what woke it (WL_LATCH_SET, WL_SOCKET_READABLE or WL_TIMEOUT).  The set of
+ * events to wait for is kept (building one costs system calls), and built
+ * again for a new producer.
+ */
+static int
+wait_for_work(Stream *s, long timeout_ms)
+{
+	int			socket = s->producer ? voutbox_producer_socket(s->producer) : PGINVALID_SOCKET;
+	WaitEvent	event;
+	int			rc = WL_TIMEOUT;
+
+	if (s->waits != NULL && s->waits_socket != socket)
+	{
+		FreeWaitEventSet(s->waits);
+		s->waits = NULL;
+	}
+	if (s->waits == NULL)
+	{
+		s->waits = CreateWaitEventSet(TopMemoryContext, 3);
+		AddWaitEventToSet(s->waits, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(s->waits, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		if (socket != PGINVALID_SOCKET)
+			AddWaitEventToSet(s->waits, WL_SOCKET_READABLE, socket, NULL, NULL);
+		s->waits_socket = socket;
+	}
+	if (WaitEventSetWait(s->waits, timeout_ms, &event, 1, PG_WAIT_EXTENSION) > 0)
+		rc = event.events;
+	if (rc & WL_LATCH_SET)
+		ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	return rc;
+}
+
+/*
+ * Deliver until a stop is requested and nothing is in flight any more (the
+ * producer gives in-flight events a grace period, then purges them).
+ */
+void
+voutbox_stream_run(void)
+{
+	Stream		s;
+	MemoryContext loop_cxt;
+
+	memset(&s, 0, sizeof(s));
+	s.more = true;
+	s.cursor.cxt = AllocSetContextCreate(TopMemoryContext, "voutbox cursor",
+										 ALLOCSET_SMALL_SIZES);
+	s.cxt = AllocSetContextCreate(TopMemoryContext, "voutbox rounds",
+								  ALLOCSET_SMALL_SIZES);
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(uint64);
+		ctl.entrysize = sizeof(HeldKey);
+		ctl.hcxt = TopMemoryContext;
+		s.held = hash_create("voutbox keys held in flight", 64, &ctl,
+							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "voutbox worker loop",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		long		wait_ms = voutbox_poll_interval;
+		bool		busy;
+		int			rc;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+			voutbox_reload_config();
+		MemoryContextSwitchTo(loop_cxt);
+		MemoryContextReset(loop_cxt);
+
+		serve_producer(&s);
+		busy = settle_ready(&s);
+		if ((ShutdownRequestPending || s.stop_after_drain) && (s.head == NULL || s.unsettled))
+			break;
+		busy |= read_or_clean(&s, &wait_ms);
+		if ((ShutdownRequestPending || s.stop_after_drain) && (s.head == NULL || s.unsettled))
+			break;
+		if (busy)
+			continue;
+		if (s.head == NULL && s.producer != NULL && s.cursor.lo != NULL && !s.unsettled &&
+			s.lock_failures == 0)
+			worker_state("idle", "waiting for events", false);
+		rc = wait_for_work(&s, sleep_ms(&s, wait_ms));
+		if (rc & (WL_LATCH_SET | WL_TIMEOUT))
+			s.more = true;
+	}
+
+	worker_state("stopping", "shutting down", false);
+	/* A settle the stop request cancelled: once more, lest the rounds go twice. */
+	if (s.unsettled)
+	{
+		s.settle_retry_at = 0;
+		(void) settle_ready(&s);
+	}
+	if (s.producer != NULL)
+		voutbox_producer_destroy(s.producer);
+	if (s.waits != NULL)
+		FreeWaitEventSet(s.waits);
+}
