@@ -4,8 +4,9 @@
 # Installs the dependencies, fetches Kafka, builds and installs the
 # extension, then runs pg_regress, the isolation tests and the TAP suite
 # (each TAP test starts its own PostgreSQL cluster and Kafka broker on
-# loopback).  PostgreSQL refuses to run as root, so as root the tests run as
-# an unprivileged user on a copy of the tree.
+# loopback), and a short run of the benchmark.  PostgreSQL refuses to run as
+# root, so as root the tests run as an unprivileged user on a copy of the
+# tree.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -81,4 +82,13 @@ fi
 
 # Nothing the tests started may outlive them.
 pkill -f "kafka.Kafka $workdir" 2>/dev/null || true
+
+# A short run of the benchmark: it still produces every figure.  Skip with
+# VOUTBOX_BENCH_SMOKE=0.
+if [ $status -eq 0 ] && [ "${VOUTBOX_BENCH_SMOKE:-1}" != 0 ]; then
+	cd "$here"
+	start=$SECONDS
+	bash test/bench/smoke.sh || status=$?
+	echo "benchmark smoke run: $((SECONDS - start))s" >&2
+fi
 exit $status

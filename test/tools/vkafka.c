@@ -8,7 +8,7 @@
  *       JSON object per message: topic, partition, offset, key, headers, value.
  *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline
  *       or the end), 2 when fewer arrived in time or the end was not reached.
- *   vkafka produce -b BROKERS -t TOPIC -n COUNT -s BYTES [-k KEYS] [-r RATE]
+ *   vkafka produce -b BROKERS -t TOPIC -n COUNT -s BYTES [-k KEYS] [-r RATE] [-l LINGER_MS]
  *       Benchmark baseline: a plain librdkafka producer with voutbox's settings
  *       (idempotent, acks=all, murmur2_random) sends COUNT messages of BYTES
  *       bytes over KEYS keys.  Without -r, as fast as possible, and prints
@@ -58,6 +58,7 @@ static int partitions = 1;
 static int size = 500;
 static int nkeys = 1000;
 static int rate = 0;
+static const char *linger = NULL;	/* produce: linger.ms, else librdkafka's default */
 static const char *group = NULL;
 static char *configs[MAX_CONFIGS];
 static int nconfigs = 0;
@@ -185,6 +186,15 @@ print_message(rd_kafka_message_t *m)
 	json_object_object_add(o, "partition", json_object_new_int(m->partition));
 	json_object_object_add(o, "offset", json_object_new_int64(m->offset));
 	json_object_object_add(o, "key", bytes_or_null(m->key, m->key_len));
+	{
+		rd_kafka_timestamp_type_t tstype;
+		int64_t		ts = rd_kafka_message_timestamp(m, &tstype);
+
+		json_object_object_add(o, "timestamp", json_object_new_int64(ts));
+		json_object_object_add(o, "timestamp_type",
+							   json_object_new_string(tstype == RD_KAFKA_TIMESTAMP_LOG_APPEND_TIME ?
+													  "LogAppendTime" : "CreateTime"));
+	}
 	if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		const char *name;
@@ -307,6 +317,8 @@ produce(void)
 	set(conf, "acks", "all");
 	set(conf, "partitioner", "murmur2_random");
 	set(conf, "queue.buffering.max.messages", "1000000");
+	if (linger != NULL)
+		set(conf, "linger.ms", linger);
 	rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
 	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
 	if (rk == NULL)
@@ -705,7 +717,7 @@ main(int argc, char **argv)
 		die("%s", "usage: vkafka consume|produce|create-topic|alter-topic -b BROKERS -t TOPIC ... | mock [-n BROKERS]");
 	cmd = argv[1];
 	optind = 2;
-	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:s:k:r:")) != -1)
+	while ((opt = getopt(argc, argv, "b:t:n:eT:p:c:g:s:k:r:l:")) != -1)
 	{
 		switch (opt)
 		{
@@ -738,6 +750,9 @@ main(int argc, char **argv)
 				break;
 			case 'r':
 				rate = atoi(optarg);
+				break;
+			case 'l':
+				linger = optarg;
 				break;
 			case 'c':
 				if (nconfigs == MAX_CONFIGS)
