@@ -1100,7 +1100,12 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed)
 
 		/* Dropped (and perhaps created again) since the round was read. */
 		if (r->extension != extension)
+		{
+			ereport(LOG,
+					(errmsg("voutbox: %d events were read from an installation of voutbox that is gone; their outcome is not recorded",
+							r->nevents)));
 			continue;
+		}
 		if (r->nevents > r->ndeferred)
 			batch_id = append_batch_row(r);
 		deferred |= voutbox_settle_events(settlement, r, batch_id);

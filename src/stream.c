@@ -179,11 +179,13 @@ record_report(void *arg, uint64 ticket, int err)
 static void
 give_up_reports(Stream *s)
 {
-	int			err = voutbox_producer_timed_out(s->producer) ?
+	int			err = s->producer != NULL && voutbox_producer_timed_out(s->producer) ?
 		RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 
 	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
 	{
+		if (r->pending == 0)
+			continue;
 		for (int i = 0; i < r->nevents && r->pending > 0; i++)
 			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
 			{
@@ -289,14 +291,29 @@ serve_producer(Stream *s)
 {
 	VoutboxProducer *p = s->producer;
 
-	if (p == NULL)
-		return;
-	voutbox_producer_serve(p);
-	if (voutbox_producer_watch(p))
-		give_up_reports(s);
-	else if (voutbox_producer_pending(p) > 0)
-		return;
-	if (voutbox_producer_is_broken(p) || voutbox_producer_config_changed(p))
+	if (p != NULL)
+	{
+		voutbox_producer_serve(p);
+		if (voutbox_producer_watch(p))
+			give_up_reports(s);
+		else if (voutbox_producer_pending(p) > 0)
+			return;
+	}
+
+	/*
+	 * Nothing is outstanding in librdkafka, so no report will come for an
+	 * event a round still waits for: it counts as not sent (and goes again).
+	 * Should never happen; say so if it does.
+	 */
+	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+		if (r->pending > 0)
+		{
+			ereport(LOG,
+					(errmsg("voutbox: events in flight wait for delivery reports that cannot come; they go again")));
+			give_up_reports(s);
+			break;
+		}
+	if (p != NULL && (voutbox_producer_is_broken(p) || voutbox_producer_config_changed(p)))
 		retire_producer(s);
 }
 
@@ -721,16 +738,24 @@ lock_timed_out(Stream *s, const char *message)
 	worker_state("waiting for a lock", psprintf("%s; trying again in %ld ms", message, delay), false);
 }
 
+/* What retention may take as settled: NULL while it is not known. */
+static const char *
+cleanup_lo(Stream *s)
+{
+	if (s->unsettled)
+		return NULL;
+	return s->head == NULL && !s->cursor.stale ? s->cursor.lo : s->settled_lo;
+}
+
 /* Run retention when it is due (and what it sees as settled is known). */
 static void
 maybe_cleanup(Stream *s)
 {
-	const char *lo = s->head == NULL && !s->cursor.stale ? s->cursor.lo : s->settled_lo;
+	const char *lo = cleanup_lo(s);
 
-	if (GetCurrentTimestamp() < s->next_cleanup)
+	if (GetCurrentTimestamp() < s->next_cleanup || lo == NULL)
 		return;
-	if (lo != NULL && !s->unsettled)
-		voutbox_retention_run(lo);
+	voutbox_retention_run(lo);
 	s->next_cleanup = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), voutbox_cleanup_interval);
 }
 
@@ -815,7 +840,7 @@ sleep_ms(Stream *s, long wait_ms)
 		until = s->lock_retry_at;
 	if (s->producer_retry_at > now && s->producer_retry_at < until)
 		until = s->producer_retry_at;
-	if (s->producer != NULL && s->cursor.lo != NULL && s->next_cleanup < until)
+	if (s->producer != NULL && cleanup_lo(s) != NULL && s->next_cleanup < until)
 		until = s->next_cleanup;
 	/* Deadlines of events in flight are watched every second. */
 	if (s->head != NULL)
