@@ -464,10 +464,14 @@ receiver_init(RoundReceiver *rr, VoutboxRound *r, int limit, int64 budget, bool 
 	rr->stop_early = stop_early;
 }
 
-/* Run a query over voutbox.deferred into the round, within its budget. */
+/*
+ * Run a kept plan of sql into the round, within its limit and budget (rows
+ * past them stop the query); returns how many rows did not fit.  read_only
+ * runs it in the transaction's current snapshot, else in a new one.
+ */
 static uint64
-read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datum *values,
-				   int limit, int64 budget)
+read_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datum *values,
+		  int limit, int64 budget, bool read_only)
 {
 	RoundReceiver rr;
 	SPIExecuteOptions options;
@@ -484,7 +488,7 @@ read_deferred_rows(VoutboxRound *r, const char *sql, int nargs, Oid *types, Datu
 	receiver_init(&rr, r, limit, budget, true);
 	memset(&options, 0, sizeof(options));
 	options.params = params;
-	options.read_only = true;
+	options.read_only = read_only;
 	options.dest = (DestReceiver *) &rr;
 	rc = SPI_execute_plan_extended(voutbox_plan(sql, nargs, types), &options);
 	/* (SPI says SPI_OK_UTILITY for a SELECT into a receiver of type DestNone.) */
@@ -543,6 +547,28 @@ load_cursor(VoutboxCursor *c)
 #define WINDOW_NPARAMS	5
 
 /*
+ * Keep xmax(lo), xmax(hi), xip(lo) and hi, columns first..first+3 of the
+ * row just read, as the cursor's window parameters.
+ */
+static void
+keep_window_params(VoutboxCursor *c, HeapTuple tup, TupleDesc desc, int first)
+{
+	MemoryContext old = MemoryContextSwitchTo(c->cxt);
+	bool		isnull;
+
+	for (int i = 0; i < 4; i++)
+	{
+		Datum		d = SPI_getbinval(tup, desc, first + i, &isnull);
+
+		if (c->params[i] != (Datum) 0 && i >= 2)
+			pfree(DatumGetPointer(c->params[i]));
+		c->params[i] = i < 2 ? d : PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
+	}
+	MemoryContextSwitchTo(old);
+	c->params_valid = true;
+}
+
+/*
  * The parameters of WINDOW_QUERY for the cursor's window, computed once per
  * window, into values[0..4] (types[0..4]).
  */
@@ -555,25 +581,13 @@ window_params(VoutboxCursor *c, Datum *values, Oid *types)
 	{
 		Oid			t[2] = {TEXTOID, TEXTOID};
 		Datum		v[2] = {CStringGetTextDatum(c->lo), CStringGetTextDatum(c->hi)};
-		MemoryContext old;
-		bool		isnull;
 
 		voutbox_spi("SELECT pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot), "
 					"       pg_catalog.pg_snapshot_xmax($2::pg_catalog.pg_snapshot), "
 					"       ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_catalog.pg_snapshot)), "
 					"       $2::pg_catalog.pg_snapshot",
 					2, t, v, NULL, SPI_OK_SELECT);
-		old = MemoryContextSwitchTo(c->cxt);
-		for (int i = 0; i < 4; i++)
-		{
-			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, i + 1, &isnull);
-
-			if (c->params[i] != (Datum) 0 && i >= 2)
-				pfree(DatumGetPointer(c->params[i]));
-			c->params[i] = i < 2 ? d : PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
-		}
-		MemoryContextSwitchTo(old);
-		c->params_valid = true;
+		keep_window_params(c, SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	}
 	for (int i = 0; i < 4; i++)
 		values[i] = c->params[i];
@@ -599,7 +613,6 @@ look(VoutboxCursor *c, bool want_deferred)
 	bool		isnull;
 	bool		deferred;
 	char	   *hi;
-	MemoryContext old;
 
 	if (c->hi != NULL)
 		return want_deferred && deferred_waiting();
@@ -621,17 +634,7 @@ look(VoutboxCursor *c, bool want_deferred)
 	set_snapshot(&c->hi, hi, c->cxt);
 	c->read_seq = PG_INT64_MIN;
 	c->fresh = true;
-	old = MemoryContextSwitchTo(c->cxt);
-	for (int i = 0; i < 4; i++)
-	{
-		Datum		d = SPI_getbinval(tup, desc, i + 3, &isnull);
-
-		if (c->params[i] != (Datum) 0 && i >= 2)
-			pfree(DatumGetPointer(c->params[i]));
-		c->params[i] = i < 2 ? d : PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
-	}
-	MemoryContextSwitchTo(old);
-	c->params_valid = true;
+	keep_window_params(c, tup, desc, 3);
 	return deferred;
 }
 
@@ -647,39 +650,21 @@ read_small_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
 {
 	Oid			types[WINDOW_NPARAMS + 1];
 	Datum		values[WINDOW_NPARAMS + 1];
-	RoundReceiver rr;
-	SPIExecuteOptions options;
-	ParamListInfo params = makeParamList(WINDOW_NPARAMS + 1);
-	int			room = limit - r->nevents;
-	int			rc;
+	uint64		over;
 
 	window_params(c, values, types);
 	types[WINDOW_NPARAMS] = INT8OID;
-	values[WINDOW_NPARAMS] = Int64GetDatum((int64) room + 1);
-	for (int i = 0; i <= WINDOW_NPARAMS; i++)
-	{
-		params->params[i].value = values[i];
-		params->params[i].isnull = false;
-		params->params[i].pflags = PARAM_FLAG_CONST;
-		params->params[i].ptype = types[i];
-	}
-	receiver_init(&rr, r, limit, budget, true);
-	memset(&options, 0, sizeof(options));
-	options.params = params;
+	values[WINDOW_NPARAMS] = Int64GetDatum((int64) (limit - r->nevents) + 1);
+
 	/*
 	 * Not read-only: SPI then takes a new snapshot for the query, which sees
 	 * every transaction that hi sees (the transaction's first snapshot was
 	 * taken before hi, and may not).
 	 */
-	options.read_only = false;
-	options.dest = (DestReceiver *) &rr;
-	rc = SPI_execute_plan_extended(voutbox_plan(WINDOW_QUERY " LIMIT $6", WINDOW_NPARAMS + 1, types),
-								   &options);
-	if (rc != SPI_OK_SELECT && rc != SPI_OK_UTILITY)
-		elog(ERROR, "voutbox: reading a window: SPI_execute_plan_extended returned %s",
-			 SPI_result_code_string(rc));
+	over = read_rows(r, WINDOW_QUERY " LIMIT $6", WINDOW_NPARAMS + 1, types, values,
+					 limit, budget, false);
 	c->consumed = 0;
-	return rr.over == 0;
+	return over == 0;
 }
 
 /* Open the holdable cursor over the rest of the window, rows after read_seq. */
@@ -734,13 +719,13 @@ voutbox_forget_cursor(VoutboxCursor *c)
 static bool
 read_alone_deferred(VoutboxRound *r, int64 budget)
 {
-	read_deferred_rows(r,
+	read_rows(r,
 					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
 					   "  FROM " VOUTBOX_SCHEMA ".deferred e "
 					   " WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
 					   "   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") "
 					   " ORDER BY e.batch_id, e.seq LIMIT 1",
-					   0, NULL, NULL, 1, budget);
+					   0, NULL, NULL, 1, budget, true);
 	r->ndeferred = r->nevents;
 	if (r->nevents == 0)
 		return false;
@@ -762,7 +747,7 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 	 * never tried (held, or unsent at a shutdown) takes its key's queue
 	 * along.  Events that hold no key are due on their own.
 	 */
-	read_deferred_rows(r,
+	read_rows(r,
 					   "WITH heads AS ("
 					   "  SELECT DISTINCT ON (d.topic, d.msg_key) d.topic, d.msg_key, d.batch_id, "
 					   "         d.seq, d.due_at, d.attempts "
@@ -778,7 +763,7 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "
 					   "            ELSE e.due_at <= pg_catalog.now() END "
 					   " ORDER BY e.batch_id, e.seq LIMIT $1",
-					   1, &type, &limit, max_events, budget);
+					   1, &type, &limit, max_events, budget, true);
 	r->ndeferred = r->nevents;
 	r->next_due = voutbox_next_due();
 }
