@@ -75,6 +75,13 @@ SELECT id = :'id1' AS same_id, idempotency_key, payload, attempts, holds_key,
        due_at <= now() AS due, last_error
   FROM voutbox.deferred;
 SELECT aggregate_id, status, retry_count FROM outbox ORDER BY aggregate_id;
+-- An event still in flight when the worker settled its round (a straggler,
+-- due at 'infinity' until its report comes) is on its way: pending, with no
+-- next attempt, and not held.
+UPDATE voutbox.deferred SET due_at = 'infinity' WHERE id = :'id1';
+SELECT status, next_attempt_at FROM outbox WHERE id = :'id1';
+SELECT topic, pending, held, waiting_for_retry FROM outbox_stats WHERE tenant_id = 'acme' ORDER BY topic;
+UPDATE voutbox.deferred SET due_at = now() WHERE id = :'id1';
 -- Saving the same idempotency key again still returns the same event.
 SELECT outbox_save('acme', 'lead', '1', 'lead.created.v1', '{}', idempotency_key => 'k-1') = :'id1'
     AS idempotent;

@@ -85,6 +85,7 @@ struct VoutboxProducer
 	TimestampTz last_notice;	/* when the log last said we wait */
 	TimestampTz shutdown_at;	/* when a shutdown request was seen */
 	TimestampTz last_progress;	/* last delivery report, or the first send since none was pending */
+	int			stragglers;		/* of the pending events, stragglers (stream.c): they have deadlines of their own */
 	bool		progress;		/* a report arrived since the last check */
 	bool		brokers_down;	/* no broker reachable since the last report */
 	bool		down_sign;		/* a connection failed since the last serve */
@@ -681,7 +682,7 @@ voutbox_producer_watch(VoutboxProducer *p)
 	 * No report for delivery_timeout while some broker answers: give up on
 	 * the outstanding events, which time out and are retried.
 	 */
-	if (!p->purged && !outage(p) &&
+	if (!p->purged && !outage(p) && p->pending > p->stragglers &&
 		TimestampDifferenceExceeds(p->last_progress, now, voutbox_delivery_timeout))
 	{
 		ereport(LOG,
@@ -707,6 +708,9 @@ voutbox_producer_watch(VoutboxProducer *p)
 		}
 		return false;
 	}
+	/* Only stragglers wait: the stream says so. */
+	if (p->pending <= p->stragglers)
+		return false;
 	if (TimestampDifferenceExceeds(p->last_notice, now, STALL_NOTICE_MS))
 	{
 		p->last_notice = now;
@@ -727,6 +731,39 @@ voutbox_producer_watch(VoutboxProducer *p)
 								psprintf("%d events unacknowledged", p->pending));
 	}
 	return false;
+}
+
+/*
+ * Give up on the events in flight because some of them out-waited their
+ * deadline while others were acknowledged (stream.c): purge them all, and
+ * the producer is rebuilt.  The caller tells the events past their deadline
+ * (timed out) from the others (purged: they go again).  Not while no broker
+ * can be reached: an outage uses up no retry.  Returns whether it purged.
+ */
+bool
+voutbox_producer_give_up(VoutboxProducer *p)
+{
+	if (p->purged || outage(p))
+		return false;
+	purge(p);
+	return true;
+}
+
+/* Whether no broker can be reached (see outage()). */
+bool
+voutbox_producer_outage(VoutboxProducer *p)
+{
+	return outage(p);
+}
+
+/*
+ * How many of the events in flight are stragglers: the watch's deadline
+ * (no report for delivery_timeout) is for the others.
+ */
+void
+voutbox_producer_set_stragglers(VoutboxProducer *p, int n)
+{
+	p->stragglers = n;
 }
 
 /* Events handed over whose report has not come. */
@@ -794,7 +831,7 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return err;
-	if (p->pending++ == 0)
+	if (p->pending++ <= p->stragglers)
 	{
 		p->last_progress = p->last_notice = GetCurrentTimestamp();
 		p->shutdown_at = 0;

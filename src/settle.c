@@ -148,17 +148,36 @@ topic_flows(const char *topic)
 	if (hash_search(stalled_topics, &h, HASH_REMOVE, NULL) == NULL)
 		return;
 	value = CStringGetTextDatum(topic);
+	/* (Not the events still in flight, due at 'infinity': see below.) */
 	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
 				" WHERE d.delivered_at IS NULL AND d.dead_reason IS NULL AND d.attempts = 0 "
-				"   AND d.topic = $1 AND d.due_at > pg_catalog.now() "
+				"   AND d.topic = $1 AND d.due_at > pg_catalog.now() AND d.due_at < 'infinity' "
 				"   AND (d.scheduled_for IS NULL OR d.scheduled_for <= pg_catalog.now())",
 				1, &type, &value, NULL, SPI_OK_UPDATE);
 }
 
 /* ---------------------------------------------------------------------
  * What becomes of the events of a round
+ *
+ * An event may still be in flight when its round is settled: a straggler,
+ * whose report has not come while events sent after it were acknowledged
+ * (stream.c), typically of a topic that does not answer.  It does not hold
+ * up its round: it is recorded in voutbox.deferred as in flight, due at
+ * 'infinity' so that nothing reads it again meanwhile, holding its key, and
+ * its topic stalls as after a timeout (new events of it wait).  When its
+ * report comes, the worker settles it in a "late" round: delivered,
+ * charged, or due again at once.  A worker that starts has no report to
+ * wait for: it makes such rows due at once (storage.c).
  * ---------------------------------------------------------------------
  */
+
+/* When a topic whose event straggles is tried again, at the latest. */
+static void
+topic_straggles(const char *topic)
+{
+	topic_stalls(topic, TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													(int64) voutbox_delivery_timeout + 1000));
+}
 
 /* Delay before attempt n+1 after n failures: exponential, with equal jitter. */
 static TimestampTz
@@ -257,6 +276,11 @@ typedef struct SettleState
 	int			alone;			/* of them, sent again alone */
 	int			dead;			/* of them, to the DLQ */
 	int			overtaken;		/* acknowledged behind a failed event of their key */
+	int			stragglers;		/* still in flight */
+	const char *straggler_topic;	/* the first one's topic, for the log */
+	int			timed_out_in_flight;	/* stragglers charged a timeout */
+	bool		seeded;			/* the keys of stragglers in flight are in "failed" */
+	const VoutboxEvent *in_flight_first;
 	const VoutboxEvent *first;	/* the first charged event, for the log */
 	int			first_err;
 	TimestampTz first_due;
@@ -272,7 +296,7 @@ typedef struct SettleState
  * max_retries failed attempts the event goes to the DLQ.
  */
 static void
-charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int err)
+charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int err, bool late)
 {
 	int			attempts = ev->attempts + 1;
 	const char *dead = NULL;
@@ -281,7 +305,8 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 
 	if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PERMANENT)
 	{
-		if (st->nsent == 1)
+		/* (A straggler was sent with others: it goes again alone.) */
+		if (st->nsent == 1 && !late)
 			dead = "permanent_error";
 		else
 			alone = true;
@@ -325,13 +350,60 @@ count_delivered(SettleState *st, const VoutboxEvent *ev)
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 1, 0, 0, NULL);
 }
 
-/* Settle the deferred events that were sent again in this round. */
+/* An event still in flight when its round is settled. */
+static void
+count_straggler(SettleState *st, const VoutboxEvent *ev)
+{
+	if (st->stragglers++ == 0)
+		st->straggler_topic = ev->topic;
+	topic_straggles(ev->topic);
+	/* Its key's later events that failed wait behind it, uncharged. */
+	(void) first_failure_of_key(st->failed, ev);
+}
+
+/*
+ * A straggler out-waited delivery_timeout, still in flight: librdkafka
+ * keeps trying, and the attempt counts as failed; its topic stays stalled.
+ */
+static void
+charge_in_flight(SettleState *st, const VoutboxEvent *ev)
+{
+	if (st->timed_out_in_flight++ == 0)
+		st->in_flight_first = ev;
+	topic_straggles(ev->topic);
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
+							voutbox_delivery_error_text(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
+}
+
+/* Run an UPDATE of voutbox.deferred over the rows of the given ids. */
+static void
+update_deferred(const char *sql, char **ids, int n)
+{
+	Oid			type = TEXTARRAYOID;
+	Datum		value;
+
+	if (n == 0)
+		return;
+	value = voutbox_text_array(ids, n);
+	voutbox_spi(sql, 1, &type, &value, NULL, SPI_OK_UPDATE);
+}
+
+/*
+ * Settle the deferred events that were sent again in this round, or (a late
+ * round) the events that were still in flight when their round was settled.
+ */
 static void
 settle_deferred(VoutboxRound *r, SettleState *st)
 {
 	DeferredRows charged;
 	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	char	  **in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	char	  **again = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	char	  **charged_in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	int			ncharged_in_flight = 0;
 	int			ndelivered = 0;
+	int			nin_flight = 0;
+	int			nagain = 0;
 
 	deferred_rows_init(&charged, r->ndeferred);
 	for (int i = 0; i < r->ndeferred; i++)
@@ -339,25 +411,59 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		VoutboxEvent *ev = &r->events[i];
 		int			err = r->errs[i];
 
-		if (err == 0)
+		if (err == VOUTBOX_DELIVERY_PENDING && r->late)
+		{
+			/*
+			 * Still in flight after delivery_timeout: an attempt failed
+			 * (only the key's first: the rest of the key waits behind it).
+			 */
+			if (first_failure_of_key(st->failed, ev))
+			{
+				charged_in_flight[ncharged_in_flight++] = ev->id;
+				charge_in_flight(st, ev);
+			}
+		}
+		else if (err == VOUTBOX_DELIVERY_PENDING)
+		{
+			in_flight[nin_flight++] = ev->id;
+			count_straggler(st, ev);
+		}
+		else if (err == 0)
 		{
 			delivered[ndelivered++] = ev->id;
 			count_delivered(st, ev);
 		}
 		else if (first_failure_of_key(st->failed, ev) &&
 				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
-			charge_failure(st, &charged, ev, err);
+			charge_failure(st, &charged, ev, err, r->late);
+		else if (r->late)
+			again[nagain++] = ev->id;
 		/* else: its row stays as it is, and it goes again in order */
 	}
-	if (ndelivered > 0)
-	{
-		Oid			type = TEXTARRAYOID;
-		Datum		ids = voutbox_text_array(delivered, ndelivered);
-
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
-					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", 1, &type, &ids, NULL, SPI_OK_UPDATE);
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", delivered, ndelivered);
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity' "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", in_flight, nin_flight);
+	if (ncharged_in_flight > 0)
+	{
+		Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
+		Datum		values[3];
+
+		values[0] = voutbox_text_array(charged_in_flight, ncharged_in_flight);
+		values[1] = CStringGetTextDatum(voutbox_delivery_error_text(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
+		values[2] = CStringGetTextDatum(voutbox_delivery_error_name(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"SET attempts = d.attempts + 1, last_error = $2, last_error_code = $3, "
+					"    last_error_at = pg_catalog.now() "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity' "
+					"  AND d.delivered_at IS NULL AND d.dead_reason IS NULL",
+					3, types, values, NULL, SPI_OK_UPDATE);
 	}
+	/* Not its key's first failure, or the producer's trouble: in order, at once. */
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
+					again, nagain);
 	if (charged.n > 0)
 	{
 		Oid			types[8] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
@@ -422,6 +528,11 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, until ? until : DT_NOBEGIN,
 							  0, false, NULL);
 		}
+		else if (err == VOUTBOX_DELIVERY_PENDING)
+		{
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOEND, 0, false, NULL);
+			count_straggler(st, ev);
+		}
 		else if (err == 0)
 			count_delivered(st, ev);
 		else if (!first_failure_of_key(st->failed, ev))
@@ -429,7 +540,7 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 		else if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PRODUCER)
 			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, 0, false, NULL);
 		else
-			charge_failure(st, &rows, ev, err);
+			charge_failure(st, &rows, ev, err, false);
 	}
 	if (rows.n == 0)
 		return false;
@@ -530,6 +641,18 @@ voutbox_dead_events_wait(void)
 static void
 log_failures(const SettleState *st)
 {
+	if (st->stragglers > 0)
+		ereport(LOG,
+				(errmsg("voutbox: %d events (first of topic \"%s\") have no delivery report while events sent after them were acknowledged; their rounds are settled without them",
+						st->stragglers, st->straggler_topic),
+				 errdetail("They wait for their report out of the stream, holding their keys, and their topic's new events wait; librdkafka keeps trying, and every voutbox.delivery_timeout without a report counts as a failed attempt.")));
+	if (st->timed_out_in_flight > 0)
+		ereport(LOG,
+				(errmsg("voutbox: %d stragglers have had no delivery report for another %d ms; a failed attempt is counted, and librdkafka keeps trying",
+						st->timed_out_in_flight, voutbox_delivery_timeout),
+				 errdetail("First: event %s (topic \"%s\", attempt %d). After voutbox.max_retries failed attempts they go to the dead-letter queue.",
+						   st->in_flight_first->id, st->in_flight_first->topic,
+						   st->in_flight_first->attempts + 1)));
 	if (st->charged > 0)
 	{
 		long		delay = 0;
@@ -550,6 +673,8 @@ log_failures(const SettleState *st)
 						st->overtaken),
 				 errdetail("The order of those keys may be broken; a Kafka broker refuses such batches of an idempotent producer.")));
 }
+
+static HTAB *keys_in_flight = NULL;
 
 /* ---------------------------------------------------------------------
  * Entry points (storage.c)
@@ -572,12 +697,17 @@ voutbox_settle_begin(void)
 	return (VoutboxSettlement *) st;
 }
 
-/* Count a round of the settlement, before it is settled. */
+/*
+ * Count a round of the settlement, before it is settled (not stragglers:
+ * "sent alone" is about the rounds sent together).
+ */
 void
 voutbox_settle_count(VoutboxSettlement *s, const VoutboxRound *r)
 {
 	SettleState *st = (SettleState *) s;
 
+	if (r->late)
+		return;
 	for (int i = 0; i < r->nevents; i++)
 		st->nsent += r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
 }
@@ -593,12 +723,41 @@ voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r, int64 batch_id)
 	SettleState *st = (SettleState *) s;
 	bool		deferred = false;
 
+	/*
+	 * After the stragglers' own news (a late round comes first): a key with
+	 * a straggler in flight failed first there; its later events that fail
+	 * wait behind it, uncharged.
+	 */
+	if (!r->late && !st->seeded)
+	{
+		st->seeded = true;
+		if (keys_in_flight != NULL)
+		{
+			HASH_SEQ_STATUS seq;
+			uint64	   *h;
+
+			hash_seq_init(&seq, keys_in_flight);
+			while ((h = hash_seq_search(&seq)) != NULL)
+				(void) hash_search(st->failed, h, HASH_ENTER, NULL);
+		}
+	}
+
 	settle_deferred(r, st);
 	if (r->nevents > r->ndeferred)
 		deferred = defer_chunk_events(r, st, batch_id);
 	if (st->dead > 0 || voutbox_dead_events_wait())
 		(void) voutbox_move_dead_events(st->stats);
 	return deferred;
+}
+
+/*
+ * The keys of stragglers in flight (stream.c), for the next settlement: a
+ * map whose entries start with the key's hash.
+ */
+void
+voutbox_settle_keys_in_flight(HTAB *keys)
+{
+	keys_in_flight = keys;
 }
 
 /* After the commit: the statistics and the log. */

@@ -76,6 +76,8 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "utils/snapmgr.h"
+
 #include "voutbox.h"
 
 #define PORTAL_NAME "voutbox_window"
@@ -99,6 +101,9 @@
 	"         WHERE " WAITING("h") " AND h.holds_key " \
 	"           AND h.topic = " e ".topic AND h.msg_key = " e ".msg_key " \
 	"           AND " KEY_EARLIER("h", e) ")"
+
+/* Whether this worker made due the events its predecessor left in flight. */
+static bool in_flight_reset = false;
 
 /* Rows fetched at once while the size of the window's events is unknown. */
 #define FIRST_FETCH_ROWS	32
@@ -757,7 +762,7 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
 					   "  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
 					   "       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
-					   " WHERE " WAITING("e") " AND NOT e.alone "
+					   " WHERE " WAITING("e") " AND NOT e.alone AND e.due_at < 'infinity' "
 					   "   AND CASE WHEN e.holds_key "
 					   "            THEN h.due_at <= pg_catalog.now() "
 					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "
@@ -779,7 +784,7 @@ voutbox_next_due(void)
 	Datum		d;
 
 	voutbox_spi("SELECT pg_catalog.min(e.due_at) FROM " VOUTBOX_SCHEMA ".deferred e "
-				" WHERE " WAITING("e") " AND e.due_at > pg_catalog.now() "
+				" WHERE " WAITING("e") " AND e.due_at > pg_catalog.now() AND e.due_at < 'infinity' "
 				"   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ")",
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -980,6 +985,19 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	if (c->lo == NULL)
 		load_cursor(c);
 	/*
+	 * Events a worker before this one left in flight (settle.c) had their
+	 * chance: they are due at once.
+	 */
+	if (!in_flight_reset)
+	{
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
+					" WHERE d.due_at = 'infinity' AND d.delivered_at IS NULL",
+					0, NULL, NULL, NULL, SPI_OK_UPDATE);
+		/* (The reads below use the transaction's snapshot: let them see it.) */
+		CommandCounterIncrement();
+		UpdateActiveSnapshotCommandId();
+	}
+	/*
 	 * While deferred events wait, their keys are held: later events of those
 	 * keys wait behind them, whether or not deferred ones are read now.
 	 */
@@ -1008,6 +1026,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	if (r->nevents > 0)
 		flush_written_wal();
 	voutbox_xact_end();
+	in_flight_reset = true;
 
 	for (int i = 0; i < r->nevents; i++)
 	{

@@ -55,9 +55,19 @@
 
 #include "voutbox.h"
 
-/* Rounds in flight at once, and the share of the budget one round takes. */
+/*
+ * Rounds waiting for reports at once, and the share of the budget one round
+ * takes; and the most rounds read and not settled (acknowledged rounds wait
+ * behind an older one that is not).
+ */
 #define STREAM_ROUNDS			16
 #define ROUND_SHARE				4
+#define STREAM_MAX_ROUNDS		4096
+/*
+ * How long a round waits for a report before events of it that were sent
+ * before an acknowledged one count as stragglers, in ms.
+ */
+#define STRAGGLER_MS			1000
 /*
  * How long acknowledged rounds may wait to be settled together, in ms:
  * settling is the worker's bookkeeping, not delivery, and one settle (and
@@ -111,6 +121,18 @@ typedef struct Stream
 	 * when their round is settled), with how many such events each.
 	 */
 	HTAB	   *held;
+	uint64		last_acked;		/* the latest ticket acknowledged */
+	/*
+	 * Rounds settled with events still in flight (stragglers, settle.c),
+	 * oldest first: what is left of them is settled when their reports come.
+	 */
+	VoutboxRound *late_head;
+	VoutboxRound *late_tail;
+	int			nlate;			/* their events waiting for a report */
+	int			late_events;	/* all their events */
+	HTAB	   *late_keys;		/* keys of stragglers waiting, with how many each */
+	TimestampTz late_reported_at;	/* first report of theirs not settled, or 0 */
+	bool		late_given_up;	/* the producer was purged for their deadline */
 	/* an ERROR while reading: stop once the rounds in flight are settled */
 	bool		stop_after_drain;
 	/* settling */
@@ -123,6 +145,8 @@ typedef struct Stream
 	WaitEventSet *waits;
 	int			waits_socket;
 } Stream;
+
+static int	late_index(VoutboxRound *r, uint64 ticket);
 
 /* The delivery worker's state for outbox_worker, and pg_stat_activity's. */
 static void
@@ -149,6 +173,35 @@ failing_delay_ms(int failures)
  */
 
 /*
+ * What a straggler gets when the producer is purged: a timeout, if it
+ * out-waited its deadline (the purge was for it); else the purge's error.
+ */
+static int
+late_outcome(Stream *s, VoutboxRound *r, int err)
+{
+	/*
+	 * (No timeout reaches a straggler from librdkafka, message.timeout.ms
+	 * being 0: one that does came from a purge for the others' sake.)
+	 */
+	if (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE || err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT ||
+		err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT)
+		return s->late_given_up && r->charge_due ?
+			RD_KAFKA_RESP_ERR__MSG_TIMED_OUT : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+	return err;
+}
+
+/* A report for an event of a round settled without it. */
+static void
+record_late_report(Stream *s, VoutboxRound *r, int i, int err)
+{
+	r->errs[i] = late_outcome(s, r, err);
+	r->pending--;
+	s->nlate--;
+	if (s->late_reported_at == 0)
+		s->late_reported_at = GetCurrentTimestamp();
+}
+
+/*
  * A delivery report, inside librdkafka: record it in its round.  A report
  * for no round in flight (one given up on) is dropped.
  */
@@ -157,6 +210,18 @@ record_report(void *arg, uint64 ticket, int err)
 {
 	Stream	   *s = arg;
 
+	if (err == 0 && ticket > s->last_acked)
+		s->last_acked = ticket;
+	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
+	{
+		int			i = late_index(r, ticket);
+
+		if (i < 0)
+			continue;
+		if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+			record_late_report(s, r, i, err);
+		return;
+	}
 	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
 	{
 		if (ticket < r->first_ticket || ticket >= r->first_ticket + r->nevents)
@@ -195,6 +260,70 @@ give_up_reports(Stream *s)
 		r->pending = 0;
 		r->failed = s->failing = true;
 	}
+	for (VoutboxRound *r = s->late_head; r != NULL && s->nlate > 0; r = r->next)
+		for (int i = 0; i < r->nevents && r->pending > 0; i++)
+			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+				record_late_report(s, r, i, err);
+}
+
+/*
+ * Stragglers out-wait voutbox.delivery_timeout.  librdkafka keeps trying
+ * to deliver them (its own retries, with its own backoff, cost nothing
+ * here), and the worker keeps the books: every delivery_timeout without a
+ * report is charged as a failed attempt (settle.c), with the event still
+ * in flight, and its topic stays stalled.  Only when a straggler has no
+ * retry left is the producer purged (librdkafka cannot drop one message):
+ * the stragglers whose time is up time out (to the DLQ if they have no
+ * retry left), the other events in flight go again, in order, and a new
+ * producer is built at once.
+ */
+static void
+expire_late(Stream *s)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			expired = 0;
+	bool		last_try = false;
+
+	if (s->late_given_up || s->nlate == 0)
+		return;
+	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
+	{
+		if (r->pending == 0 || r->charge_due)
+			continue;
+		/* An outage uses up no retry: the deadline counts from its end. */
+		if (voutbox_producer_outage(s->producer))
+		{
+			r->read_at = now;
+			continue;
+		}
+		/* (read_at: when it straggled, or was last charged) */
+		if (!TimestampDifferenceExceeds(r->read_at, now, voutbox_delivery_timeout))
+			continue;
+		expired += r->pending;
+		for (int i = 0; i < r->nevents; i++)
+			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING && r->events[i].attempts >= voutbox_max_retries)
+				last_try = true;
+	}
+	if (expired == 0)
+		return;
+	/* The last try of one: give up on the producer; or try again later. */
+	if (last_try && !voutbox_producer_give_up(s->producer))
+		return;
+	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
+		if (r->pending > 0 && !r->charge_due &&
+			TimestampDifferenceExceeds(r->read_at, now, voutbox_delivery_timeout))
+			r->charge_due = true;
+	if (!last_try)
+	{
+		if (s->late_reported_at == 0)
+			s->late_reported_at = now;
+		return;
+	}
+	s->late_given_up = true;
+	ereport(LOG,
+			(errmsg("voutbox: stragglers have had no delivery report for %d ms, and some have no retry left; %d events in flight are given up",
+					voutbox_delivery_timeout, voutbox_producer_pending(s->producer)),
+			 errdetail("The stragglers time out; the other events go again, in order, with a new producer.")));
 }
 
 /*
@@ -213,6 +342,12 @@ retire_producer(Stream *s)
 
 	voutbox_producer_destroy(s->producer);
 	s->producer = NULL;
+	/* Purged for stragglers: the next one is built at once. */
+	if (s->late_given_up)
+	{
+		s->late_given_up = false;
+		s->producer_built_at = 0;
+	}
 	/* Its pipe is closed: the next wait builds its set again. */
 	if (s->waits != NULL)
 	{
@@ -294,6 +429,8 @@ serve_producer(Stream *s)
 	if (p != NULL)
 	{
 		voutbox_producer_serve(p);
+		voutbox_producer_set_stragglers(p, s->nlate);
+		expire_late(s);
 		if (voutbox_producer_watch(p))
 			give_up_reports(s);
 		else if (voutbox_producer_pending(p) > 0)
@@ -305,8 +442,8 @@ serve_producer(Stream *s)
 	 * event a round still waits for: it counts as not sent (and goes again).
 	 * Should never happen; say so if it does.
 	 */
-	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
-		if (r->pending > 0)
+	for (VoutboxRound *r = s->head; r != NULL || s->nlate > 0; r = r->next)
+		if (r == NULL || r->pending > 0)
 		{
 			ereport(LOG,
 					(errmsg("voutbox: events in flight wait for delivery reports that cannot come; they go again")));
@@ -432,6 +569,24 @@ send_round(Stream *s, VoutboxRound *r)
 		hash_destroy(refused);
 }
 
+/*
+ * Whether the stream has no room for another round: STREAM_ROUNDS wait for
+ * reports, or the rounds read and not settled reach a bound, or what
+ * stragglers keep does.
+ */
+static bool
+stream_full(Stream *s)
+{
+	int			waiting = 0;
+
+	if (s->nrounds >= STREAM_MAX_ROUNDS || s->nevents >= voutbox_batch_size ||
+		s->bytes >= voutbox_batch_bytes || s->late_events >= voutbox_batch_size)
+		return true;
+	for (VoutboxRound *r = s->head; r != NULL && waiting < STREAM_ROUNDS; r = r->next)
+		waiting += r->pending > 0;
+	return waiting >= STREAM_ROUNDS;
+}
+
 /* Whether the worker may read another round now; sets *wait_ms if it will soon. */
 static bool
 may_read(Stream *s, TimestampTz now, long *wait_ms)
@@ -448,8 +603,7 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 	/* Deferred events go only when nothing is in flight. */
 	if (s->cursor.stale || s->due_waiting || (s->next_due != 0 && s->next_due <= now))
 		return false;
-	if (s->nrounds >= STREAM_ROUNDS || s->nevents >= voutbox_batch_size ||
-		s->bytes >= voutbox_batch_bytes)
+	if (stream_full(s))
 		return false;
 	if (!TimestampDifferenceExceeds(s->last_read, now, READ_COALESCE_MS))
 	{
@@ -467,7 +621,7 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 static bool
 read_round(Stream *s)
 {
-	MemoryContext cxt = AllocSetContextCreate(s->cxt, "voutbox round", ALLOCSET_DEFAULT_SIZES);
+	MemoryContext cxt = AllocSetContextCreate(s->cxt, "voutbox round", ALLOCSET_START_SMALL_SIZES);
 	MemoryContext old;
 	VoutboxRound *r;
 	int			share = Max(voutbox_batch_size / ROUND_SHARE, 1);
@@ -537,9 +691,12 @@ read_round(Stream *s)
 	count_held_keys(s, r, 1);
 	for (int i = 0; i < r->nevents; i++)
 		nsend += r->errs[i] == VOUTBOX_DELIVERY_PENDING;
-	worker_state("delivering", psprintf("delivering %d events%s; %d rounds in flight", nsend,
-										r->alone ? " (one failed event alone)" : "", s->nrounds),
+	worker_state("delivering",
+				 psprintf("delivering %d events%s; %d rounds in flight%s", nsend,
+						  r->alone ? " (one failed event alone)" : "", s->nrounds,
+						  s->nlate > 0 ? psprintf("; %d stragglers wait for their report", s->nlate) : ""),
 				 true);
+	voutbox_producer_set_stragglers(s->producer, s->nlate);
 	send_round(s, r);
 	return true;
 }
@@ -548,6 +705,219 @@ read_round(Stream *s)
  * Settling
  * ---------------------------------------------------------------------
  */
+
+/* Count (+1) or uncount (-1) a key in a map of HeldKeys. */
+static void
+count_key(HTAB *keys, const VoutboxEvent *ev, int delta)
+{
+	uint64		h;
+	HeldKey    *k;
+	bool		found;
+
+	if (ev->msg_key == NULL)
+		return;
+	h = voutbox_key_hash(ev->topic, ev->msg_key);
+	k = hash_search(keys, &h, delta > 0 ? HASH_ENTER : HASH_FIND, &found);
+	if (k == NULL)
+		return;
+	k->events = (found ? k->events : 0) + delta;
+	if (k->events <= 0)
+		(void) hash_search(keys, &h, HASH_REMOVE, NULL);
+}
+
+/*
+ * A round settled with stragglers in flight: keep what settling their
+ * reports needs (ids, topics, keys, tenants, attempts, tickets) in a round
+ * of their own, with deadlines from now (expire_late()); the round goes.
+ */
+static void
+keep_late(Stream *s, VoutboxRound *r)
+{
+	MemoryContext cxt = AllocSetContextCreate(s->cxt, "voutbox stragglers", ALLOCSET_SMALL_SIZES);
+	VoutboxRound *late = MemoryContextAllocZero(cxt, sizeof(VoutboxRound));
+	int			n = 0;
+
+	late->cxt = cxt;
+	late->extension = r->extension;
+	late->events = MemoryContextAllocZero(cxt, sizeof(VoutboxEvent) * r->pending);
+	late->errs = MemoryContextAlloc(cxt, sizeof(int) * r->pending);
+	late->tickets = MemoryContextAlloc(cxt, sizeof(uint64) * r->pending);
+	for (int i = 0; i < r->nevents && n < r->pending; i++)
+	{
+		VoutboxEvent *from = &r->events[i];
+		VoutboxEvent *ev = &late->events[n];
+
+		if (r->errs[i] != VOUTBOX_DELIVERY_PENDING)
+			continue;
+		ev->id = MemoryContextStrdup(cxt, from->id);
+		ev->seq = from->seq;
+		ev->tenant_id = MemoryContextStrdup(cxt, from->tenant_id);
+		ev->topic = MemoryContextStrdup(cxt, from->topic);
+		ev->msg_key = from->msg_key ? MemoryContextStrdup(cxt, from->msg_key) : NULL;
+		ev->attempts = from->attempts;
+		late->errs[n] = VOUTBOX_DELIVERY_PENDING;
+		late->tickets[n] = r->first_ticket + i;
+		count_key(s->late_keys, ev, 1);
+		n++;
+	}
+	late->nevents = late->ndeferred = late->capacity = late->pending = n;
+	late->first_ticket = late->tickets[0];
+	late->read_at = GetCurrentTimestamp();
+	if (s->late_tail != NULL)
+		s->late_tail->next = late;
+	else
+		s->late_head = late;
+	s->late_tail = late;
+	s->nlate += n;
+	s->late_events += n;
+}
+
+/* The index of the straggler sent with the ticket in a late round, or -1. */
+static int
+late_index(VoutboxRound *r, uint64 ticket)
+{
+	int			lo = 0;
+	int			hi = r->nevents - 1;
+
+	if (ticket < r->tickets[0] || ticket > r->tickets[hi])
+		return -1;
+	while (lo <= hi)
+	{
+		int			mid = (lo + hi) / 2;
+
+		if (r->tickets[mid] == ticket)
+			return mid;
+		if (r->tickets[mid] < ticket)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return -1;
+}
+
+/*
+ * Whether a straggler has news to settle: a report, or (still in flight) a
+ * timeout to charge, unless the producer was given up on: its report comes.
+ */
+static inline bool
+late_news(Stream *s, VoutboxRound *r, int i)
+{
+	if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+		return r->charge_due && !s->late_given_up;
+	return r->errs[i] != VOUTBOX_DELIVERY_SKIPPED;
+}
+
+/*
+ * The stragglers that have news, as one round (r->late) to settle before
+ * the stream's rounds: those were all read after them.  NULL if none has,
+ * or the first news is younger than SETTLE_DELAY_MS (unless the worker
+ * stops).  Only stragglers of one installation of the extension go
+ * together.  (Its events are the rounds' own: late_settled() uses them.)
+ */
+static VoutboxRound *
+late_round(Stream *s)
+{
+	VoutboxRound *late;
+	Oid			extension = InvalidOid;
+	int			n = 0;
+
+	if (s->late_reported_at == 0 ||
+		(!ShutdownRequestPending && !s->stop_after_drain && !s->failing &&
+		 !TimestampDifferenceExceeds(s->late_reported_at, GetCurrentTimestamp(), SETTLE_DELAY_MS)))
+		return NULL;
+	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
+		for (int i = 0; i < r->nevents; i++)
+			if (late_news(s, r, i) && (n == 0 || r->extension == extension))
+			{
+				extension = r->extension;
+				n++;
+			}
+	if (n == 0)
+	{
+		s->late_reported_at = 0;
+		return NULL;
+	}
+	late = palloc0(sizeof(VoutboxRound));
+	late->late = true;
+	late->extension = extension;
+	late->events = palloc(sizeof(VoutboxEvent) * n);
+	late->errs = palloc(sizeof(int) * n);
+	late->actions = palloc0(sizeof(VoutboxAction) * n);
+	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
+		for (int i = 0; i < r->nevents && r->extension == extension; i++)
+			if (late_news(s, r, i))
+			{
+				late->events[late->nevents] = r->events[i];
+				late->errs[late->nevents] = r->errs[i];
+				late->actions[late->nevents] = VOUTBOX_SEND;
+				late->nevents++;
+			}
+	late->ndeferred = late->capacity = late->nevents;
+	late->read_at = GetCurrentTimestamp();
+	return late;
+}
+
+/*
+ * The late round is settled: forget the stragglers it settled, count the
+ * timeout charged to those still in flight, and drop the rounds left with
+ * nothing to wait for.
+ */
+static void
+late_settled(Stream *s, VoutboxRound *late)
+{
+	VoutboxRound *prev = NULL;
+	VoutboxRound *r = s->late_head;
+	bool		more = false;
+
+	while (r != NULL)
+	{
+		VoutboxRound *next = r->next;
+		bool		keep = r->pending > 0;
+
+		if (r->extension == late->extension)
+		{
+			for (int i = 0; i < r->nevents; i++)
+			{
+				if (!late_news(s, r, i))
+					continue;
+				if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+					r->events[i].attempts++;
+				else
+				{
+					r->errs[i] = VOUTBOX_DELIVERY_SKIPPED;
+					count_key(s->late_keys, &r->events[i], -1);
+				}
+			}
+			if (r->charge_due && !s->late_given_up)
+			{
+				r->charge_due = false;
+				r->read_at = GetCurrentTimestamp();
+			}
+		}
+		else
+		{
+			for (int i = 0; i < r->nevents && !keep; i++)
+				keep = late_news(s, r, i);
+			more |= keep;
+		}
+		if (keep)
+		{
+			prev = r;
+			r = next;
+			continue;
+		}
+		if (prev != NULL)
+			prev->next = next;
+		else
+			s->late_head = next;
+		if (s->late_tail == r)
+			s->late_tail = prev;
+		s->late_events -= r->nevents;
+		MemoryContextDelete(r->cxt);
+		r = next;
+	}
+	s->late_reported_at = more ? GetCurrentTimestamp() : 0;
+}
 
 /* Take the first n rounds off the stream. */
 static void
@@ -569,6 +939,8 @@ drop_rounds(Stream *s, int n)
 		s->nrounds--;
 		s->nevents -= r->nevents;
 		s->bytes -= r->bytes;
+		if (r->pending > 0)
+			keep_late(s, r);
 		MemoryContextDelete(r->cxt);
 	}
 	if (s->head == NULL)
@@ -579,18 +951,56 @@ drop_rounds(Stream *s, int n)
 }
 
 /*
- * The rounds to settle now: the oldest ones that have every report, once
- * the oldest has waited SETTLE_DELAY_MS or room is needed; but once an event
- * failed, all of them, when they all have.  Returns how many.
+ * When a round may be settled with events still in flight (0: not yet
+ * known): STRAGGLER_MS after it was seen that every one of them was sent
+ * before an event that has been acknowledged (so that a burst of reports,
+ * after an outage for instance, does not make stragglers of events about
+ * to report).  They are most likely of a topic that does not
+ * answer (no leader, not enough replicas, not created yet), and must not
+ * hold up the others.  An event that goes alone is waited for.
+ */
+static TimestampTz
+straggles_at(Stream *s, VoutboxRound *r, TimestampTz now)
+{
+	if (r->alone)
+		return 0;
+	if (r->overtaken_at == 0)
+	{
+		for (int i = r->nevents - 1; i >= 0; i--)
+			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
+			{
+				if (r->first_ticket + i >= s->last_acked)
+					return 0;
+				break;
+			}
+		r->overtaken_at = now;
+	}
+	return TimestampTzPlusMilliseconds(r->overtaken_at, STRAGGLER_MS);
+}
+
+static bool
+straggles(Stream *s, VoutboxRound *r, TimestampTz now)
+{
+	TimestampTz at = straggles_at(s, r, now);
+
+	return at != 0 && at <= now;
+}
+
+/*
+ * The rounds to settle now: the oldest ones that have every report (but
+ * for stragglers), once the oldest has waited SETTLE_DELAY_MS or room is
+ * needed; but once an event failed, all of them, when they all have.
+ * Returns how many.
  */
 static int
 rounds_to_settle(Stream *s, VoutboxRound **rounds)
 {
 	int			n = 0;
+	TimestampTz now = GetCurrentTimestamp();
 
 	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
 	{
-		if (r->pending > 0)
+		if (r->pending > 0 && !straggles(s, r, now))
 		{
 			if (s->failing)
 				return 0;
@@ -598,9 +1008,7 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 		}
 		rounds[n++] = r;
 	}
-	if (n == 0 || s->failing || s->unsettled || ShutdownRequestPending ||
-		s->nrounds >= STREAM_ROUNDS || s->nevents >= voutbox_batch_size ||
-		s->bytes >= voutbox_batch_bytes)
+	if (n == 0 || s->failing || s->unsettled || ShutdownRequestPending || stream_full(s))
 		return n;
 	if (!TimestampDifferenceExceeds(s->head->read_at, GetCurrentTimestamp(), SETTLE_DELAY_MS))
 		return 0;
@@ -614,7 +1022,8 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 static bool
 settle_ready(Stream *s)
 {
-	VoutboxRound *rounds[STREAM_ROUNDS];
+	VoutboxRound **rounds;
+	VoutboxRound *late;
 	int			n;
 	volatile int nevents = 0;
 	volatile bool released = false;
@@ -625,17 +1034,23 @@ settle_ready(Stream *s)
 
 	if (s->unsettled && GetCurrentTimestamp() < s->settle_retry_at)
 		return false;
-	if ((n = rounds_to_settle(s, rounds)) == 0)
+	rounds = palloc(sizeof(VoutboxRound *) * (s->nrounds + 1));
+	late = late_round(s);
+	if (late != NULL)
+		rounds[0] = late;
+	n = rounds_to_settle(s, rounds + (late != NULL));
+	if (n == 0 && late == NULL)
 		return false;
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < n + (late != NULL); i++)
 	{
 		nevents += rounds[i]->nevents;
 		released |= rounds[i]->failed || rounds[i]->ndeferred > 0;
 	}
 
+	voutbox_settle_keys_in_flight(s->late_keys);
 	PG_TRY();
 	{
-		next_due = voutbox_storage_settle(rounds, n, (bool *) &committed);
+		next_due = voutbox_storage_settle(rounds, n + (late != NULL), (bool *) &committed);
 	}
 	PG_CATCH();
 	{
@@ -669,6 +1084,8 @@ settle_ready(Stream *s)
 							nevents, s->settle_failures)));
 		s->unsettled = false;
 		s->settle_failures = 0;
+		if (late != NULL)
+			late_settled(s, late);
 		drop_rounds(s, n);
 		if (next_due != 0 && (s->next_due == 0 || next_due < s->next_due))
 			s->next_due = next_due;
@@ -843,8 +1260,19 @@ sleep_ms(Stream *s, long wait_ms)
 	if (s->producer != NULL && cleanup_lo(s) != NULL && s->next_cleanup < until)
 		until = s->next_cleanup;
 	/* Deadlines of events in flight are watched every second. */
-	if (s->head != NULL)
+	if (s->head != NULL || s->nlate > 0)
 		until = Min(until, TimestampTzPlusMilliseconds(now, 1000));
+	/* The oldest round may leave its stragglers behind. */
+	if (s->head != NULL && s->head->pending > 0 && !s->unsettled)
+	{
+		TimestampTz at = straggles_at(s, s->head, now);
+
+		if (at > now)
+			until = Min(until, at);
+	}
+	/* Stragglers' reports are settled after a while. */
+	if (s->late_reported_at != 0 && !s->unsettled)
+		until = Min(until, TimestampTzPlusMilliseconds(s->late_reported_at, SETTLE_DELAY_MS));
 	/* Acknowledged rounds are settled after a while (failing: when all are). */
 	if (s->head != NULL && s->head->pending == 0 && !s->failing && !s->unsettled)
 		until = Min(until, TimestampTzPlusMilliseconds(s->head->read_at, SETTLE_DELAY_MS));
@@ -910,6 +1338,8 @@ voutbox_stream_run(void)
 		ctl.hcxt = TopMemoryContext;
 		s.held = hash_create("voutbox keys held in flight", 64, &ctl,
 							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		s.late_keys = hash_create("voutbox keys of stragglers", 64, &ctl,
+								  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "voutbox worker loop",
 									 ALLOCSET_DEFAULT_SIZES);

@@ -78,7 +78,7 @@ extern int	voutbox_stats_max_topics;
 #define VOUTBOX_LOCK_TIMEOUT	"2s"
 
 /* The version of the SQL objects this library works with. */
-#define VOUTBOX_SQL_VERSION		"0.3.0"
+#define VOUTBOX_SQL_VERSION		"0.4.0"
 
 /*
  * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
@@ -244,6 +244,9 @@ extern void voutbox_reload_config(void);
 extern VoutboxProducer *voutbox_producer_create(char **error);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);
+extern bool voutbox_producer_give_up(VoutboxProducer *p);
+extern void voutbox_producer_set_stragglers(VoutboxProducer *p, int n);
+extern bool voutbox_producer_outage(VoutboxProducer *p);
 extern bool voutbox_producer_failed(VoutboxProducer *p);
 extern bool voutbox_producer_delivered_any(VoutboxProducer *p);
 extern bool voutbox_producer_config_changed(VoutboxProducer *p);
@@ -322,12 +325,17 @@ typedef struct VoutboxRound
 	int64		bytes;			/* what the events took as read */
 	bool		window_done;	/* the chunk ends the window */
 	bool		alone;			/* one deferred event that goes alone */
+	bool		late;			/* events left in flight by rounds settled before (settle.c) */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
 	/* in flight (stream.c) */
 	TimestampTz read_at;
 	uint64		first_ticket;	/* events[i] is sent with ticket first_ticket + i */
 	int			pending;		/* events sent whose report has not come */
 	bool		failed;			/* an event failed */
+	TimestampTz overtaken_at;	/* later events were acknowledged, its own not all */
+	/* stragglers of rounds settled before (stream.c) */
+	uint64	   *tickets;		/* events[i] was sent with tickets[i] */
+	bool		charge_due;		/* another delivery_timeout passed: charge it */
 } VoutboxRound;
 
 /* What to read (voutbox_storage_read_round). */
@@ -383,6 +391,7 @@ extern void voutbox_settle_count(VoutboxSettlement *settlement, const VoutboxRou
 extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round,
 								  int64 batch_id);
 extern void voutbox_settle_end(VoutboxSettlement *settlement);
+extern void voutbox_settle_keys_in_flight(struct HTAB *keys);
 extern TimestampTz voutbox_topic_stalled_until(const char *topic, TimestampTz now);
 extern void voutbox_forget_stalled_topics(void);
 extern bool voutbox_dead_events_wait(void);

@@ -17,6 +17,11 @@
 #   d. save path: outbox_save() vs a plain INSERT of the same row into a
 #      table with the same unique index, with and without idempotency keys,
 #      one event per pgbench transaction and in bulk
+#   e. a silent topic: latency of the other topics at the first rate while
+#      a tenth of the events go to a topic that does not answer (one that
+#      does not exist on a broker that creates none: librdkafka waits for
+#      it), with voutbox.delivery_timeout at 2 s so that its events time out
+#      over and over; beside b's figures
 #
 # Run by test/bench/run.sh (as an unprivileged user).  Writes Markdown to
 # $BENCH_REPORT and, if gnuplot is there, a chart to $BENCH_CHART.
@@ -43,11 +48,12 @@ my $BULK = $ENV{BENCH_BULK} // 5000;
 # linger.ms of every producer: voutbox's default
 my $LINGER = $ENV{BENCH_LINGER} // 1;
 # Which parts to run (all by default).
-my %PART = map { $_ => 1 } split /,/, ($ENV{BENCH_PARTS} // 'save,drain,latency,debezium');
+my %PART = map { $_ => 1 } split /,/, ($ENV{BENCH_PARTS} // 'save,drain,latency,silent,debezium');
 my $vkafka = 'test/tools/vkafka';
 my $dir = $PostgreSQL::Test::Utils::tmp_check;
 
-my $kafka = kafka_start('bench');
+# (Every topic is created here: part e needs one that does not exist.)
+my $kafka = kafka_start('bench', 'auto.create.topics.enable=false');
 my $node = voutbox_node('bench', $kafka,
 	'voutbox.batch_size' => $BATCH,
 	'voutbox.batch_bytes' => $BATCH_BYTES,
@@ -223,6 +229,7 @@ if ($PART{drain})
 	my $size = 0;
 	$size += length($_->{value}) for @sample;
 	$size = int($size / @sample);
+	kafka_create_topic($kafka, 'bench.raw', 4);
 	my $raw = decode_json(`$vkafka produce -b '$kafka->{brokers}' -t bench.raw -n $N -s $size -k 1000 -l $LINGER`);
 	%drain = (voutbox => $N / ($a[-1] / 1000 - $t0), first => $a[0] - 1000 * $t0,
 		cpu => 1000 * $cpu / $N, bare => $raw->{per_second}, size => $size, rounds => $rounds);
@@ -283,6 +290,7 @@ if ($PART{latency})
 		my $cpu = proc_cpu_ms($wpid) - $cpu0;
 		$l{voutbox} = latencies((consume_times("acme.$type", $saved))[1]);
 		$l{cpu} = 1000 * $cpu / $l{voutbox}{n};
+		kafka_create_topic($kafka, "bench.lat$rate", 4);
 		$l{bare} = decode_json(`$vkafka produce -b '$kafka->{brokers}' -t bench.lat$rate -n $count -s 580 -r $rate -l $LINGER`);
 
 		if ($PART{debezium})
@@ -318,6 +326,43 @@ if ($PART{latency})
 		$chart{"cpu$rate"} = [ $l{cpu}, $l{dcpu} // 0 ];
 	}
 }
+# --- e. a silent topic
+if ($PART{silent})
+{
+	my $rate = $RATES[0];
+	my $count = $rate * $SECONDS;
+	my $type = "order.quiet$rate.v1";
+	my $silent = "order.silent$rate.v1";
+	new_topic("acme.$type");
+	$node->append_conf('postgresql.conf', "voutbox.delivery_timeout = '2s'\nvoutbox.max_retries = 1000\nvoutbox.backoff_max = '2s'\n");
+	$node->reload;
+	$node->safe_psql('postgres', "SELECT outbox_save('acme', 'order', 'warm', '$type', '{}')");
+	wait_for_delivered($node, 1, "event_type = '$type'");
+	PostgreSQL::Test::Utils::append_to_file("$dir/quiet$rate.sql",
+		"\\set n random(1, 1000000)\nSELECT outbox_save('acme', 'order', :n::text, '$type', $timed);\n");
+	PostgreSQL::Test::Utils::append_to_file("$dir/silent$rate.sql",
+		"\\set n random(1, 1000000)\nSELECT outbox_save('acme', 'order', :n::text, '$silent', $timed);\n");
+	system("pgbench -n -c 4 -j 2 -R $rate -t " . int($count / 4)
+		  . " -f $dir/quiet$rate.sql\@9 -f $dir/silent$rate.sql\@1 -h ${\ $node->host} -p ${\ $node->port} postgres >/dev/null 2>&1");
+	my $saved = $node->safe_psql('postgres', "SELECT count(*) FROM outbox WHERE event_type = '$type'");
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered' AND event_type = '$type'", 't')
+	  or die 'events of the answering topic not delivered';
+	my $retried = $node->safe_psql('postgres',
+		"SELECT coalesce(sum(retry_count), 0) FROM outbox WHERE event_type = '$silent'");
+	my $l = latencies((consume_times("acme.$type", $saved))[1]);
+	# The silent topic is created; its events go, and the settings are put back.
+	new_topic("acme.$silent");
+	$node->poll_query_until('postgres', "SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered'", 't')
+	  or die 'events of the silent topic not delivered';
+	$node->append_conf('postgresql.conf', "voutbox.delivery_timeout = '60s'\nvoutbox.max_retries = 10\nvoutbox.backoff_max = '5min'\n");
+	$node->reload;
+	my $normal = $chart{"lat$rate"};
+	push @report, sprintf('| e. other topics\' latency at %d events/s while a tenth of them go to a topic that does not answer (%d failed attempts of its events), ms p50 / p95 / p99 / max | %.1f / %.1f / %.1f / %.1f | | | %s | |',
+		$rate, $retried, @$l{qw(p50 p95 p99 max)},
+		$normal ? sprintf('%.2f (p99 vs b\'s %.1f)', $l->{p99} / $normal->[1], $normal->[1]) : '-');
+}
+
 if ($PART{drain} || $PART{latency})
 {
 	push @report, sprintf('| c. peak RSS, MB (voutbox: worker, VmHWM, with the shared buffers it touched; private now %.1f) | %.1f | | %s | | |',

@@ -5,7 +5,7 @@
 # Prints the report (Markdown) and writes the chart to test/bench/bench.png.
 # Settings: BENCH_EVENTS (200000), BENCH_BATCH (10000), BENCH_SECONDS (15),
 # BENCH_RATES (500,2000), BENCH_BATCH_BYTES (8MB), BENCH_BULK (20000),
-# BENCH_LINGER (1), BENCH_PARTS (save,drain,latency,debezium).
+# BENCH_LINGER (1), BENCH_PARTS (save,drain,latency,silent,debezium).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$here"

@@ -10,7 +10,7 @@ BENCH_EVENTS=2000 BENCH_SECONDS=2 BENCH_RATES=50,100 BENCH_BULK=500 BENCH_CHART_
 fail=0
 for row in 'a. drain: 2000 events' 'a. drain: first event' 'c. drain: CPU' \
 	'b. latency at 50 events/s' 'b. latency at 100 events/s' 'c. CPU at 50 events/s' 'c. CPU at 100 events/s' \
-	'c. peak RSS' 'd. save path, no keys' 'd. save path with idempotency keys' \
+	'c. peak RSS' "e. other topics' latency at 50 events/s" 'd. save path, no keys' 'd. save path with idempotency keys' \
 	'd. save path in bulk, no keys' 'd. save path in bulk, with idempotency keys'; do
 	line=$(grep -F "| $row" "$out/report.md" || true)
 	# every figure column filled: no '-' where Debezium's or a ratio belongs, no nan

@@ -22,11 +22,12 @@ my $node = voutbox_node('retry', $kafka,
 	'voutbox.backoff_max' => '1600ms',
 	'voutbox.max_retries' => '1000');
 
+# (Alone in flight: a straggler, an event of a topic that does not answer
+# while others do, stays in flight instead, t/021.)
 $node->safe_psql('postgres',
 	'BEGIN; '
 	  . save_sql('acme', 'order.placed.v1', 'K', { n => 1 }) . '; '
-	  . save_sql('acme', 'order.placed.v1', 'K', { n => 2 }) . '; '
-	  . save_sql('acme', 'order.noted.v1', 'L', { n => 1 }) . '; COMMIT');
+	  . save_sql('acme', 'order.placed.v1', 'K', { n => 2 }) . '; COMMIT');
 
 # Record every attempt of the head of K (poll with a deadline).
 my @attempts;
@@ -51,14 +52,18 @@ ok($gaps[0] < 1.9, 'the first delay is about backoff_base (0.1 s) plus the timeo
 ok($gaps[-1] >= 1.7 && $gaps[-1] <= 3.5,
 	'delays reach backoff_max (1.6 s, jittered down to half) plus the timeout');
 
+$node->safe_psql('postgres', save_sql('acme', 'order.noted.v1', 'L', { n => 1 }));
+wait_for_delivered($node, 1, "aggregate_id = 'L'");
+
 is( $node->safe_psql('postgres',
 		"SELECT string_agg(aggregate_id || ':' || status, ',' ORDER BY aggregate_id, created_at) FROM outbox "
 		  . "WHERE aggregate_id IN ('K', 'L')"),
 	'K:retrying,K:held,L:delivered',
 	'the key waits behind its failing head; another key flows');
 is( $node->safe_psql('postgres',
-		"SELECT last_error_code || ' ' || (next_attempt_at > last_error_at) FROM outbox WHERE status = 'retrying'"),
-	'_MSG_TIMED_OUT true', 'the timeout is recorded, with the next attempt');
+		"SELECT last_error_code || ' ' || (next_attempt_at > last_error_at OR next_attempt_at IS NULL) "
+		  . "FROM outbox WHERE status = 'retrying'"),
+	'_MSG_TIMED_OUT true', 'the timeout is recorded, with the next attempt (none while it is in flight)');
 is( $node->safe_psql('postgres',
 		"SELECT pending || ' ' || waiting_for_retry || ' ' || held || ' ' || in_dlq || ' ' "
 		  . "|| (failed_attempts_since_start >= 6) || ' ' || (last_error LIKE '_MSG_TIMED_OUT%') "
@@ -136,7 +141,11 @@ my ($dead_id, $dead_key) = split /\|/,
   $node->safe_psql('postgres', 'SELECT id, idempotency_key FROM outbox_dlq');
 is($node->safe_psql('postgres', "SELECT outbox_dlq_requeue('$dead_id')"), '1', 'requeued one event');
 wait_for_delivered($node, 2, "aggregate_id = 'M'");
-@msgs = consume_events($kafka, 'acme.order.returned.v1', 2);
+# (A timeout while the new topic's metadata spreads may send M's second
+# event twice: look at each event's first copy.)
+my %seen;
+@msgs = grep { !$seen{ $_->{event}{id} }++ } consume_all($kafka, 'acme.order.returned.v1');
+is(scalar(@msgs), 2, 'two events of M in Kafka');
 is($msgs[1]{event}{id}, $dead_id, 'the requeued event keeps its id');
 is($msgs[1]{headers}{idempotency_key}, $dead_key, 'and its idempotency key');
 is( $node->safe_psql('postgres',
