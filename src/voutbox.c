@@ -250,6 +250,7 @@ voutbox_shmem_startup(void)
 		SpinLockInit(&voutbox_shared->mutex);
 		voutbox_shared->worker_pgprocno = -1;
 		voutbox_shared->worker_pid = 0;
+		voutbox_shared->worker_database = InvalidOid;
 		voutbox_shared->topics_lock = &(GetNamedLWLockTranche("voutbox"))->lock;
 	}
 	voutbox_stats_shmem_init();
@@ -265,13 +266,16 @@ void
 voutbox_wake_worker(void)
 {
 	int			procno;
+	Oid			database;
 
 	if (voutbox_shared == NULL)
 		return;
 	SpinLockAcquire(&voutbox_shared->mutex);
 	procno = voutbox_shared->worker_pgprocno;
+	database = voutbox_shared->worker_database;
 	SpinLockRelease(&voutbox_shared->mutex);
-	if (procno >= 0)
+	/* A worker serving another database has nothing to read here. */
+	if (procno >= 0 && (!OidIsValid(database) || database == MyDatabaseId))
 		SetLatch(&ProcGlobal->allProcs[procno].procLatch);
 }
 

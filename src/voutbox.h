@@ -94,6 +94,7 @@ typedef struct VoutboxShared
 	slock_t		mutex;
 	int			worker_pgprocno;	/* -1 when no worker runs */
 	pid_t		worker_pid;
+	Oid			worker_database;	/* the database it serves */
 	/* what the worker does, and its counters since the server started */
 	char		state[VOUTBOX_STATE_LEN];
 	TimestampTz state_since;

@@ -319,6 +319,7 @@ unpublish_worker(int code pg_attribute_unused(), Datum arg pg_attribute_unused()
 	{
 		voutbox_shared->worker_pgprocno = -1;
 		voutbox_shared->worker_pid = 0;
+		voutbox_shared->worker_database = InvalidOid;
 	}
 	SpinLockRelease(&voutbox_shared->mutex);
 }
@@ -344,6 +345,7 @@ publish_worker(void)
 		{
 			voutbox_shared->worker_pgprocno = MyProc->pgprocno;
 			voutbox_shared->worker_pid = MyProcPid;
+			voutbox_shared->worker_database = MyDatabaseId;
 		}
 		SpinLockRelease(&voutbox_shared->mutex);
 		if (other == 0)
