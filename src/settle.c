@@ -112,8 +112,11 @@ topic_stalls(const char *topic, TimestampTz until)
 									 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
 	t = hash_search(stalled_topics, &h, HASH_ENTER, &found);
-	/* Several events of a topic time out in one round: one UPDATE will do. */
-	if (found && t->until >= until)
+	/*
+	 * Several events of a topic time out (or straggle) in one settlement:
+	 * one UPDATE will do, and a second more or less makes no difference.
+	 */
+	if (found && t->until >= until - USECS_PER_SEC)
 		return;
 	t->until = until;
 
@@ -436,9 +439,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		else if (first_failure_of_key(st->failed, ev) &&
 				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
 			charge_failure(st, &charged, ev, err, r->late);
-		else if (r->late)
+		else
 			again[nagain++] = ev->id;
-		/* else: its row stays as it is, and it goes again in order */
 	}
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
@@ -460,7 +462,10 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 					"  AND d.delivered_at IS NULL AND d.dead_reason IS NULL",
 					3, types, values, NULL, SPI_OK_UPDATE);
 	}
-	/* Not its key's first failure, or the producer's trouble: in order, at once. */
+	/*
+	 * Not its key's first failure, or the producer's trouble: in order, at
+	 * once (it was marked in flight when read).
+	 */
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
 					again, nagain);

@@ -738,6 +738,30 @@ read_alone_deferred(VoutboxRound *r, int64 budget)
 	return true;
 }
 
+/*
+ * The deferred events read into the round are in flight until the round is
+ * settled (settle.c), or a new worker starts: due at 'infinity', so that no
+ * later read takes them again.
+ */
+static void
+mark_in_flight(VoutboxRound *r)
+{
+	char	  **ids;
+	Oid			type = TEXTARRAYOID;
+	Datum		value;
+
+	if (r->ndeferred == 0)
+		return;
+	ids = palloc(sizeof(char *) * r->ndeferred);
+	for (int i = 0; i < r->ndeferred; i++)
+		ids[i] = r->events[i].id;
+	value = voutbox_text_array(ids, r->ndeferred);
+	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity' "
+				" WHERE d.id = ANY ($1::pg_catalog.uuid[])",
+				1, &type, &value, NULL, SPI_OK_UPDATE);
+	pfree(ids);
+}
+
 /* Events of voutbox.deferred whose time has come, and the next due time. */
 static void
 read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
@@ -805,6 +829,17 @@ deferred_due(void)
 {
 	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred e "
 				" WHERE " WAITING("e") " AND e.due_at <= pg_catalog.now() "
+				"   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") LIMIT 1",
+				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	return SPI_processed > 0;
+}
+
+/* Whether an event that must go alone is due (it waits for an empty stream). */
+static bool
+alone_due(void)
+{
+	voutbox_spi("SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred e "
+				" WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
 				"   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") LIMIT 1",
 				0, NULL, NULL, NULL, SPI_OK_SELECT);
 	return SPI_processed > 0;
@@ -1007,12 +1042,19 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 		{
 			held = load_held_keys(round_cxt);
 			if (opt->check_due)
+			{
 				*opt->due_waiting = deferred_due();
+				*opt->alone_waiting = *opt->due_waiting && alone_due();
+			}
 		}
-		else if (!read_alone_deferred(r, opt->budget))
+		else
 		{
-			read_due_deferred(r, opt->limit, opt->budget);
-			held = load_held_keys(round_cxt);
+			if (!(opt->alone && read_alone_deferred(r, opt->budget)))
+			{
+				read_due_deferred(r, opt->limit, opt->budget);
+				held = load_held_keys(round_cxt);
+			}
+			mark_in_flight(r);
 		}
 	}
 	if (!r->alone)

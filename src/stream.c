@@ -24,9 +24,10 @@
  * behind their key, or for their topic) hold their key from the moment they
  * are read, not only once settled into voutbox.deferred: later rounds do not
  * send that key's events meanwhile.  Deferred events (retries, held keys,
- * scheduled events) are read only when nothing is in flight, so that no
- * deferred row is read twice; when some are due, reading pauses until the
- * stream is empty.
+ * scheduled events) that are due go with the next round, even while others
+ * are in flight: reading one marks it in flight (storage.c), so that no
+ * deferred row is read twice; one that must go alone waits for an empty
+ * stream.
  *
  * A steady trickle costs little: a window that fits in a round is read by
  * one kept plan, with no cursor (storage.c), and while a round is in flight,
@@ -99,7 +100,8 @@ typedef struct Stream
 	bool		more;			/* events may wait: read */
 	TimestampTz last_read;
 	TimestampTz last_due_check;
-	bool		due_waiting;	/* deferred events are due: read after the stream empties */
+	bool		due_waiting;	/* deferred events are due: read them with the next round */
+	bool		alone_waiting;	/* one that goes alone is due: read after the stream empties */
 	TimestampTz next_due;		/* when a deferred event is due, or 0 */
 	int			lock_failures;	/* reads that timed out on a lock in a row */
 	TimestampTz lock_retry_at;
@@ -571,8 +573,8 @@ send_round(Stream *s, VoutboxRound *r)
 
 /*
  * Whether the stream has no room for another round: STREAM_ROUNDS wait for
- * reports, or the rounds read and not settled reach a bound, or what
- * stragglers keep does.
+ * reports (not counting those overtaken, which wait for stragglers), or the
+ * rounds read and not settled reach a bound, or stragglers do.
  */
 static bool
 stream_full(Stream *s)
@@ -582,8 +584,9 @@ stream_full(Stream *s)
 	if (s->nrounds >= STREAM_MAX_ROUNDS || s->nevents >= voutbox_batch_size ||
 		s->bytes >= voutbox_batch_bytes || s->late_events >= voutbox_batch_size)
 		return true;
+	/* (A round overtaken by acknowledged ones waits only for its stragglers.) */
 	for (VoutboxRound *r = s->head; r != NULL && waiting < STREAM_ROUNDS; r = r->next)
-		waiting += r->pending > 0;
+		waiting += r->pending > 0 && r->overtaken_at == 0;
 	return waiting >= STREAM_ROUNDS;
 }
 
@@ -600,8 +603,11 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 	/* An event that goes alone goes alone. */
 	if (s->tail->alone)
 		return false;
-	/* Deferred events go only when nothing is in flight. */
-	if (s->cursor.stale || s->due_waiting || (s->next_due != 0 && s->next_due <= now))
+	/*
+	 * (After a failed read, the window is read again from its settled
+	 * start; an event that goes alone waits for an empty stream.)
+	 */
+	if (s->cursor.stale || s->alone_waiting)
 		return false;
 	if (stream_full(s))
 		return false;
@@ -633,10 +639,14 @@ read_round(Stream *s)
 	opt.limit = Min(share, voutbox_batch_size - s->nevents);
 	opt.budget = Max(voutbox_batch_bytes / ROUND_SHARE, 1);
 	opt.budget = Min(opt.budget, voutbox_batch_bytes - s->bytes);
-	opt.deferred = s->head == NULL;
+	/* Due deferred events go with the next round; one that goes alone, alone. */
+	opt.alone = s->head == NULL;
+	opt.deferred = s->head == NULL || s->due_waiting ||
+		(s->next_due != 0 && s->next_due <= GetCurrentTimestamp());
 	opt.check_due = !opt.deferred &&
 		TimestampDifferenceExceeds(s->last_due_check, GetCurrentTimestamp(), DUE_CHECK_MS);
 	opt.due_waiting = &s->due_waiting;
+	opt.alone_waiting = &s->alone_waiting;
 	opt.held_in_flight = hash_get_num_entries(s->held) > 0 ? s->held : NULL;
 	if (opt.check_due)
 		s->last_due_check = GetCurrentTimestamp();
@@ -669,6 +679,8 @@ read_round(Stream *s)
 	{
 		s->next_due = r->next_due;
 		s->due_waiting = false;
+		if (opt.alone)
+			s->alone_waiting = false;
 	}
 	/* The window goes on, or events of deferred ones are due: read again. */
 	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0;
@@ -998,6 +1010,11 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 	int			n = 0;
 	TimestampTz now = GetCurrentTimestamp();
 
+	/* Every round overtaken starts its wait now, not once those before it settled. */
+	if (s->last_acked > 0)
+		for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+			if (r->pending > 0 && r->overtaken_at == 0)
+				(void) straggles_at(s, r, now);
 	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
 	{
 		if (r->pending > 0 && !straggles(s, r, now))
@@ -1023,7 +1040,7 @@ static bool
 settle_ready(Stream *s)
 {
 	VoutboxRound **rounds;
-	VoutboxRound *late;
+	VoutboxRound *volatile late;
 	int			n;
 	volatile int nevents = 0;
 	volatile bool released = false;
@@ -1248,8 +1265,7 @@ sleep_ms(Stream *s, long wait_ms)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz until = TimestampTzPlusMilliseconds(now, Min(voutbox_poll_interval, wait_ms));
 
-	/* (Deferred events are read only when nothing is in flight.) */
-	if (s->head == NULL && s->next_due != 0 && s->next_due < until)
+	if (s->next_due != 0 && s->next_due < until)
 		until = s->next_due;
 	if (s->unsettled && s->settle_retry_at < until)
 		until = s->settle_retry_at;

@@ -345,8 +345,10 @@ typedef struct VoutboxReadOptions
 	int			limit;			/* most events */
 	int64		budget;			/* most bytes */
 	bool		deferred;		/* read the deferred events that are due */
+	bool		alone;			/* or one that goes alone (nothing is in flight) */
 	bool		check_due;		/* else, say whether some are */
 	bool	   *due_waiting;
+	bool	   *alone_waiting;	/* (set with due_waiting) */
 	/* keys held by events of rounds in flight, not yet in voutbox.deferred */
 	struct HTAB *held_in_flight;
 } VoutboxReadOptions;
