@@ -445,7 +445,9 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", delivered, ndelivered);
-	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity' "
+	/* (In flight, it holds its key, as a straggler of the window does.) */
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity', "
+					"  holds_key = d.holds_key OR d.msg_key IS NOT NULL "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", in_flight, nin_flight);
 	if (ncharged_in_flight > 0)
 	{

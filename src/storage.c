@@ -105,6 +105,16 @@
 /* Whether this worker made due the events its predecessor left in flight. */
 static bool in_flight_reset = false;
 
+/*
+ * An earlier event of deferred event e's key is in flight (a requeued event
+ * may head the key's queue while it is: its followers wait all the same).
+ */
+#define IN_FLIGHT_BEFORE(e) \
+	"EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred f " \
+	"         WHERE " WAITING("f") " AND f.holds_key AND f.due_at = 'infinity' " \
+	"           AND f.topic = " e ".topic AND f.msg_key = " e ".msg_key " \
+	"           AND " KEY_EARLIER("f", e) ")"
+
 /* Rows fetched at once while the size of the window's events is unknown. */
 #define FIRST_FETCH_ROWS	32
 
@@ -787,6 +797,7 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 					   "  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
 					   "       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
 					   " WHERE " WAITING("e") " AND NOT e.alone AND e.due_at < 'infinity' "
+					   "   AND NOT (e.holds_key AND " IN_FLIGHT_BEFORE("e") ") "
 					   "   AND CASE WHEN e.holds_key "
 					   "            THEN h.due_at <= pg_catalog.now() "
 					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "

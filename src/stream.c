@@ -678,7 +678,8 @@ read_round(Stream *s)
 	if (opt.deferred)
 	{
 		s->next_due = r->next_due;
-		s->due_waiting = false;
+		/* (A full round may have left due ones behind.) */
+		s->due_waiting = r->ndeferred >= opt.limit;
 		if (opt.alone)
 			s->alone_waiting = false;
 	}
@@ -880,6 +881,7 @@ late_settled(Stream *s, VoutboxRound *late)
 	VoutboxRound *prev = NULL;
 	VoutboxRound *r = s->late_head;
 	bool		more = false;
+	HTAB	   *charged = NULL;
 
 	while (r != NULL)
 	{
@@ -893,7 +895,22 @@ late_settled(Stream *s, VoutboxRound *late)
 				if (!late_news(s, r, i))
 					continue;
 				if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
-					r->events[i].attempts++;
+				{
+					/* (settle.c charges only the first of a key) */
+					if (charged == NULL)
+						charged = voutbox_key_set_new("voutbox charged keys");
+					if (r->events[i].msg_key == NULL)
+						r->events[i].attempts++;
+					else
+					{
+						uint64		h = voutbox_key_hash(r->events[i].topic, r->events[i].msg_key);
+						bool		found;
+
+						(void) hash_search(charged, &h, HASH_ENTER, &found);
+						if (!found)
+							r->events[i].attempts++;
+					}
+				}
 				else
 				{
 					r->errs[i] = VOUTBOX_DELIVERY_SKIPPED;
@@ -929,6 +946,8 @@ late_settled(Stream *s, VoutboxRound *late)
 		r = next;
 	}
 	s->late_reported_at = more ? GetCurrentTimestamp() : 0;
+	if (charged != NULL)
+		hash_destroy(charged);
 }
 
 /* Take the first n rounds off the stream. */
@@ -1108,7 +1127,7 @@ settle_ready(Stream *s)
 			s->next_due = next_due;
 		/* Failed and deferred events may have released keys: look again. */
 		if (released)
-			s->more = true;
+			s->more = s->due_waiting = true;
 		return true;
 	}
 	s->unsettled = true;
@@ -1265,7 +1284,12 @@ sleep_ms(Stream *s, long wait_ms)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz until = TimestampTzPlusMilliseconds(now, Min(voutbox_poll_interval, wait_ms));
 
-	if (s->next_due != 0 && s->next_due < until)
+	/*
+	 * A deferred event falls due: wake for it (once due, the next read takes
+	 * it; with nothing in flight and a producer, that read is now).
+	 */
+	if (s->next_due != 0 && s->next_due < until &&
+		(s->next_due > now || (s->head == NULL && s->producer != NULL)))
 		until = s->next_due;
 	if (s->unsettled && s->settle_retry_at < until)
 		until = s->settle_retry_at;
