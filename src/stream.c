@@ -678,8 +678,7 @@ read_round(Stream *s)
 	if (opt.deferred)
 	{
 		s->next_due = r->next_due;
-		/* (A full round may have left due ones behind.) */
-		s->due_waiting = r->ndeferred >= opt.limit;
+		s->due_waiting = false;
 		if (opt.alone)
 			s->alone_waiting = false;
 	}
@@ -1127,7 +1126,7 @@ settle_ready(Stream *s)
 			s->next_due = next_due;
 		/* Failed and deferred events may have released keys: look again. */
 		if (released)
-			s->more = s->due_waiting = true;
+			s->more = true;
 		return true;
 	}
 	s->unsettled = true;
