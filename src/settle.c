@@ -561,6 +561,12 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 	values[6] = voutbox_scalar_array(rows.alone, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
 	values[7] = voutbox_text_array(rows.dead, rows.n);
 	values[8] = Int64GetDatum(batch_id);
+	/*
+	 * Each event is looked up by its id (a LATERAL subquery that cannot be
+	 * pulled up): a join the planner were free to choose became, in the kept
+	 * generic plan, a merge join over the whole ring, paid by every round
+	 * that defers an event.
+	 */
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" VOUTBOX_EVENT_COLUMNS ", "
 				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
 				"  alone, dead_reason, batch_id) "
@@ -568,8 +574,9 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 				"       CASE WHEN x.error IS NULL THEN NULL ELSE pg_catalog.now() END, x.alone, "
 				"       x.dead, $9 "
 				"  FROM unnest($1::pg_catalog.uuid[], $2, $3, $4, $5, $6, $7, $8) "
-				"       AS x(xid, holds, attempts, due, error, code, alone, dead) "
-				"  JOIN " VOUTBOX_SCHEMA ".events e ON e.id = x.xid",
+				"       AS x(xid, holds, attempts, due, error, code, alone, dead), "
+				"       LATERAL (SELECT * FROM " VOUTBOX_SCHEMA ".events e "
+				"                 WHERE e.id = x.xid OFFSET 0) e",
 				9, types, values, NULL, SPI_OK_INSERT);
 	if (SPI_processed != (uint64) rows.n)
 		elog(ERROR, "voutbox: deferred %d events but found " UINT64_FORMAT " of them",

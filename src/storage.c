@@ -95,12 +95,16 @@
 #define WAITING(a)		a ".delivered_at IS NULL AND " a ".dead_reason IS NULL"
 /* Event h is before event e in their key's queue. */
 #define KEY_EARLIER(h, e) "(" h ".batch_id, " h ".seq) < (" e ".batch_id, " e ".seq)"
-/* An earlier event of deferred event e's key holds the key. */
+/*
+ * An earlier event of deferred event e's key holds the key.  (Here and
+ * below, OFFSET 0 keeps the EXISTS a probe of deferred_key for each row: as
+ * an anti-join, its kept plan hashed every held key first.)
+ */
 #define HELD_BEHIND_EARLIER(e) \
 	"EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred h " \
 	"         WHERE " WAITING("h") " AND h.holds_key " \
 	"           AND h.topic = " e ".topic AND h.msg_key = " e ".msg_key " \
-	"           AND " KEY_EARLIER("h", e) ")"
+	"           AND " KEY_EARLIER("h", e) " OFFSET 0)"
 
 /* Whether this worker made due the events its predecessor left in flight. */
 static bool in_flight_reset = false;
@@ -113,7 +117,7 @@ static bool in_flight_reset = false;
 	"EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred f " \
 	"         WHERE " WAITING("f") " AND f.holds_key AND f.due_at = 'infinity' " \
 	"           AND f.topic = " e ".topic AND f.msg_key = " e ".msg_key " \
-	"           AND " KEY_EARLIER("f", e) ")"
+	"           AND " KEY_EARLIER("f", e) " OFFSET 0)"
 
 /* Rows fetched at once while the size of the window's events is unknown. */
 #define FIRST_FETCH_ROWS	32
@@ -221,19 +225,70 @@ voutbox_key_set_new(const char *name)
 }
 
 /*
- * The keys held in voutbox.deferred.  A hash collision only makes an
- * unrelated event wait one round behind a key that is not its own.
+ * Past this many distinct keys in a window, all the held keys are read at
+ * once (their number spread over the window's events) rather than looked up
+ * one by one.
+ */
+#define HELD_LOOKUP_KEYS 256
+
+/*
+ * The keys held in voutbox.deferred among those of the window's events read
+ * into the round (NULL when none has a key).  A hash collision only makes an
+ * unrelated event wait one round behind a key that is not its own.  The
+ * window's keys are looked up one by one when they are few: the cost of a
+ * small round does not grow with the events that wait in voutbox.deferred
+ * (a topic that does not answer can hold thousands of keys).
  */
 static HTAB *
-load_held_keys(MemoryContext cxt)
+load_held_keys(MemoryContext cxt, VoutboxRound *r)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	HTAB	   *held = voutbox_key_set_new("voutbox held keys");
+	HTAB	   *window = voutbox_key_set_new("voutbox window keys");
+	char	  **topics = palloc(sizeof(char *) * Max(r->nevents - r->ndeferred, 1));
+	char	  **keys = palloc(sizeof(char *) * Max(r->nevents - r->ndeferred, 1));
+	int			n = 0;
 
 	MemoryContextSwitchTo(old);
-	voutbox_spi("SELECT DISTINCT d.topic, d.msg_key FROM " VOUTBOX_SCHEMA ".deferred d "
-				"WHERE " WAITING("d") " AND d.holds_key",
-				0, NULL, NULL, NULL, SPI_OK_SELECT);
+	for (int i = r->ndeferred; i < r->nevents; i++)
+	{
+		VoutboxEvent *ev = &r->events[i];
+		uint64		h;
+		bool		found;
+
+		if (ev->msg_key == NULL)
+			continue;
+		h = voutbox_key_hash(ev->topic, ev->msg_key);
+		(void) hash_search(window, &h, HASH_ENTER, &found);
+		if (!found)
+		{
+			topics[n] = ev->topic;
+			keys[n++] = ev->msg_key;
+		}
+	}
+	hash_destroy(window);
+	if (n == 0)
+		return NULL;
+	if (n <= HELD_LOOKUP_KEYS)
+	{
+		Oid			types[2] = {TEXTARRAYOID, TEXTARRAYOID};
+		Datum		values[2];
+
+		values[0] = voutbox_text_array(topics, n);
+		values[1] = voutbox_text_array(keys, n);
+		/* (LIMIT keeps each look-up a probe of deferred_key, whatever the plan.) */
+		voutbox_spi("SELECT k.topic, k.msg_key "
+					"  FROM unnest($1::pg_catalog.text[], $2::pg_catalog.text[]) AS k(topic, msg_key), "
+					"       LATERAL (SELECT 1 FROM " VOUTBOX_SCHEMA ".deferred d "
+					"                 WHERE " WAITING("d") " AND d.holds_key "
+					"                   AND d.topic = k.topic AND d.msg_key = k.msg_key "
+					"                 LIMIT 1) h",
+					2, types, values, NULL, SPI_OK_SELECT);
+	}
+	else
+		voutbox_spi("SELECT DISTINCT d.topic, d.msg_key FROM " VOUTBOX_SCHEMA ".deferred d "
+					"WHERE " WAITING("d") " AND d.holds_key",
+					0, NULL, NULL, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -784,26 +839,37 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 	 * is.  A head that failed before goes alone: were it to fail again,
 	 * events sent behind it could get through and overtake it.  A head
 	 * never tried (held, or unsent at a shutdown) takes its key's queue
-	 * along.  Events that hold no key are due on their own.
+	 * along.  Events that hold no key are due on their own.  The query
+	 * starts from the events due now (deferred_due: the subquery that
+	 * cannot be pulled up keeps the plan from scanning every held key
+	 * instead), the heads among them, and looks up each head's queue by its
+	 * key (deferred_key): its cost follows what is due, not all that waits
+	 * (a topic that does not answer keeps thousands waiting, their heads in
+	 * flight or due later).
 	 */
 	read_rows(r,
-					   "WITH heads AS ("
-					   "  SELECT DISTINCT ON (d.topic, d.msg_key) d.topic, d.msg_key, d.batch_id, "
-					   "         d.seq, d.due_at, d.attempts "
-					   "    FROM " VOUTBOX_SCHEMA ".deferred d "
-					   "   WHERE " WAITING("d") " AND d.holds_key "
-					   "   ORDER BY d.topic, d.msg_key, d.batch_id, d.seq) "
-					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
-					   "  FROM " VOUTBOX_SCHEMA ".deferred e LEFT JOIN heads h "
-					   "       ON e.holds_key AND h.topic = e.topic AND h.msg_key = e.msg_key "
-					   " WHERE " WAITING("e") " AND NOT e.alone AND e.due_at < 'infinity' "
-					   "   AND NOT (e.holds_key AND " IN_FLIGHT_BEFORE("e") ") "
-					   "   AND CASE WHEN e.holds_key "
-					   "            THEN h.due_at <= pg_catalog.now() "
-					   "                 AND ((e.batch_id, e.seq) = (h.batch_id, h.seq) OR h.attempts = 0) "
-					   "            ELSE e.due_at <= pg_catalog.now() END "
-					   " ORDER BY e.batch_id, e.seq LIMIT $1",
-					   1, &type, &limit, max_events, budget, true);
+			  "WITH heads AS MATERIALIZED ("
+			  "  SELECT c.topic, c.msg_key, c.batch_id, c.seq, c.attempts "
+			  "    FROM (SELECT * FROM " VOUTBOX_SCHEMA ".deferred d "
+			  "           WHERE " WAITING("d") " AND d.due_at <= pg_catalog.now() OFFSET 0) c "
+			  "   WHERE c.holds_key AND NOT " HELD_BEHIND_EARLIER("c") ") "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id "
+			  "  FROM " VOUTBOX_SCHEMA ".deferred e "
+			  " WHERE " WAITING("e") " AND NOT e.holds_key AND NOT e.alone "
+			  "   AND e.due_at <= pg_catalog.now() "
+			  "UNION ALL "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id "
+			  "  FROM heads h, "
+			  "       LATERAL (SELECT * FROM " VOUTBOX_SCHEMA ".deferred q "
+			  "                 WHERE " WAITING("q") " AND q.holds_key "
+			  "                   AND q.topic = h.topic AND q.msg_key = h.msg_key "
+			  "                   AND ((q.batch_id, q.seq) = (h.batch_id, h.seq) "
+			  "                        OR (h.attempts = 0 AND (q.batch_id, q.seq) > (h.batch_id, h.seq))) "
+			  "                OFFSET 0) e "
+			  " WHERE NOT e.alone AND e.due_at < 'infinity' "
+			  "   AND NOT " IN_FLIGHT_BEFORE("e") " "
+			  " ORDER BY batch_id, seq LIMIT $1",
+			  1, &type, &limit, max_events, budget, true);
 	r->ndeferred = r->nevents;
 	r->next_due = voutbox_next_due();
 }
@@ -1009,6 +1075,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	MemoryContext round_cxt = CurrentMemoryContext;
 	HTAB	   *held = NULL;
 	bool		recreated = false;
+	bool		deferred_wait;
 	VoutboxStorageStatus status;
 
 	memset(r, 0, sizeof(*r));
@@ -1047,11 +1114,10 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	 * While deferred events wait, their keys are held: later events of those
 	 * keys wait behind them, whether or not deferred ones are read now.
 	 */
-	if (look(c, true))
+	if ((deferred_wait = look(c, true)))
 	{
 		if (!opt->deferred)
 		{
-			held = load_held_keys(round_cxt);
 			if (opt->check_due)
 			{
 				*opt->due_waiting = deferred_due();
@@ -1061,10 +1127,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 		else
 		{
 			if (!(opt->alone && read_alone_deferred(r, opt->budget)))
-			{
 				read_due_deferred(r, opt->limit, opt->budget);
-				held = load_held_keys(round_cxt);
-			}
 			mark_in_flight(r);
 		}
 	}
@@ -1072,6 +1135,9 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	{
 		if (r->nevents < opt->limit && r->bytes < opt->budget)
 			read_window(c, r, opt->limit, opt->budget);
+		/* (Keys are held only while deferred events wait.) */
+		if (deferred_wait)
+			held = load_held_keys(round_cxt, r);
 		choose_actions(r, held, opt->held_in_flight);
 	}
 
