@@ -853,6 +853,20 @@ voutbox_delivery_error_name(int err)
 }
 
 /*
+ * Whether an event failed because of its topic alone: one that does not
+ * exist (librdkafka refuses its events at once after
+ * topic.metadata.propagation.max.ms, and fails those it queued with the
+ * broker's error), or a partition it lacks.  Retriable: the topic may be
+ * created.
+ */
+bool
+voutbox_topic_refusal(int err)
+{
+	return err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ||
+		err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+}
+
+/*
  * The error classes.  Retriable errors that librdkafka retries itself
  * (transport, request timeouts, leader or replica not available, not enough
  * replicas, throttling) reach the worker only as a timeout of

@@ -334,6 +334,9 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 		 * producer at most once a second) and then waits delivery_timeout.
 		 */
 		topic_stalls(ev->topic, TimestampTzPlusMilliseconds(due, (int64) voutbox_delivery_timeout + 1000));
+	else if (voutbox_topic_refusal(err) && dead == NULL)
+		/* librdkafka knows the topic to be missing: its events wait for the retry. */
+		topic_stalls(ev->topic, due);
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
 							rows->errors[rows->n - 1]);
 }

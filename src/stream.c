@@ -524,7 +524,10 @@ tell_not_ready(Stream *s, VoutboxStorageStatus status, const char *version)
 /*
  * Hand the round's events to the producer.  An event librdkafka refuses at
  * once keeps its key's later events of the round from going (they wait
- * behind it); any failure stops reading until the stream is settled.
+ * behind it); a failure stops reading until the stream is settled, unless
+ * it is its topic's (a topic librdkafka knows to be missing refuses each of
+ * its events at once, and only them: the other topics go on, and the
+ * refused events wait for a retry, their topic stalled, settle.c).
  */
 static void
 send_round(Stream *s, VoutboxRound *r)
@@ -558,8 +561,12 @@ send_round(Stream *s, VoutboxRound *r)
 		}
 		else if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
 			r->errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+		r->failed = true;
+		/* (The key's later events of the round are refused as it was.) */
+		if (voutbox_topic_refusal(r->errs[i]))
+			continue;
 		/* Failed before it was sent: its key waits behind it. */
-		r->failed = s->failing = true;
+		s->failing = true;
 		if (ev->msg_key != NULL)
 		{
 			if (refused == NULL)

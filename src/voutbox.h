@@ -275,6 +275,7 @@ typedef enum VoutboxErrorClass
 } VoutboxErrorClass;
 
 extern VoutboxErrorClass voutbox_delivery_error_class(int err);
+extern bool voutbox_topic_refusal(int err);
 
 /*
  * Batches (storage.c).  A round is what the worker sends at once: the

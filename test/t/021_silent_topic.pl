@@ -16,6 +16,9 @@
 #   counts as a failed attempt, while librdkafka keeps trying; with no retry
 #   left it goes to the DLQ (the producer is given up on); the other topic
 #   flows on.
+# - Refused at once: a topic librdkafka knows to be missing refuses its
+#   events when they are handed over; the other topic's events of the same
+#   round go at once.
 # Every case: no loss, no phantom, per-key order, nothing dead.
 use strict;
 use warnings;
@@ -121,6 +124,51 @@ save_flow(20);
 wait_for_delivered($node, 1 + $flows + 3, "topic <> 'acme.silent2.v1'");
 pass('the other topic flows on with a new producer');
 
+# --- Refused at once: once librdkafka's metadata says a topic is missing
+# (after topic.metadata.propagation.max.ms, here 300 ms) it refuses each of
+# the topic's events when it is handed one, and only those: the other
+# topic's events of the same round are sent, not deferred behind them as
+# after a failure of the producer.  With max_retries 0 a refused event goes
+# to the DLQ at once, its topic not stalled: the next round hands the
+# producer events of the missing topic again.
+$node->append_conf('postgresql.conf',
+	"voutbox.kafka_properties = 'topic.metadata.propagation.max.ms=300'\n"
+	  . "voutbox.max_retries = 0\nvoutbox.delivery_timeout = '15s'\n");
+$node->reload;
+$node->safe_psql('postgres', save_sql('acme', 'gone.v1', 'g0', { n => 0 }));
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM outbox_dlq WHERE topic = 'acme.gone.v1' AND aggregate_id = 'g0' "
+	  . "AND error_code IN ('_UNKNOWN_TOPIC', 'UNKNOWN_TOPIC_OR_PART')")
+  or die 'the missing topic\'s event did not fail';
+my $before = $flows;
+# One transaction, so one round: each refused event comes before events of
+# the other topic.
+$node->safe_psql('postgres',
+	join(";\n", 'BEGIN',
+		(map { (save_sql('acme', 'gone.v1', "g$_", { n => 1 }),
+				save_sql('acme', 'flow.v1', 'f' . ($_ % 10), { n => $before + $_ })) } 1 .. 5),
+		'COMMIT'));
+$flows += 5;
+wait_for_delivered($node, 1 + $flows + 3, "topic <> 'acme.silent2.v1' AND topic <> 'acme.gone.v1'");
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM voutbox.deferred "
+		  . "WHERE topic = 'acme.flow.v1' AND (payload->>'n')::int > $before"),
+	'0', 'the other topic\'s events of the round went at once, not deferred behind the refused ones');
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 5 FROM outbox_dlq WHERE topic = 'acme.gone.v1' AND aggregate_id <> 'g0' "
+	  . "AND error_code = '_UNKNOWN_TOPIC' AND reason = 'max_retries_exceeded'")
+  or die 'the refused events were not each charged their attempt';
+pass('each refused event is charged its attempt');
+# Once the topic exists, they are sent again from the DLQ (a requeue wakes
+# the worker, which looks at the deferred events again).
+$node->append_conf('postgresql.conf', "voutbox.max_retries = 1000\n");
+$node->reload;
+kafka_create_topic($kafka, 'acme.gone.v1', 2);
+is($node->safe_psql('postgres', "SELECT outbox_dlq_requeue_where(event_type => 'gone.v1')"), '6',
+	'the refused events are requeued');
+wait_for_delivered($node, 6, "topic = 'acme.gone.v1'");
+pass('the refused events go once the topic exists');
+
 my @flow = grep { $_->{event}{aggregate_id} ne 'warmup' } consume_all($kafka, 'acme.flow.v1');
 check_same_events($node, \@flow, "topic = 'acme.flow.v1' AND aggregate_id <> 'warmup'",
 	'flowing topic');
@@ -128,6 +176,8 @@ check_key_order(\@flow, 'n', 'flowing topic: per-key order holds');
 my @silent = consume_all($kafka, 'acme.silent.v1');
 check_same_events($node, \@silent, "topic = 'acme.silent.v1'", 'silent topic');
 check_key_order(\@silent, 'n', 'silent topic: per-key order holds');
+my @gone = consume_all($kafka, 'acme.gone.v1');
+check_same_events($node, \@gone, "topic = 'acme.gone.v1'", 'refused topic');
 is($node->safe_psql('postgres', "SELECT string_agg(topic || ':' || status, ',') FROM outbox WHERE status <> 'delivered'"),
 	'acme.silent2.v1:dead', 'nothing waits; the one dead event is the second silent topic\'s');
 is($node->safe_psql('postgres',
