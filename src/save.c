@@ -103,6 +103,7 @@ static SPIPlanPtr plan_find_key = NULL;
 
 static bool xact_callback_registered = false;
 static bool saved_in_xact = false;
+static bool requeued_in_xact = false;
 
 PG_FUNCTION_INFO_V1(voutbox_outbox_save);
 
@@ -525,15 +526,18 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (saved_in_xact)
+			/* (The worker looks at voutbox.deferred again: see stream.c.) */
+			if (requeued_in_xact && voutbox_shared != NULL)
+				pg_atomic_write_u32(&voutbox_shared->requeued, 1);
+			if (saved_in_xact || requeued_in_xact)
 				voutbox_wake_worker();
-			saved_in_xact = false;
+			saved_in_xact = requeued_in_xact = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* COMMIT PREPARED fires no callback: the poll interval finds it. */
-			saved_in_xact = false;
+			saved_in_xact = requeued_in_xact = false;
 			break;
 		default:
 			break;
@@ -541,14 +545,17 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 }
 
 static void
-wake_worker_at_commit(void)
+wake_worker_at_commit(bool requeued)
 {
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(voutbox_xact_callback, NULL);
 		xact_callback_registered = true;
 	}
-	saved_in_xact = true;
+	if (requeued)
+		requeued_in_xact = true;
+	else
+		saved_in_xact = true;
 }
 
 Datum
@@ -583,7 +590,7 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 	voutbox_restore_user(save_user, save_sec);
 
 	if (!found)
-		wake_worker_at_commit();
+		wake_worker_at_commit(false);
 	PG_RETURN_DATUM(id);
 }
 
@@ -597,6 +604,6 @@ PG_FUNCTION_INFO_V1(voutbox_wake_worker_at_commit);
 Datum
 voutbox_wake_worker_at_commit(PG_FUNCTION_ARGS pg_attribute_unused())
 {
-	wake_worker_at_commit();
+	wake_worker_at_commit(true);
 	PG_RETURN_VOID();
 }

@@ -135,10 +135,10 @@ topic_stalls(const char *topic, TimestampTz until)
 
 /*
  * An event of the topic was acknowledged: the topic answers again, and the
- * events that wait for it are due now.  Like topic_stalls(), called in the
- * settling transaction.
+ * events that wait for it are due now (returns whether some do).  Like
+ * topic_stalls(), called in the settling transaction.
  */
-static void
+static bool
 topic_flows(const char *topic)
 {
 	uint64		h;
@@ -146,10 +146,10 @@ topic_flows(const char *topic)
 	Datum		value;
 
 	if (stalled_topics == NULL || hash_get_num_entries(stalled_topics) == 0)
-		return;
+		return false;
 	h = topic_hash(topic);
 	if (hash_search(stalled_topics, &h, HASH_REMOVE, NULL) == NULL)
-		return;
+		return false;
 	value = CStringGetTextDatum(topic);
 	/* (Not the events still in flight, due at 'infinity': see below.) */
 	voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
@@ -157,6 +157,7 @@ topic_flows(const char *topic)
 				"   AND d.topic = $1 AND d.due_at > pg_catalog.now() AND d.due_at < 'infinity' "
 				"   AND (d.scheduled_for IS NULL OR d.scheduled_for <= pg_catalog.now())",
 				1, &type, &value, NULL, SPI_OK_UPDATE);
+	return SPI_processed > 0;
 }
 
 /* ---------------------------------------------------------------------
@@ -236,6 +237,7 @@ typedef struct DeferredRows
 	char	  **codes;
 	Datum	   *alone;
 	char	  **dead;			/* reason to move it to the DLQ, or NULL */
+	bool		due_now;		/* one is due at once, or releases its key */
 } DeferredRows;
 
 static void
@@ -243,6 +245,7 @@ deferred_rows_init(DeferredRows *rows, int capacity)
 {
 	capacity = Max(capacity, 1);
 	rows->n = 0;
+	rows->due_now = false;
 	rows->ids = palloc(sizeof(char *) * capacity);
 	rows->holds = palloc(sizeof(Datum) * capacity);
 	rows->attempts = palloc(sizeof(Datum) * capacity);
@@ -268,6 +271,7 @@ deferred_rows_add(DeferredRows *rows, const VoutboxEvent *ev, bool holds, int at
 	rows->codes[i] = err ? (char *) voutbox_delivery_error_name(err) : NULL;
 	rows->alone[i] = BoolGetDatum(alone);
 	rows->dead[i] = (char *) dead;
+	rows->due_now |= due == DT_NOBEGIN || dead != NULL;
 }
 
 /* What settling a round found, for the log and the statistics. */
@@ -283,6 +287,7 @@ typedef struct SettleState
 	const char *straggler_topic;	/* the first one's topic, for the log */
 	int			timed_out_in_flight;	/* stragglers charged a timeout */
 	bool		seeded;			/* the keys of stragglers in flight are in "failed" */
+	bool		due_now;		/* deferred events may be due at once: see below */
 	const VoutboxEvent *in_flight_first;
 	const VoutboxEvent *first;	/* the first charged event, for the log */
 	int			first_err;
@@ -352,7 +357,7 @@ count_delivered(SettleState *st, const VoutboxEvent *ev)
 	 */
 	if (key_failed(st->failed, ev))
 		st->overtaken++;
-	topic_flows(ev->topic);
+	st->due_now |= topic_flows(ev->topic);
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 1, 0, 0, NULL);
 }
 
@@ -380,6 +385,8 @@ charge_in_flight(SettleState *st, const VoutboxEvent *ev)
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
 							voutbox_delivery_error_text(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
 }
+
+static HTAB *keys_in_flight = NULL;
 
 /* Run an UPDATE of voutbox.deferred over the rows of the given ids. */
 static void
@@ -448,6 +455,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", delivered, ndelivered);
+	/* (Their keys' next events, and the ones sent again, are due now.) */
+	st->due_now |= ndelivered > 0 || nagain > 0 || charged.due_now;
 	/* (In flight, it holds its key, as a straggler of the window does.) */
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity', "
 					"  holds_key = d.holds_key OR d.msg_key IS NOT NULL "
@@ -554,6 +563,7 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 	}
 	if (rows.n == 0)
 		return false;
+	st->due_now |= rows.due_now;
 
 	values[0] = voutbox_text_array(rows.ids, rows.n);
 	values[1] = voutbox_scalar_array(rows.holds, rows.n, BOOLOID, 1, true, TYPALIGN_CHAR);
@@ -691,7 +701,6 @@ log_failures(const SettleState *st)
 				 errdetail("The order of those keys may be broken; a Kafka broker refuses such batches of an idempotent producer.")));
 }
 
-static HTAB *keys_in_flight = NULL;
 
 /* ---------------------------------------------------------------------
  * Entry points (storage.c)
@@ -763,8 +772,20 @@ voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r, int64 batch_id)
 	if (r->nevents > r->ndeferred)
 		deferred = defer_chunk_events(r, st, batch_id);
 	if (st->dead > 0 || voutbox_dead_events_wait())
-		(void) voutbox_move_dead_events(st->stats);
+		st->due_now |= voutbox_move_dead_events(st->stats) > 0;
 	return deferred;
+}
+
+/*
+ * Whether the settlement may have made deferred events due at once: sent
+ * again now, waiting behind a key or a topic that it released, or behind
+ * an event that it moved to the dead-letter queue.  (Events due later are
+ * found by voutbox_next_due().)
+ */
+bool
+voutbox_settle_made_due(VoutboxSettlement *s)
+{
+	return ((SettleState *) s)->due_now;
 }
 
 /*

@@ -1200,12 +1200,13 @@ append_batch_row(VoutboxRound *r)
 /*
  * Record the outcome of rounds read one after the other (settle.c judges
  * the events) in one transaction, with the cursor row of each.  Returns the
- * next time a deferred event is due, or 0.  An ERROR leaves the rounds as
+ * next time a deferred event is due, or 0; *due_now says whether some may
+ * be due at once.  An ERROR leaves the rounds as
  * they were, for the caller to settle again; rounds read from an
  * installation that is gone record nothing.
  */
 TimestampTz
-voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed)
+voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_now)
 {
 	bool		deferred = false;
 	TimestampTz next_due = 0;
@@ -1236,6 +1237,7 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed)
 	}
 	if (deferred)
 		next_due = voutbox_next_due();
+	*due_now = voutbox_settle_made_due(settlement);
 	voutbox_xact_commit(committed);
 	voutbox_settle_end(settlement);
 	return next_due;

@@ -79,6 +79,12 @@
 #define READ_COALESCE_MS		1
 /* How often deferred events are looked for while rounds are in flight. */
 #define DUE_CHECK_MS			1000
+/*
+ * Least time between two reads of deferred events that fall due, in ms:
+ * retries due one after the other (their backoff is jittered) are read
+ * together, not each in a read of its own.
+ */
+#define DUE_COALESCE_MS			50
 /* How often to look again for a missing extension, or a producer. */
 #define RECHECK_MS				5000
 /* Longest delay between tries of a failing settle, or producer. */
@@ -102,7 +108,16 @@ typedef struct Stream
 	TimestampTz last_due_check;
 	bool		due_waiting;	/* deferred events are due: read them with the next round */
 	bool		alone_waiting;	/* one that goes alone is due: read after the stream empties */
+	/*
+	 * The last look for due deferred events found none: an empty stream
+	 * does not look again (each look reads the heads of the keys held
+	 * there, which a silent topic makes many) until a settle, the SQL
+	 * (outbox_dlq_requeue) or the clock (next_due) may have made some due,
+	 * or the check every DUE_CHECK_MS finds some.
+	 */
+	bool		deferred_dry;
 	TimestampTz next_due;		/* when a deferred event is due, or 0 */
+	TimestampTz last_deferred_read;
 	int			lock_failures;	/* reads that timed out on a lock in a row */
 	TimestampTz lock_retry_at;
 	TimestampTz lock_told_at;
@@ -627,6 +642,16 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 }
 
 /*
+ * When the deferred event due next is to be read: at the soonest
+ * DUE_COALESCE_MS after the last read of deferred events.
+ */
+static TimestampTz
+next_due_read(Stream *s)
+{
+	return Max(s->next_due, TimestampTzPlusMilliseconds(s->last_deferred_read, DUE_COALESCE_MS));
+}
+
+/*
  * Read a round and send it.  Returns whether it read any event.  A stop
  * request before anything went out drops the round: the next worker reads
  * it again.
@@ -648,8 +673,11 @@ read_round(Stream *s)
 	opt.budget = Min(opt.budget, voutbox_batch_bytes - s->bytes);
 	/* Due deferred events go with the next round; one that goes alone, alone. */
 	opt.alone = s->head == NULL;
-	opt.deferred = s->head == NULL || s->due_waiting ||
-		(s->next_due != 0 && s->next_due <= GetCurrentTimestamp());
+	if (voutbox_shared != NULL && pg_atomic_read_u32(&voutbox_shared->requeued) != 0 &&
+		pg_atomic_exchange_u32(&voutbox_shared->requeued, 0) != 0)
+		s->deferred_dry = false;
+	opt.deferred = (s->head == NULL && !s->deferred_dry) || s->due_waiting ||
+		(s->next_due != 0 && next_due_read(s) <= GetCurrentTimestamp());
 	opt.check_due = !opt.deferred &&
 		TimestampDifferenceExceeds(s->last_due_check, GetCurrentTimestamp(), DUE_CHECK_MS);
 	opt.due_waiting = &s->due_waiting;
@@ -684,11 +712,15 @@ read_round(Stream *s)
 	s->lock_failures = 0;
 	if (opt.deferred)
 	{
+		s->last_deferred_read = s->last_read;
 		s->next_due = r->next_due;
 		s->due_waiting = false;
 		if (opt.alone)
 			s->alone_waiting = false;
+		s->deferred_dry = r->ndeferred == 0;
 	}
+	else if (opt.check_due && s->due_waiting)
+		s->deferred_dry = false;
 	/* The window goes on, or events of deferred ones are due: read again. */
 	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0;
 	if (r->nevents == 0 || ShutdownRequestPending)
@@ -1073,6 +1105,7 @@ settle_ready(Stream *s)
 	MemoryContext cxt = CurrentMemoryContext;
 	ErrorData  *volatile edata = NULL;
 	volatile TimestampTz next_due = 0;
+	volatile bool due_now = false;
 
 	if (s->unsettled && GetCurrentTimestamp() < s->settle_retry_at)
 		return false;
@@ -1092,7 +1125,8 @@ settle_ready(Stream *s)
 	voutbox_settle_keys_in_flight(s->late_keys);
 	PG_TRY();
 	{
-		next_due = voutbox_storage_settle(rounds, n + (late != NULL), (bool *) &committed);
+		next_due = voutbox_storage_settle(rounds, n + (late != NULL), (bool *) &committed,
+										  (bool *) &due_now);
 	}
 	PG_CATCH();
 	{
@@ -1131,6 +1165,8 @@ settle_ready(Stream *s)
 		drop_rounds(s, n);
 		if (next_due != 0 && (s->next_due == 0 || next_due < s->next_due))
 			s->next_due = next_due;
+		if (due_now)
+			s->deferred_dry = false;
 		/* Failed and deferred events may have released keys: look again. */
 		if (released)
 			s->more = true;
@@ -1294,9 +1330,9 @@ sleep_ms(Stream *s, long wait_ms)
 	 * A deferred event falls due: wake for it (once due, the next read takes
 	 * it; with nothing in flight and a producer, that read is now).
 	 */
-	if (s->next_due != 0 && s->next_due < until &&
-		(s->next_due > now || (s->head == NULL && s->producer != NULL)))
-		until = s->next_due;
+	if (s->next_due != 0 && next_due_read(s) < until &&
+		(next_due_read(s) > now || (s->head == NULL && s->producer != NULL)))
+		until = next_due_read(s);
 	if (s->unsettled && s->settle_retry_at < until)
 		until = s->settle_retry_at;
 	if (s->lock_retry_at > now && s->lock_retry_at < until)

@@ -249,6 +249,7 @@ voutbox_shmem_startup(void)
 		memset(voutbox_shared, 0, sizeof(VoutboxShared));
 		SpinLockInit(&voutbox_shared->mutex);
 		voutbox_shared->worker_pgprocno = -1;
+		pg_atomic_init_u32(&voutbox_shared->requeued, 0);
 		voutbox_shared->worker_pid = 0;
 		voutbox_shared->worker_database = InvalidOid;
 		voutbox_shared->topics_lock = &(GetNamedLWLockTranche("voutbox"))->lock;

@@ -95,6 +95,7 @@ typedef struct VoutboxShared
 	int			worker_pgprocno;	/* -1 when no worker runs */
 	pid_t		worker_pid;
 	Oid			worker_database;	/* the database it serves */
+	pg_atomic_uint32 requeued;	/* events were made due by SQL (outbox_dlq_requeue) */
 	/* what the worker does, and its counters since the server started */
 	char		state[VOUTBOX_STATE_LEN];
 	TimestampTz state_since;
@@ -366,7 +367,8 @@ extern Oid	voutbox_lock_extension(void);
 extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
 													   const VoutboxReadOptions *opt,
 													   char **version);
-extern TimestampTz voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed);
+extern TimestampTz voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed,
+										  bool *due_now);
 extern void voutbox_forget_cursor(VoutboxCursor *cursor);
 extern TimestampTz voutbox_next_due(void);
 extern uint64 voutbox_key_hash(const char *topic, const char *key);
@@ -394,6 +396,7 @@ extern VoutboxSettlement *voutbox_settle_begin(void);
 extern void voutbox_settle_count(VoutboxSettlement *settlement, const VoutboxRound *round);
 extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round,
 								  int64 batch_id);
+extern bool voutbox_settle_made_due(VoutboxSettlement *settlement);
 extern void voutbox_settle_end(VoutboxSettlement *settlement);
 extern void voutbox_settle_keys_in_flight(struct HTAB *keys);
 extern TimestampTz voutbox_topic_stalled_until(const char *topic, TimestampTz now);
