@@ -772,15 +772,15 @@ voutbox_settle_events(VoutboxSettlement *s, VoutboxRound *r, int64 batch_id)
 	if (r->nevents > r->ndeferred)
 		deferred = defer_chunk_events(r, st, batch_id);
 	if (st->dead > 0 || voutbox_dead_events_wait())
-		st->due_now |= voutbox_move_dead_events(st->stats) > 0;
+		(void) voutbox_move_dead_events(st->stats);
 	return deferred;
 }
 
 /*
  * Whether the settlement may have made deferred events due at once: sent
- * again now, waiting behind a key or a topic that it released, or behind
- * an event that it moved to the dead-letter queue.  (Events due later are
- * found by voutbox_next_due().)
+ * again now, or waiting behind a key or a topic that it released (an event
+ * delivered, or marked dead).  (Events due later are found by
+ * voutbox_next_due().)
  */
 bool
 voutbox_settle_made_due(VoutboxSettlement *s)

@@ -225,9 +225,9 @@ voutbox_key_set_new(const char *name)
 }
 
 /*
- * Past this many distinct keys in a window, all the held keys are read at
- * once (their number spread over the window's events) rather than looked up
- * one by one.
+ * Past this many events with a key in a window, all the held keys are read
+ * at once (their number spread over the window's events) rather than looked
+ * up one by one.
  */
 #define HELD_LOOKUP_KEYS 256
 
@@ -235,16 +235,16 @@ voutbox_key_set_new(const char *name)
  * The keys held in voutbox.deferred among those of the window's events read
  * into the round (NULL when none has a key).  A hash collision only makes an
  * unrelated event wait one round behind a key that is not its own.  The
- * window's keys are looked up one by one when they are few: the cost of a
- * small round does not grow with the events that wait in voutbox.deferred
- * (a topic that does not answer can hold thousands of keys).
+ * window's keys are looked up one by one (by their text: a key that comes
+ * twice is looked up twice) when they are few: the cost of a small round
+ * does not grow with the events that wait in voutbox.deferred (a topic that
+ * does not answer can hold thousands of keys).
  */
 static HTAB *
 load_held_keys(MemoryContext cxt, VoutboxRound *r)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	HTAB	   *held = voutbox_key_set_new("voutbox held keys");
-	HTAB	   *window = voutbox_key_set_new("voutbox window keys");
 	char	  **topics = palloc(sizeof(char *) * Max(r->nevents - r->ndeferred, 1));
 	char	  **keys = palloc(sizeof(char *) * Max(r->nevents - r->ndeferred, 1));
 	int			n = 0;
@@ -253,20 +253,12 @@ load_held_keys(MemoryContext cxt, VoutboxRound *r)
 	for (int i = r->ndeferred; i < r->nevents; i++)
 	{
 		VoutboxEvent *ev = &r->events[i];
-		uint64		h;
-		bool		found;
 
 		if (ev->msg_key == NULL)
 			continue;
-		h = voutbox_key_hash(ev->topic, ev->msg_key);
-		(void) hash_search(window, &h, HASH_ENTER, &found);
-		if (!found)
-		{
-			topics[n] = ev->topic;
-			keys[n++] = ev->msg_key;
-		}
+		topics[n] = ev->topic;
+		keys[n++] = ev->msg_key;
 	}
-	hash_destroy(window);
 	if (n == 0)
 		return NULL;
 	if (n <= HELD_LOOKUP_KEYS)

@@ -483,6 +483,17 @@ typedef struct HeldKey
 } HeldKey;
 
 /*
+ * Whether librdkafka refused a window event of the round for its topic
+ * (send_round() counts its key held from then on).
+ */
+static inline bool
+refused_by_topic(VoutboxRound *r, int i)
+{
+	return i >= r->ndeferred && r->actions[i] == VOUTBOX_SEND &&
+		voutbox_topic_refusal(r->errs[i]);
+}
+
+/*
  * Count (delta +1) or uncount (-1) the keys the round's unsent events hold:
  * until the round is settled and they are in voutbox.deferred, later events
  * of their keys must wait as if they were.
@@ -498,7 +509,8 @@ count_held_keys(Stream *s, VoutboxRound *r, int delta)
 		bool		found;
 
 		if (ev->msg_key == NULL ||
-			(r->actions[i] != VOUTBOX_HOLD && r->actions[i] != VOUTBOX_WAIT_TOPIC))
+			(r->actions[i] != VOUTBOX_HOLD && r->actions[i] != VOUTBOX_WAIT_TOPIC &&
+			 !refused_by_topic(r, i)))
 			continue;
 		h = voutbox_key_hash(ev->topic, ev->msg_key);
 		k = hash_search(s->held, &h, delta > 0 ? HASH_ENTER : HASH_FIND, &found);
@@ -536,13 +548,24 @@ tell_not_ready(Stream *s, VoutboxStorageStatus status, const char *version)
 				 errhint("Keep the outbox in a database with a real encoding (UTF8 is best); events stay pending meanwhile.")));
 }
 
+static void count_key(HTAB *keys, const VoutboxEvent *ev, int delta);
+
+/* A key refused in a round, with the error that refused it. */
+typedef struct RefusedKey
+{
+	uint64		hash;
+	int			err;
+} RefusedKey;
+
 /*
  * Hand the round's events to the producer.  An event librdkafka refuses at
- * once keeps its key's later events of the round from going (they wait
- * behind it); a failure stops reading until the stream is settled, unless
- * it is its topic's (a topic librdkafka knows to be missing refuses each of
- * its events at once, and only them: the other topics go on, and the
- * refused events wait for a retry, their topic stalled, settle.c).
+ * once keeps its key's later events of the round from going (they get its
+ * error, unsent: they wait behind it); a failure stops reading until the
+ * stream is settled, unless it is its topic's.  A topic librdkafka knows to
+ * be missing refuses each of its events at once, and only them: the other
+ * topics go on; the refused events wait for a retry, their topic stalled
+ * (settle.c), and until their round is settled their keys are held here,
+ * so that no later round sends an event of those keys ahead of them.
  */
 static void
 send_round(Stream *s, VoutboxRound *r)
@@ -555,16 +578,17 @@ send_round(Stream *s, VoutboxRound *r)
 	{
 		VoutboxEvent *ev = &r->events[i];
 		uint64		h = 0;
+		RefusedKey *k = NULL;
 		int			err;
 
 		if (ev->msg_key != NULL)
 			h = voutbox_key_hash(ev->topic, ev->msg_key);
 		if (r->errs[i] == VOUTBOX_DELIVERY_SKIPPED)
 			continue;
+		if (refused != NULL && ev->msg_key != NULL)
+			k = hash_search(refused, &h, HASH_FIND, NULL);
 		/* (A report served while librdkafka's queue was full may say a failure.) */
-		if (r->errs[i] == VOUTBOX_DELIVERY_PENDING && !s->failing &&
-			(refused == NULL || ev->msg_key == NULL ||
-			 hash_search(refused, &h, HASH_FIND, NULL) == NULL))
+		if (r->errs[i] == VOUTBOX_DELIVERY_PENDING && !s->failing && k == NULL)
 		{
 			err = voutbox_producer_send(s->producer, ev, r->first_ticket + i);
 			if (err == 0)
@@ -575,18 +599,30 @@ send_round(Stream *s, VoutboxRound *r)
 			r->errs[i] = err;
 		}
 		else if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
-			r->errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+			r->errs[i] = k != NULL && voutbox_topic_refusal(k->err) ?
+				k->err : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 		r->failed = true;
-		/* (The key's later events of the round are refused as it was.) */
-		if (voutbox_topic_refusal(r->errs[i]))
-			continue;
+		if (refused_by_topic(r, i))
+			count_key(s->held, ev, 1);
+		else if (!voutbox_topic_refusal(r->errs[i]))
+			s->failing = true;
 		/* Failed before it was sent: its key waits behind it. */
-		s->failing = true;
-		if (ev->msg_key != NULL)
+		if (ev->msg_key != NULL && k == NULL)
 		{
+			bool		found;
+
 			if (refused == NULL)
-				refused = voutbox_key_set_new("voutbox refused keys");
-			(void) hash_search(refused, &h, HASH_ENTER, NULL);
+			{
+				HASHCTL		ctl;
+
+				ctl.keysize = sizeof(uint64);
+				ctl.entrysize = sizeof(RefusedKey);
+				ctl.hcxt = CurrentMemoryContext;
+				refused = hash_create("voutbox refused keys", 16, &ctl,
+									  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+			}
+			k = hash_search(refused, &h, HASH_ENTER, &found);
+			k->err = r->errs[i];
 		}
 	}
 	if (refused != NULL)
@@ -641,14 +677,18 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 	return true;
 }
 
-/*
- * When the deferred event due next is to be read: at the soonest
- * DUE_COALESCE_MS after the last read of deferred events.
- */
+/* The soonest the next read of deferred events may be: see DUE_COALESCE_MS. */
+static TimestampTz
+deferred_read_at(Stream *s)
+{
+	return TimestampTzPlusMilliseconds(s->last_deferred_read, DUE_COALESCE_MS);
+}
+
+/* When the deferred event due next is to be read. */
 static TimestampTz
 next_due_read(Stream *s)
 {
-	return Max(s->next_due, TimestampTzPlusMilliseconds(s->last_deferred_read, DUE_COALESCE_MS));
+	return Max(s->next_due, deferred_read_at(s));
 }
 
 /*
@@ -676,7 +716,8 @@ read_round(Stream *s)
 	if (voutbox_shared != NULL && pg_atomic_read_u32(&voutbox_shared->requeued) != 0 &&
 		pg_atomic_exchange_u32(&voutbox_shared->requeued, 0) != 0)
 		s->deferred_dry = false;
-	opt.deferred = (s->head == NULL && !s->deferred_dry) || s->due_waiting ||
+	opt.deferred = (s->head == NULL && !s->deferred_dry &&
+					deferred_read_at(s) <= GetCurrentTimestamp()) || s->due_waiting ||
 		(s->next_due != 0 && next_due_read(s) <= GetCurrentTimestamp());
 	opt.check_due = !opt.deferred &&
 		TimestampDifferenceExceeds(s->last_due_check, GetCurrentTimestamp(), DUE_CHECK_MS);
@@ -717,12 +758,15 @@ read_round(Stream *s)
 		s->due_waiting = false;
 		if (opt.alone)
 			s->alone_waiting = false;
-		s->deferred_dry = r->ndeferred == 0;
+		/* (Only an empty stream's read takes one that goes alone.) */
+		if (opt.alone)
+			s->deferred_dry = r->ndeferred == 0;
 	}
 	else if (opt.check_due && s->due_waiting)
 		s->deferred_dry = false;
-	/* The window goes on, or events of deferred ones are due: read again. */
-	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0;
+	/* The window goes on, or deferred events are or may be due: read again. */
+	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0 ||
+		(opt.check_due && s->due_waiting);
 	if (r->nevents == 0 || ShutdownRequestPending)
 	{
 		MemoryContextDelete(cxt);
@@ -1165,8 +1209,12 @@ settle_ready(Stream *s)
 		drop_rounds(s, n);
 		if (next_due != 0 && (s->next_due == 0 || next_due < s->next_due))
 			s->next_due = next_due;
+		/* (Read them even if nothing else is to be read.) */
 		if (due_now)
+		{
 			s->deferred_dry = false;
+			s->more = true;
+		}
 		/* Failed and deferred events may have released keys: look again. */
 		if (released)
 			s->more = true;
@@ -1331,8 +1379,13 @@ sleep_ms(Stream *s, long wait_ms)
 	 * it; with nothing in flight and a producer, that read is now).
 	 */
 	if (s->next_due != 0 && next_due_read(s) < until &&
-		(next_due_read(s) > now || (s->head == NULL && s->producer != NULL)))
+		(next_due_read(s) > now ||
+		 (s->head == NULL && s->producer != NULL && !s->unsettled && now >= s->lock_retry_at)))
 		until = next_due_read(s);
+	/* An empty stream whose deferred events may be due looks at them. */
+	if (s->head == NULL && !s->deferred_dry && s->more && deferred_read_at(s) > now &&
+		deferred_read_at(s) < until)
+		until = deferred_read_at(s);
 	if (s->unsettled && s->settle_retry_at < until)
 		until = s->settle_retry_at;
 	if (s->lock_retry_at > now && s->lock_retry_at < until)
