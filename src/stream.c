@@ -550,7 +550,10 @@ tell_not_ready(Stream *s, VoutboxStorageStatus status, const char *version)
 
 static void count_key(HTAB *keys, const VoutboxEvent *ev, int delta);
 
-/* A key refused in a round, with the error that refused it. */
+/*
+ * A key refused for its topic in a round, with the error: its later events
+ * of the round get it too.  (Any other failure stops the round.)
+ */
 typedef struct RefusedKey
 {
 	uint64		hash;
@@ -599,18 +602,19 @@ send_round(Stream *s, VoutboxRound *r)
 			r->errs[i] = err;
 		}
 		else if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
-			r->errs[i] = k != NULL && voutbox_topic_refusal(k->err) ?
-				k->err : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+			r->errs[i] = k != NULL ? k->err : RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 		r->failed = true;
+		/* Failed before it was sent: nothing more of the round is sent. */
+		if (!voutbox_topic_refusal(r->errs[i]))
+		{
+			s->failing = true;
+			continue;
+		}
+		/* Refused for its topic: its key waits behind it. */
 		if (refused_by_topic(r, i))
 			count_key(s->held, ev, 1);
-		else if (!voutbox_topic_refusal(r->errs[i]))
-			s->failing = true;
-		/* Failed before it was sent: its key waits behind it. */
 		if (ev->msg_key != NULL && k == NULL)
 		{
-			bool		found;
-
 			if (refused == NULL)
 			{
 				HASHCTL		ctl;
@@ -621,7 +625,7 @@ send_round(Stream *s, VoutboxRound *r)
 				refused = hash_create("voutbox refused keys", 16, &ctl,
 									  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 			}
-			k = hash_search(refused, &h, HASH_ENTER, &found);
+			k = hash_search(refused, &h, HASH_ENTER, NULL);
 			k->err = r->errs[i];
 		}
 	}
