@@ -527,8 +527,8 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			/* (The worker looks at voutbox.deferred again: see stream.c.) */
-			if (requeued_in_xact && voutbox_shared != NULL)
-				pg_atomic_write_u32(&voutbox_shared->requeued, 1);
+			if (requeued_in_xact)
+				voutbox_note_requeued();
 			if (saved_in_xact || requeued_in_xact)
 				voutbox_wake_worker();
 			saved_in_xact = requeued_in_xact = false;

@@ -167,6 +167,6 @@ voutbox_session_pin(void)
 	if (undone > 0)
 		ereport(LOG,
 				(errmsg("voutbox: the delivery worker ignores %d setting%s of database \"%s\" and its roles",
-						undone, undone == 1 ? "" : "s", voutbox_database),
+						undone, undone == 1 ? "" : "s", voutbox_worker_dbname),
 				 errdetail("It runs with the server's own settings, which only superusers can change.")));
 }

@@ -3,29 +3,35 @@
  * stats.c
  *		What the worker does and what it delivered, in shared memory.
  *
- * The worker's state and its counters since the server started live in
- * VoutboxShared (under its spinlock).  Counters per tenant and topic live in
- * a shared hash table of at most voutbox.stats_max_topics entries (under an
- * LWLock); when it is full, further pairs are counted in one entry with an
- * empty tenant and topic "(other)".  Tenant ids and topics longer than
+ * Each worker's state and its counters since the server started live in
+ * its slot of VoutboxShared (under its spinlock).  Counters per database,
+ * tenant and topic live in a shared hash table of at most
+ * voutbox.stats_max_topics entries for all databases together (under an
+ * LWLock); when it is full, further pairs are counted in one entry per
+ * database with an empty tenant and topic "(other)".  Tenant ids and topics longer than
  * VOUTBOX_STATS_NAME_LEN - 1 bytes are cut.
  *
  * The worker adds up a round in local memory and takes the lock once per
  * round.  SQL reads it all through voutbox.worker_status() and
  * voutbox.topic_counters(), which the outbox_worker and outbox_stats views
- * show.  Counters live in shared memory only, so they start from zero when
+ * show.  A database sees its own topics' counters; outbox_worker shows its
+ * own worker, and those of the other databases to members of
+ * pg_read_all_stats (as pg_stat_activity shows other roles' sessions).  Counters live in shared memory only, so they start from zero when
  * the server starts; waiting and dead events are counted from the tables.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "catalog/pg_authid.h"
+#include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/timestamp.h"
@@ -37,6 +43,7 @@
 
 typedef struct TopicKey
 {
+	Oid			database;
 	char		tenant_id[VOUTBOX_STATS_NAME_LEN];
 	char		topic[VOUTBOX_STATS_NAME_LEN];
 } TopicKey;
@@ -89,10 +96,10 @@ voutbox_stats_worker_started(void)
 	TimestampTz now = GetCurrentTimestamp();
 
 	SpinLockAcquire(&voutbox_shared->mutex);
-	strlcpy(voutbox_shared->state, "starting", VOUTBOX_STATE_LEN);
-	voutbox_shared->state_since = now;
-	voutbox_shared->detail[0] = '\0';
-	voutbox_shared->started_at = now;
+	strlcpy(voutbox_my_slot->state, "starting", VOUTBOX_STATE_LEN);
+	voutbox_my_slot->state_since = now;
+	voutbox_my_slot->detail[0] = '\0';
+	voutbox_my_slot->started_at = now;
 	SpinLockRelease(&voutbox_shared->mutex);
 }
 
@@ -100,27 +107,30 @@ voutbox_stats_worker_started(void)
 void
 voutbox_stats_worker_stopped(int code pg_attribute_unused(), Datum arg pg_attribute_unused())
 {
-	SpinLockAcquire(&voutbox_shared->mutex);
-	strlcpy(voutbox_shared->state, "stopped", VOUTBOX_STATE_LEN);
-	voutbox_shared->state_since = GetCurrentTimestamp();
-	voutbox_shared->detail[0] = '\0';
-	SpinLockRelease(&voutbox_shared->mutex);
+	voutbox_stats_slot_state(voutbox_my_slot, "stopped", NULL);
 }
 
-/* Set the state (a short word) and what exactly the worker does. */
+/* Set a slot's state (a short word) and what exactly its worker does. */
 void
-voutbox_stats_set_state(const char *state, const char *detail)
+voutbox_stats_slot_state(VoutboxWorkerSlot *slot, const char *state, const char *detail)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
 	SpinLockAcquire(&voutbox_shared->mutex);
-	if (strcmp(voutbox_shared->state, state) != 0)
+	if (strcmp(slot->state, state) != 0)
 	{
-		strlcpy(voutbox_shared->state, state, VOUTBOX_STATE_LEN);
-		voutbox_shared->state_since = now;
+		strlcpy(slot->state, state, VOUTBOX_STATE_LEN);
+		slot->state_since = now;
 	}
-	strlcpy(voutbox_shared->detail, detail ? detail : "", VOUTBOX_DETAIL_LEN);
+	strlcpy(slot->detail, detail ? detail : "", VOUTBOX_DETAIL_LEN);
 	SpinLockRelease(&voutbox_shared->mutex);
+}
+
+/* Set the worker's state. */
+void
+voutbox_stats_set_state(const char *state, const char *detail)
+{
+	voutbox_stats_slot_state(voutbox_my_slot, state, detail);
 }
 
 /* An error of the worker's own (not of an event's delivery). */
@@ -130,8 +140,8 @@ voutbox_stats_set_error(const char *error)
 	TimestampTz now = GetCurrentTimestamp();
 
 	SpinLockAcquire(&voutbox_shared->mutex);
-	strlcpy(voutbox_shared->last_error, error, VOUTBOX_ERROR_LEN);
-	voutbox_shared->last_error_at = now;
+	strlcpy(voutbox_my_slot->last_error, error, VOUTBOX_ERROR_LEN);
+	voutbox_my_slot->last_error_at = now;
 	SpinLockRelease(&voutbox_shared->mutex);
 }
 
@@ -139,7 +149,7 @@ void
 voutbox_stats_producer_built(void)
 {
 	SpinLockAcquire(&voutbox_shared->mutex);
-	voutbox_shared->producers_built++;
+	voutbox_my_slot->producers_built++;
 	SpinLockRelease(&voutbox_shared->mutex);
 }
 
@@ -176,6 +186,7 @@ static void
 make_key(TopicKey *key, const char *tenant_id, const char *topic)
 {
 	memset(key, 0, sizeof(*key));
+	key->database = MyDatabaseId;
 	strlcpy(key->tenant_id, tenant_id, sizeof(key->tenant_id));
 	strlcpy(key->topic, topic, sizeof(key->topic));
 }
@@ -246,14 +257,14 @@ voutbox_stats_batch_flush(VoutboxStatsBatch *b)
 
 	SpinLockAcquire(&voutbox_shared->mutex);
 	if (b->round)
-		voutbox_shared->rounds++;
-	voutbox_shared->delivered += total.delivered;
-	voutbox_shared->failed_attempts += total.failed_attempts;
-	voutbox_shared->dead += total.dead;
+		voutbox_my_slot->rounds++;
+	voutbox_my_slot->delivered += total.delivered;
+	voutbox_my_slot->failed_attempts += total.failed_attempts;
+	voutbox_my_slot->dead += total.dead;
 	if (total.last_error_at != 0)
 	{
-		strlcpy(voutbox_shared->last_error, total.last_error, VOUTBOX_ERROR_LEN);
-		voutbox_shared->last_error_at = total.last_error_at;
+		strlcpy(voutbox_my_slot->last_error, total.last_error, VOUTBOX_ERROR_LEN);
+		voutbox_my_slot->last_error_at = total.last_error_at;
 	}
 	SpinLockRelease(&voutbox_shared->mutex);
 
@@ -340,6 +351,9 @@ voutbox_topic_counters(PG_FUNCTION_ARGS)
 		Datum		values[7];
 		bool		nulls[7] = {false};
 
+		if (c->key.database != MyDatabaseId)
+			continue;
+
 		values[0] = text_or_null(c->key.tenant_id, &nulls[0]);
 		values[1] = CStringGetTextDatum(c->key.topic);
 		values[2] = Int64GetDatum((int64) c->delivered);
@@ -353,39 +367,71 @@ voutbox_topic_counters(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
+static void
+put_slot(ReturnSetInfo *rsinfo, const VoutboxWorkerSlot *s)
+{
+	Datum		values[13];
+	bool		nulls[13] = {false};
+
+	values[0] = CStringGetTextDatum(s->dbname);
+	values[1] = Int32GetDatum(s->pid);
+	nulls[1] = s->pid == 0;
+	values[2] = CStringGetTextDatum(s->state[0] ? s->state : "not started");
+	values[3] = timestamp_or_null(s->state_since, &nulls[3]);
+	values[4] = text_or_null(s->detail, &nulls[4]);
+	values[5] = timestamp_or_null(s->started_at, &nulls[5]);
+	values[6] = Int64GetDatum((int64) s->rounds);
+	values[7] = Int64GetDatum((int64) s->delivered);
+	values[8] = Int64GetDatum((int64) s->failed_attempts);
+	values[9] = Int64GetDatum((int64) s->dead);
+	values[10] = Int64GetDatum((int64) s->producers_built);
+	values[11] = text_or_null(s->last_error, &nulls[11]);
+	values[12] = timestamp_or_null(s->last_error_at, &nulls[12]);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
 PG_FUNCTION_INFO_V1(voutbox_worker_status);
 
+/*
+ * A row per database listed in voutbox.database: this database's, and the
+ * others' to members of pg_read_all_stats.  If this database is not listed,
+ * a row for it says "disabled".
+ */
 Datum
 voutbox_worker_status(PG_FUNCTION_ARGS)
 {
-	TupleDesc	tupdesc;
-	VoutboxShared s;
-	Datum		values[12];
-	bool		nulls[12] = {false};
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	bool		all = has_privs_of_role(GetUserId(), ROLE_PG_READ_ALL_STATS);
+	char	   *mydb = get_database_name(MyDatabaseId);
+	bool		mine = false;
 
 	require_preloaded();
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	InitMaterializedSRF(fcinfo, 0);
 
-	SpinLockAcquire(&voutbox_shared->mutex);
-	memcpy(&s, voutbox_shared, sizeof(s));
-	SpinLockRelease(&voutbox_shared->mutex);
+	for (int i = 0; i < voutbox_shared->nslots; i++)
+	{
+		VoutboxWorkerSlot s;
+		bool		is_mine;
 
-	values[0] = Int32GetDatum(s.worker_pid);
-	nulls[0] = s.worker_pid == 0;
-	if (s.worker_pid == 0 && s.started_at == 0)
-		strlcpy(s.state, voutbox_database && voutbox_database[0] ? "not started" : "disabled",
-				VOUTBOX_STATE_LEN);
-	values[1] = CStringGetTextDatum(s.state);
-	values[2] = timestamp_or_null(s.state_since, &nulls[2]);
-	values[3] = text_or_null(s.detail, &nulls[3]);
-	values[4] = timestamp_or_null(s.started_at, &nulls[4]);
-	values[5] = Int64GetDatum((int64) s.rounds);
-	values[6] = Int64GetDatum((int64) s.delivered);
-	values[7] = Int64GetDatum((int64) s.failed_attempts);
-	values[8] = Int64GetDatum((int64) s.dead);
-	values[9] = Int64GetDatum((int64) s.producers_built);
-	values[10] = text_or_null(s.last_error, &nulls[10]);
-	values[11] = timestamp_or_null(s.last_error_at, &nulls[11]);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+		SpinLockAcquire(&voutbox_shared->mutex);
+		memcpy(&s, &voutbox_shared->slots[i], sizeof(s));
+		SpinLockRelease(&voutbox_shared->mutex);
+		if (s.dbname[0] == '\0')
+			continue;
+		is_mine = s.database == MyDatabaseId ||
+			(mydb != NULL && strcmp(s.dbname, mydb) == 0);
+		mine |= is_mine;
+		if (is_mine || all)
+			put_slot(rsinfo, &s);
+	}
+	if (!mine && mydb != NULL)
+	{
+		VoutboxWorkerSlot s;
+
+		memset(&s, 0, sizeof(s));
+		strlcpy(s.dbname, mydb, sizeof(s.dbname));
+		strlcpy(s.state, "disabled", sizeof(s.state));
+		put_slot(rsinfo, &s);
+	}
+	return (Datum) 0;
 }

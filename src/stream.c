@@ -532,18 +532,18 @@ tell_not_ready(Stream *s, VoutboxStorageStatus status, const char *version)
 	if (status == VOUTBOX_STORAGE_MISSING)
 		ereport(LOG,
 				(errmsg("voutbox: extension \"voutbox\" is not installed in database \"%s\"",
-						voutbox_database),
+						voutbox_worker_dbname),
 				 errhint("Run CREATE EXTENSION voutbox in that database.")));
 	else if (status == VOUTBOX_STORAGE_OTHER_VERSION)
 		ereport(LOG,
 				(errmsg("voutbox: extension \"voutbox\" in database \"%s\" is version %s, but the library is version %s",
-						voutbox_database, version, VOUTBOX_SQL_VERSION),
+						voutbox_worker_dbname, version, VOUTBOX_SQL_VERSION),
 				 errdetail("No event is delivered until the versions agree; nothing is lost."),
 				 errhint("Run ALTER EXTENSION voutbox UPDATE in that database.")));
 	else
 		ereport(LOG,
 				(errmsg("voutbox: database \"%s\" has the encoding SQL_ASCII; no event is delivered",
-						voutbox_database),
+						voutbox_worker_dbname),
 				 errdetail("The envelope is UTF-8 JSON, and SQL_ASCII does not say what the stored bytes mean, so they cannot be converted."),
 				 errhint("Keep the outbox in a database with a real encoding (UTF8 is best); events stay pending meanwhile.")));
 }
@@ -717,8 +717,8 @@ read_round(Stream *s)
 	opt.budget = Min(opt.budget, voutbox_batch_bytes - s->bytes);
 	/* Due deferred events go with the next round; one that goes alone, alone. */
 	opt.alone = s->head == NULL;
-	if (voutbox_shared != NULL && pg_atomic_read_u32(&voutbox_shared->requeued) != 0 &&
-		pg_atomic_exchange_u32(&voutbox_shared->requeued, 0) != 0)
+	if (pg_atomic_read_u32(&voutbox_my_slot->requeued) != 0 &&
+		pg_atomic_exchange_u32(&voutbox_my_slot->requeued, 0) != 0)
 		s->deferred_dry = false;
 	opt.deferred = (s->head == NULL && !s->deferred_dry &&
 					deferred_read_at(s) <= GetCurrentTimestamp()) || s->due_waiting ||

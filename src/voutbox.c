@@ -5,12 +5,13 @@
  *
  * When loaded through shared_preload_libraries, _PG_init defines the
  * postmaster-level GUCs, requests a little shared memory and registers the
- * launcher, a static background worker that starts the delivery worker for
- * voutbox.database (worker.c).  When loaded by a backend that merely calls
+ * launcher, a static background worker that starts a delivery worker for
+ * each database listed in voutbox.database (worker.c).  When loaded by a backend that merely calls
  * outbox_save(), only the GUCs are defined: events are still stored, and the
  * worker of a preloading server picks them up.
  *
- * Shared state (VoutboxShared) is protected by its spinlock; see voutbox.h.
+ * Shared state (VoutboxShared, a slot per served database) is protected by
+ * its spinlock; see voutbox.h.
  *
  *-------------------------------------------------------------------------
  */
@@ -22,7 +23,9 @@
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
+#include "lib/stringinfo.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 
 #include "voutbox.h"
 
@@ -50,6 +53,8 @@ int			voutbox_delivery_timeout = 60000;
 int			voutbox_stats_max_topics = 1000;
 
 VoutboxShared *voutbox_shared = NULL;
+VoutboxWorkerSlot *voutbox_my_slot = NULL;
+char		voutbox_worker_dbname[NAMEDATALEN];
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -113,23 +118,126 @@ check_kafka_properties(char **newval, void **extra pg_attribute_unused(), GucSou
 	return false;
 }
 
+/*
+ * The database names of a voutbox.database value, as a List of palloc'd
+ * strings: names separated by commas, blanks around them ignored, a name
+ * with commas, blanks or double quotes written in double quotes (a double
+ * quote doubled inside).  Names are taken as they are, without folding to
+ * lower case, as a single name always was.  NIL with *detail set if the
+ * value is malformed.
+ */
+List *
+voutbox_database_list(const char *value, char **detail)
+{
+	List	   *names = NIL;
+	const char *p = value ? value : "";
+
+	*detail = NULL;
+	for (;;)
+	{
+		StringInfoData name;
+		ListCell   *lc;
+
+		while (*p == ' ' || *p == '\t')
+			p++;
+		if (*p == '\0' && names == NIL)
+			return NIL;			/* empty: no database */
+		initStringInfo(&name);
+		if (*p == '"')
+		{
+			for (p++;; p++)
+			{
+				if (*p == '\0')
+				{
+					*detail = psprintf("A quoted database name is not closed.");
+					return NIL;
+				}
+				if (*p == '"')
+				{
+					if (p[1] != '"')
+						break;
+					p++;
+				}
+				appendStringInfoChar(&name, *p);
+			}
+			p++;
+			while (*p == ' ' || *p == '\t')
+				p++;
+		}
+		else
+		{
+			while (*p != '\0' && *p != ',' && *p != '"')
+				appendStringInfoChar(&name, *p++);
+			while (name.len > 0 && (name.data[name.len - 1] == ' ' || name.data[name.len - 1] == '\t'))
+				name.data[--name.len] = '\0';
+		}
+		if (name.len == 0)
+		{
+			*detail = psprintf("The list has an empty database name.");
+			return NIL;
+		}
+		if (name.len >= NAMEDATALEN)
+		{
+			*detail = psprintf("Database names are at most %d bytes long.", NAMEDATALEN - 1);
+			return NIL;
+		}
+		foreach(lc, names)
+		{
+			if (strcmp(lfirst(lc), name.data) == 0)
+			{
+				*detail = psprintf("Database \"%s\" is listed twice.", name.data);
+				return NIL;
+			}
+		}
+		names = lappend(names, name.data);
+		if (*p == '\0')
+			return names;
+		if (*p != ',')
+		{
+			*detail = psprintf("Database names are separated by commas.");
+			return NIL;
+		}
+		p++;
+	}
+}
+
+static bool
+check_database(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	MemoryContext cxt;
+	MemoryContext old;
+	char	   *detail;
+	bool		ok;
+
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "voutbox.database check",
+								ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(cxt);
+	(void) voutbox_database_list(*newval, &detail);
+	ok = detail == NULL;
+	if (!ok)
+		GUC_check_errdetail("%s", detail);
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(cxt);
+	return ok;
+}
+
 static void
 define_gucs(void)
 {
 	/* PostgreSQL allows postmaster-level custom GUCs only while preloading. */
 	if (process_shared_preload_libraries_in_progress)
 	{
-		DefineCustomStringVariable("voutbox.database",
-								   "Database whose outbox the voutbox worker delivers.",
-								   "Empty: no worker runs.",
-								   &voutbox_database, "",
-								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 		DefineCustomIntVariable("voutbox.stats_max_topics",
 								"How many tenant and topic pairs the statistics count separately.",
 								"Further pairs are counted together under the topic \"(other)\".",
 								&voutbox_stats_max_topics, 1000, 1, 1000000,
 								PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	}
+	DefineCustomStringVariable("voutbox.database",
+							   "Databases whose outbox voutbox delivers: one worker each (comma-separated names).",
+							   "Empty: no worker runs.",
+							   &voutbox_database, "",
+							   PGC_SIGHUP, 0, check_database, NULL, NULL);
 	DefineCustomStringVariable("voutbox.brokers",
 							   "Kafka bootstrap servers (host:port, comma-separated).",
 							   NULL,
@@ -224,13 +332,19 @@ define_gucs(void)
 	MarkGUCPrefixReserved("voutbox");
 }
 
+static Size
+shared_size(void)
+{
+	return add_size(offsetof(VoutboxShared, slots),
+					mul_size(max_worker_processes, sizeof(VoutboxWorkerSlot)));
+}
+
 static void
 voutbox_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(VoutboxShared)),
-									voutbox_stats_shmem_size()));
+	RequestAddinShmemSpace(add_size(MAXALIGN(shared_size()), voutbox_stats_shmem_size()));
 	RequestNamedLWLockTranche("voutbox", 1);
 }
 
@@ -243,41 +357,70 @@ voutbox_shmem_startup(void)
 		prev_shmem_startup_hook();
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	voutbox_shared = ShmemInitStruct("voutbox", sizeof(VoutboxShared), &found);
+	voutbox_shared = ShmemInitStruct("voutbox", shared_size(), &found);
 	if (!found)
 	{
-		memset(voutbox_shared, 0, sizeof(VoutboxShared));
+		memset(voutbox_shared, 0, shared_size());
 		SpinLockInit(&voutbox_shared->mutex);
-		voutbox_shared->worker_pgprocno = -1;
-		pg_atomic_init_u32(&voutbox_shared->requeued, 0);
-		voutbox_shared->worker_pid = 0;
-		voutbox_shared->worker_database = InvalidOid;
 		voutbox_shared->topics_lock = &(GetNamedLWLockTranche("voutbox"))->lock;
+		voutbox_shared->nslots = max_worker_processes;
+		for (int i = 0; i < voutbox_shared->nslots; i++)
+		{
+			voutbox_shared->slots[i].database = InvalidOid;
+			voutbox_shared->slots[i].pgprocno = -1;
+			pg_atomic_init_u32(&voutbox_shared->slots[i].requeued, 0);
+		}
 	}
 	voutbox_stats_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
 /*
- * Set the worker's latch.  Called at commit of a transaction that saved
- * events, so it must not fail: SetLatch on a latch whose owner has gone only
- * causes a spurious wakeup of whoever owns that PGPROC next.
+ * The slot of the worker serving this backend's database, or NULL.  Read
+ * without the lock (see voutbox.h): the caller must accept a stale answer.
+ */
+static volatile VoutboxWorkerSlot *
+my_database_slot(void)
+{
+	if (voutbox_shared == NULL || !OidIsValid(MyDatabaseId))
+		return NULL;
+	for (int i = 0; i < voutbox_shared->nslots; i++)
+	{
+		volatile VoutboxWorkerSlot *slot = &voutbox_shared->slots[i];
+
+		if (slot->database == MyDatabaseId)
+			return slot;
+	}
+	return NULL;
+}
+
+/*
+ * Set the latch of the worker serving this database, if one runs.  Called
+ * at commit of a transaction that saved events, so it must not fail:
+ * SetLatch on a latch whose owner has gone only causes a spurious wakeup of
+ * whoever owns that PGPROC next.
  */
 void
 voutbox_wake_worker(void)
 {
+	volatile VoutboxWorkerSlot *slot = my_database_slot();
 	int			procno;
-	Oid			database;
 
-	if (voutbox_shared == NULL)
+	if (slot == NULL)
 		return;
-	SpinLockAcquire(&voutbox_shared->mutex);
-	procno = voutbox_shared->worker_pgprocno;
-	database = voutbox_shared->worker_database;
-	SpinLockRelease(&voutbox_shared->mutex);
-	/* A worker serving another database has nothing to read here. */
-	if (procno >= 0 && (!OidIsValid(database) || database == MyDatabaseId))
+	procno = slot->pgprocno;
+	if (procno >= 0 && procno < (int) ProcGlobal->allProcCount)
 		SetLatch(&ProcGlobal->allProcs[procno].procLatch);
+}
+
+/* Tell this database's worker that SQL made deferred events due. */
+void
+voutbox_note_requeued(void)
+{
+	volatile VoutboxWorkerSlot *slot = my_database_slot();
+
+	if (slot != NULL)
+		pg_atomic_write_u32((pg_atomic_uint32 *) &slot->requeued, 1);
 }
 
 static void

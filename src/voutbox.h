@@ -24,6 +24,8 @@
 #include <signal.h>
 
 #include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
+#include "port/atomics.h"
 #include "utils/palloc.h"
 #include "storage/lwlock.h"
 #include "storage/spin.h"
@@ -78,25 +80,34 @@ extern int	voutbox_stats_max_topics;
 #define VOUTBOX_LOCK_TIMEOUT	"2s"
 
 /* The version of the SQL objects this library works with. */
-#define VOUTBOX_SQL_VERSION		"0.4.0"
+#define VOUTBOX_SQL_VERSION		"0.6.0"
 
 /*
- * Shared memory.  "mutex" protects worker_pgprocno and worker_pid: the
- * worker publishes itself at start and clears itself at exit; committing
- * backends read them to set the worker's latch.
+ * Shared memory: one slot per database the launcher serves (at most
+ * max_worker_processes of them), and what the slots share.
+ *
+ * The launcher claims a slot for each database listed in voutbox.database
+ * (its name; the database's OID once it exists) and frees it when the
+ * database is no longer listed and its worker has stopped.  The worker
+ * publishes itself in its slot (pid, pgprocno) at start and clears itself
+ * at exit, and keeps its state and counters there.  "mutex" protects every
+ * slot's fields except "requeued", an atomic flag, and except that
+ * committing backends read database and pgprocno without it, to set the
+ * worker's latch: a stale read only costs a spurious or a missed wake-up of
+ * a worker that reads everything when it starts.
  */
 #define VOUTBOX_STATE_LEN		32
 #define VOUTBOX_DETAIL_LEN		128
 #define VOUTBOX_ERROR_LEN		256
 
-typedef struct VoutboxShared
+typedef struct VoutboxWorkerSlot
 {
-	slock_t		mutex;
-	int			worker_pgprocno;	/* -1 when no worker runs */
-	pid_t		worker_pid;
-	Oid			worker_database;	/* the database it serves */
+	char		dbname[NAMEDATALEN];	/* "" when the slot is free */
+	Oid			database;		/* InvalidOid while it does not exist */
+	int			pgprocno;		/* -1 when no worker runs */
+	pid_t		pid;
 	pg_atomic_uint32 requeued;	/* events were made due by SQL (outbox_dlq_requeue) */
-	/* what the worker does, and its counters since the server started */
+	/* what the worker does, and its counters since the slot was claimed */
 	char		state[VOUTBOX_STATE_LEN];
 	TimestampTz state_since;
 	char		detail[VOUTBOX_DETAIL_LEN];
@@ -108,13 +119,25 @@ typedef struct VoutboxShared
 	uint64		producers_built;
 	char		last_error[VOUTBOX_ERROR_LEN];
 	TimestampTz last_error_at;
-	/* counters per tenant and topic (stats.c) */
+} VoutboxWorkerSlot;
+
+typedef struct VoutboxShared
+{
+	slock_t		mutex;
+	/* counters per database, tenant and topic (stats.c) */
 	LWLock	   *topics_lock;
+	int			nslots;
+	VoutboxWorkerSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } VoutboxShared;
 
 extern VoutboxShared *voutbox_shared;
+/* The delivery worker's own slot, and the name of its database. */
+extern VoutboxWorkerSlot *voutbox_my_slot;
+extern char voutbox_worker_dbname[NAMEDATALEN];
 
 extern void voutbox_wake_worker(void);
+extern void voutbox_note_requeued(void);
+extern List *voutbox_database_list(const char *value, char **detail);
 
 /* Background workers (worker.c) */
 extern PGDLLEXPORT void voutbox_launcher_main(Datum arg) pg_attribute_noreturn();
@@ -421,6 +444,7 @@ extern void voutbox_stats_worker_stopped(int code, Datum arg);
 extern void voutbox_stats_set_state(const char *state, const char *detail);
 extern void voutbox_stats_producer_built(void);
 extern void voutbox_stats_set_error(const char *error);
+extern void voutbox_stats_slot_state(VoutboxWorkerSlot *slot, const char *state, const char *detail);
 
 typedef struct VoutboxStatsBatch VoutboxStatsBatch;
 

@@ -18,7 +18,7 @@ $node->poll_query_until('postgres',
 is( $node->safe_psql('postgres',
 		"SELECT backend_type || ': ' || state || ', ' || query FROM pg_stat_activity "
 		  . "WHERE backend_type LIKE 'voutbox%' ORDER BY backend_type"),
-	"voutbox launcher: idle, supervising the delivery worker\n"
+	"voutbox launcher: idle, supervising 1 delivery worker\n"
 	  . "voutbox worker: idle, waiting for events",
 	'launcher and worker in pg_stat_activity');
 

@@ -35,8 +35,8 @@ restart_after_crash = on
 EOC
 $node->start;
 $node->wait_for_log(qr/database "app" named by voutbox\.database does not exist/);
-is($node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'voutbox launcher'"),
-	'waiting for database "app" to exist', 'the launcher waits for the database');
+like($node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'voutbox launcher'"),
+	qr/^supervising 0 delivery workers; waiting for database "app" to exist$/, 'the launcher waits for the database');
 $node->safe_psql('postgres', 'CREATE DATABASE app');
 $node->wait_for_log(qr/voutbox: delivery worker started for database "app"/);
 
@@ -155,7 +155,7 @@ $node->safe_psql('app', 'ALTER TABLE voutbox.deferred RENAME TO deferred_away');
 $node->safe_psql('app', save_sql('acme', 'item.added.v1', "e$_", { n => $_ })) for 1 .. 3;
 $node->wait_for_log(qr/ERROR:  relation "voutbox.deferred" does not exist/);
 $node->wait_for_log(qr/background worker "voutbox worker" \(PID \d+\) exited with exit code 1/);
-$node->wait_for_log(qr/voutbox: the delivery worker exited; starting a new one in/);
+$node->wait_for_log(qr/voutbox: the delivery worker for database "app" exited; starting a new one in/);
 is($node->safe_psql('app', "SELECT count(*) FROM voutbox.events e WHERE NOT EXISTS "
 		  . "(SELECT 1 FROM voutbox.batches b WHERE pg_visible_in_snapshot(e.txid, b.lo))"),
 	'3', 'events stay pending while the worker fails');
