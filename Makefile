@@ -26,7 +26,7 @@ PG_CFLAGS  += $(SANITIZE_FLAGS)
 SHLIB_LINK += $(SANITIZE_FLAGS)
 endif
 
-REGRESS      = save validation idempotency storage dlq tenants databases
+REGRESS      = save validation idempotency storage dlq tenants databases topics
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 ISOLATION    = idempotency_concurrency
 ISOLATION_OPTS = --temp-instance=tmp_check_isolation --temp-config=$(srcdir)/test/regress.conf

@@ -10,6 +10,11 @@
  * doubles and print them back differently.  A json-c object with a custom
  * serializer writes such a value verbatim.
  *
+ * The other formats (voutbox.format) are built here too: CloudEvents 1.0 in
+ * structured mode (the event in the JSON event format) and, for the binary
+ * mode and Debezium's, the payload alone as the value (producer.c adds
+ * their headers).
+ *
  * Called on the worker's own thread only; json-c allocates with malloc, and
  * the caller releases the tree with json_object_put().
  *
@@ -19,6 +24,7 @@
 
 #include <json-c/json.h>
 
+#include "lib/stringinfo.h"
 #include "utils/datetime.h"
 #include "utils/timestamp.h"
 
@@ -121,4 +127,83 @@ voutbox_envelope_new(const VoutboxEvent *ev)
 	json_object_object_add(env, "payload", json_raw(ev->payload));
 	json_object_object_add(env, "metadata", json_raw(ev->metadata));
 	return env;
+}
+
+/*
+ * The CloudEvents "source": a URI-reference naming the context in which the
+ * event happened, /voutbox/<tenant>/<aggregate type>, each segment
+ * percent-encoded (RFC 3986: only unreserved characters stay).  With the
+ * event id, it is unique per event, as the specification requires.
+ */
+char *
+voutbox_ce_source(const VoutboxEvent *ev)
+{
+	StringInfoData buf;
+	const char *segments[2] = {ev->tenant_id_utf8, ev->aggregate_type};
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "/voutbox");
+	for (int i = 0; i < 2; i++)
+	{
+		appendStringInfoChar(&buf, '/');
+		for (const unsigned char *c = (const unsigned char *) segments[i]; *c; c++)
+		{
+			if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+				*c == '-' || *c == '.' || *c == '_' || *c == '~')
+				appendStringInfoChar(&buf, (char) *c);
+			else
+				appendStringInfo(&buf, "%%%02X", *c);
+		}
+	}
+	return buf.data;
+}
+
+/*
+ * A CloudEvent in the JSON event format (structured mode): the required
+ * attributes, the optional ones voutbox knows (subject: the aggregate id;
+ * time: when the event was saved), the extensions traceparent (Distributed
+ * Tracing), partitionkey (Partitioning: the message key) and voutbox's own
+ * (tenantid, correlationid, idempotencykey), and the payload as "data".
+ */
+static struct json_object *
+cloudevent_new(const VoutboxEvent *ev)
+{
+	struct json_object *ce = json_object_new_object();
+	char		time[64];
+
+	voutbox_format_timestamp(ev->created_at, time, sizeof(time));
+	json_object_object_add(ce, "specversion", json_object_new_string("1.0"));
+	json_object_object_add(ce, "id", json_object_new_string(ev->id));
+	json_object_object_add(ce, "source", json_object_new_string(voutbox_ce_source(ev)));
+	json_object_object_add(ce, "type", json_object_new_string(ev->event_type));
+	json_object_object_add(ce, "subject", json_object_new_string(ev->aggregate_id));
+	json_object_object_add(ce, "time", json_object_new_string(time));
+	json_object_object_add(ce, "datacontenttype", json_object_new_string("application/json"));
+	if (ev->traceparent != NULL)
+		json_object_object_add(ce, "traceparent", json_object_new_string(ev->traceparent));
+	if (ev->msg_key_utf8 != NULL && ev->msg_key_utf8[0] != '\0')
+		json_object_object_add(ce, "partitionkey", json_object_new_string(ev->msg_key_utf8));
+	json_object_object_add(ce, "tenantid", json_object_new_string(ev->tenant_id_utf8));
+	json_object_object_add(ce, "correlationid", json_object_new_string(ev->correlation_id));
+	json_object_object_add(ce, "idempotencykey", json_object_new_string(ev->idempotency_key));
+	json_object_object_add(ce, "data", json_raw(ev->payload));
+	return ce;
+}
+
+/* The message value of an event in the given format. */
+struct json_object *
+voutbox_value_new(const VoutboxEvent *ev, VoutboxFormat format)
+{
+	switch (format)
+	{
+		case VOUTBOX_FORMAT_CLOUDEVENTS:
+			return cloudevent_new(ev);
+		case VOUTBOX_FORMAT_CLOUDEVENTS_BINARY:
+		case VOUTBOX_FORMAT_DEBEZIUM:
+			/* the payload as saved (outbox_save() requires one) */
+			return json_raw(ev->payload ? ev->payload : "null");
+		case VOUTBOX_FORMAT_VOUTBOX:
+			break;
+	}
+	return voutbox_envelope_new(ev);
 }

@@ -380,9 +380,9 @@ voutbox_producer_init(void)
 static char *
 current_config(void)
 {
-	return psprintf("%s\n%s\n%s\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
+	return psprintf("%s\n%s\n%s\n%s\n%d\n%d", voutbox_brokers, voutbox_kafka_properties,
 					secrets ? secrets : "", secrets_error ? secrets_error : "",
-					voutbox_batch_size);
+					voutbox_batch_size, (int) voutbox_create_topics);
 }
 
 /* Whether the settings changed since the producer was built. */
@@ -442,6 +442,12 @@ voutbox_producer_create(char **error)
 	 * default 5 ms.  voutbox.kafka_properties may set it otherwise.
 	 */
 	conf_set(conf, "linger.ms", VOUTBOX_DEFAULT_LINGER_MS);
+	/*
+	 * voutbox creates topics itself (topics.c): a metadata request must not
+	 * create one with the broker's defaults.
+	 */
+	if (voutbox_create_topics)
+		conf_set(conf, "allow.auto.create.topics", "false");
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
 	if (secrets_error != NULL)
@@ -588,9 +594,49 @@ voutbox_producer_serve(VoutboxProducer *p)
  */
 
 static rd_kafka_headers_t *
-headers_new(const VoutboxEvent *ev)
+headers_new(const VoutboxEvent *ev, VoutboxFormat format)
 {
-	rd_kafka_headers_t *h = rd_kafka_headers_new(6);
+	rd_kafka_headers_t *h = rd_kafka_headers_new(12);
+	char		time[64];
+
+	switch (format)
+	{
+		case VOUTBOX_FORMAT_CLOUDEVENTS:
+			/* Structured mode: the event is the value. */
+			rd_kafka_header_add(h, "content-type", -1, "application/cloudevents+json; charset=UTF-8", -1);
+			if (ev->traceparent != NULL)
+				rd_kafka_header_add(h, "traceparent", -1, ev->traceparent, -1);
+			return h;
+		case VOUTBOX_FORMAT_CLOUDEVENTS_BINARY:
+			/* Binary mode: the attributes as ce_ headers, datacontenttype as content-type. */
+			voutbox_format_timestamp(ev->created_at, time, sizeof(time));
+			rd_kafka_header_add(h, "ce_specversion", -1, "1.0", -1);
+			rd_kafka_header_add(h, "ce_id", -1, ev->id, -1);
+			rd_kafka_header_add(h, "ce_source", -1, voutbox_ce_source(ev), -1);
+			rd_kafka_header_add(h, "ce_type", -1, ev->event_type, -1);
+			rd_kafka_header_add(h, "ce_subject", -1, ev->aggregate_id, -1);
+			rd_kafka_header_add(h, "ce_time", -1, time, -1);
+			rd_kafka_header_add(h, "content-type", -1, "application/json", -1);
+			if (ev->traceparent != NULL)
+			{
+				rd_kafka_header_add(h, "ce_traceparent", -1, ev->traceparent, -1);
+				rd_kafka_header_add(h, "traceparent", -1, ev->traceparent, -1);
+			}
+			if (ev->msg_key_utf8 != NULL && ev->msg_key_utf8[0] != '\0')
+				rd_kafka_header_add(h, "ce_partitionkey", -1, ev->msg_key_utf8, -1);
+			rd_kafka_header_add(h, "ce_tenantid", -1, ev->tenant_id_utf8, -1);
+			rd_kafka_header_add(h, "ce_correlationid", -1, ev->correlation_id, -1);
+			rd_kafka_header_add(h, "ce_idempotencykey", -1, ev->idempotency_key, -1);
+			return h;
+		case VOUTBOX_FORMAT_DEBEZIUM:
+			/* Debezium's EventRouter: the event id in header "id". */
+			rd_kafka_header_add(h, "id", -1, ev->id, -1);
+			if (ev->traceparent != NULL)
+				rd_kafka_header_add(h, "traceparent", -1, ev->traceparent, -1);
+			return h;
+		case VOUTBOX_FORMAT_VOUTBOX:
+			break;
+	}
 
 	rd_kafka_header_add(h, "idempotency_key", -1, ev->idempotency_key, -1);
 	rd_kafka_header_add(h, "event_type", -1, ev->event_type, -1);
@@ -605,10 +651,10 @@ headers_new(const VoutboxEvent *ev)
 static rd_kafka_resp_err_t
 produce_one(VoutboxProducer *p, const VoutboxEvent *ev, uint64 ticket)
 {
-	struct json_object *env = voutbox_envelope_new(ev);
+	struct json_object *env = voutbox_value_new(ev, (VoutboxFormat) voutbox_format);
 	size_t		len;
 	const char *value = json_object_to_json_string_length(env, JSON_C_TO_STRING_PLAIN, &len);
-	rd_kafka_headers_t *hdrs = headers_new(ev);
+	rd_kafka_headers_t *hdrs = headers_new(ev, (VoutboxFormat) voutbox_format);
 	rd_kafka_resp_err_t err;
 	/* Kafka record time: when the event was saved, in ms since the epoch */
 	int64		ts_ms = ev->created_at / 1000 +
@@ -814,6 +860,10 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 {
 	rd_kafka_resp_err_t err;
 
+	if (p->purged || p->fatal || ShutdownRequestPending)
+		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+	if (!voutbox_topic_ensure(p->rk, ev->topic, !outage(p)))
+		return VOUTBOX_DELIVERY_NO_TOPIC;
 	for (;;)
 	{
 		if (p->purged || p->fatal || ShutdownRequestPending)
@@ -843,12 +893,16 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 const char *
 voutbox_delivery_error_text(int err)
 {
+	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
+		return "could not create topic";
 	return psprintf("%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
 }
 
 const char *
 voutbox_delivery_error_name(int err)
 {
+	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
+		return "VOUTBOX_TOPIC_NOT_CREATED";
 	return rd_kafka_err2name(err);
 }
 
@@ -863,7 +917,7 @@ bool
 voutbox_topic_refusal(int err)
 {
 	return err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ||
-		err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+		err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || err == VOUTBOX_DELIVERY_NO_TOPIC;
 }
 
 /*

@@ -296,6 +296,27 @@ typedef struct SettleState
 } SettleState;
 
 /*
+ * An event whose topic could not be created (topics.c) was not sent: not
+ * its fault, so no attempt is charged.  It waits, holding its key, until
+ * the topic is tried again, and so do its topic's other events.
+ */
+static void
+wait_for_topic(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev)
+{
+	TimestampTz due = voutbox_topic_retry_at(ev->topic);
+	const char *code;
+	const char *error = voutbox_topic_error(ev->topic, &code);
+
+	deferred_rows_add(rows, ev, ev->msg_key != NULL, ev->attempts, due ? due : DT_NOBEGIN,
+					  VOUTBOX_DELIVERY_NO_TOPIC, false, NULL);
+	rows->errors[rows->n - 1] = pstrdup(error);
+	rows->codes[rows->n - 1] = pstrdup(code);
+	if (due != 0)
+		topic_stalls(ev->topic, due);
+	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 0, 0, error);
+}
+
+/*
  * A sent event failed, first of its key in the round, with an error that is
  * the event's (not the producer's).  A permanent error kills the event when
  * it was sent alone; in a round shared with others the fault may be theirs
@@ -310,6 +331,12 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 	const char *dead = NULL;
 	bool		alone = false;
 	TimestampTz due = DT_NOBEGIN;
+
+	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
+	{
+		wait_for_topic(st, rows, ev);
+		return;
+	}
 
 	if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PERMANENT)
 	{

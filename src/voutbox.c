@@ -51,6 +51,19 @@ char	   *voutbox_kafka_properties = NULL;
 char	   *voutbox_kafka_secrets_file = NULL;
 int			voutbox_delivery_timeout = 60000;
 int			voutbox_stats_max_topics = 1000;
+bool		voutbox_create_topics = true;
+int			voutbox_format = VOUTBOX_FORMAT_VOUTBOX;
+
+static const struct config_enum_entry format_options[] = {
+	{"voutbox", VOUTBOX_FORMAT_VOUTBOX, false},
+	{"cloudevents", VOUTBOX_FORMAT_CLOUDEVENTS, false},
+	{"cloudevents_binary", VOUTBOX_FORMAT_CLOUDEVENTS_BINARY, false},
+	{"debezium", VOUTBOX_FORMAT_DEBEZIUM, false},
+	{NULL, 0, false}
+};
+int			voutbox_topic_partitions = -1;
+int			voutbox_topic_replication_factor = -1;
+char	   *voutbox_topic_config = NULL;
 
 VoutboxShared *voutbox_shared = NULL;
 VoutboxWorkerSlot *voutbox_my_slot = NULL;
@@ -221,6 +234,27 @@ check_database(char **newval, void **extra pg_attribute_unused(), GucSource sour
 	return ok;
 }
 
+static bool
+check_topic_config(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	char	   *detail;
+
+	if (voutbox_topic_config_is_valid(*newval, &detail))
+		return true;
+	GUC_check_errdetail("%s", detail);
+	return false;
+}
+
+/* Partitions, replication factor: -1 (the broker's default) or at least 1. */
+static bool
+check_topic_count(int *newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	if (*newval != 0)
+		return true;
+	GUC_check_errdetail("A topic has at least one; -1 takes the broker's default.");
+	return false;
+}
+
 static void
 define_gucs(void)
 {
@@ -323,6 +357,31 @@ define_gucs(void)
 							   NULL,
 							   &voutbox_kafka_properties, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_kafka_properties, NULL, NULL);
+	DefineCustomEnumVariable("voutbox.format",
+							 "What the messages look like: voutbox, cloudevents (structured), cloudevents_binary or debezium.",
+							 "Applies to the events the worker sends from then on.",
+							 &voutbox_format, VOUTBOX_FORMAT_VOUTBOX, format_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("voutbox.create_topics",
+							 "Create a topic with Kafka's admin API before its first event is produced.",
+							 "Off: topics must exist, or the broker must create them.",
+							 &voutbox_create_topics, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("voutbox.topic_partitions",
+							"Partitions of the topics voutbox creates; -1: the broker's default (num.partitions).",
+							NULL,
+							&voutbox_topic_partitions, -1, -1, 1000000,
+							PGC_SIGHUP, 0, check_topic_count, NULL, NULL);
+	DefineCustomIntVariable("voutbox.topic_replication_factor",
+							"Replication factor of the topics voutbox creates; -1: the broker's default (default.replication.factor).",
+							NULL,
+							&voutbox_topic_replication_factor, -1, -1, 32767,
+							PGC_SIGHUP, 0, check_topic_count, NULL, NULL);
+	DefineCustomStringVariable("voutbox.topic_config",
+							   "Topic-level settings of the topics voutbox creates, as name=value pairs separated by semicolons.",
+							   "For example retention.ms=604800000;cleanup.policy=compact,delete.",
+							   &voutbox_topic_config, "",
+							   PGC_SIGHUP, 0, check_topic_config, NULL, NULL);
 	DefineCustomStringVariable("voutbox.kafka_secrets_file",
 							   "File of librdkafka properties holding secrets (passwords, keys), name=value per line; read by the worker.",
 							   "Relative paths are relative to the data directory. Only superusers can see the setting.",

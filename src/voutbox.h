@@ -75,6 +75,11 @@ extern char *voutbox_kafka_properties;
 extern char *voutbox_kafka_secrets_file;
 extern int	voutbox_delivery_timeout;	/* ms */
 extern int	voutbox_stats_max_topics;
+extern bool voutbox_create_topics;
+extern int	voutbox_format;
+extern int	voutbox_topic_partitions;
+extern int	voutbox_topic_replication_factor;
+extern char *voutbox_topic_config;
 
 /* How long the worker waits for a lock before it tries again later. */
 #define VOUTBOX_LOCK_TIMEOUT	"2s"
@@ -216,9 +221,26 @@ extern void voutbox_restore_user(Oid save_user, int save_sec);
 extern void voutbox_session_remember(void);
 extern void voutbox_session_pin(void);
 
+/*
+ * Envelope formats (envelope.c): what a message's value and headers are.
+ * VOUTBOX: voutbox's own envelope; CLOUDEVENTS: CloudEvents 1.0, Kafka
+ * protocol binding, structured mode (the event as JSON) or binary mode (the
+ * data as the value, attributes as ce_ headers); DEBEZIUM: what Debezium's
+ * outbox EventRouter emits (the payload as the value, header "id").
+ */
+typedef enum VoutboxFormat
+{
+	VOUTBOX_FORMAT_VOUTBOX,
+	VOUTBOX_FORMAT_CLOUDEVENTS,
+	VOUTBOX_FORMAT_CLOUDEVENTS_BINARY,
+	VOUTBOX_FORMAT_DEBEZIUM
+} VoutboxFormat;
+
 /* Envelope (envelope.c) */
 struct json_object;
 extern struct json_object *voutbox_envelope_new(const VoutboxEvent *ev);
+extern struct json_object *voutbox_value_new(const VoutboxEvent *ev, VoutboxFormat format);
+extern char *voutbox_ce_source(const VoutboxEvent *ev);
 extern void voutbox_format_timestamp(TimestampTz ts, char *buf, size_t len);
 
 /* The rules an event must follow (validate.c) */
@@ -257,6 +279,8 @@ extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleD
  */
 #define VOUTBOX_DELIVERY_PENDING	INT_MIN
 #define VOUTBOX_DELIVERY_SKIPPED	(INT_MIN + 1)
+/* Not sent: its topic could not be created (topics.c); it waits, uncharged. */
+#define VOUTBOX_DELIVERY_NO_TOPIC	(INT_MIN + 2)
 
 typedef struct VoutboxProducer VoutboxProducer;
 
@@ -425,6 +449,14 @@ extern void voutbox_settle_keys_in_flight(struct HTAB *keys);
 extern TimestampTz voutbox_topic_stalled_until(const char *topic, TimestampTz now);
 extern void voutbox_forget_stalled_topics(void);
 extern bool voutbox_dead_events_wait(void);
+
+/* Topic provisioning with the admin API (topics.c) */
+struct rd_kafka_s;
+extern bool voutbox_topic_config_is_valid(const char *value, char **detail);
+extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, const char *topic, bool reachable);
+extern const char *voutbox_topic_error(const char *topic, const char **code);
+extern TimestampTz voutbox_topic_retry_at(const char *topic);
+extern void voutbox_topics_forget(void);
 
 /* Retention (retention.c) */
 extern void voutbox_retention_run(const char *settled_lo);

@@ -17,6 +17,8 @@ use VoutboxTest;
 my $kafka = kafka_start('retry', 'auto.create.topics.enable=false');
 kafka_create_topic($kafka, 'acme.order.noted.v1', 2);
 my $node = voutbox_node('retry', $kafka,
+	# Its missing topics stay missing: voutbox does not create them.
+	'voutbox.create_topics' => 'off',
 	'voutbox.delivery_timeout' => '1s',
 	'voutbox.backoff_base' => '100ms',
 	'voutbox.backoff_max' => '1600ms',

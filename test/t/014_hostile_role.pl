@@ -24,6 +24,8 @@ $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf('postgresql.conf', <<"EOC");
 shared_preload_libraries = 'voutbox'
 voutbox.database = 'app'
+# (its missing topic stays missing: voutbox does not create it)
+voutbox.create_topics = off
 voutbox.brokers = '$kafka->{brokers}'
 voutbox.delivery_timeout = '1s'
 voutbox.backoff_base = '100ms'

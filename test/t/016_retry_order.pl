@@ -14,6 +14,8 @@ use VoutboxTest;
 
 my $kafka = kafka_start('retry_order', 'auto.create.topics.enable=false');
 my $node = voutbox_node('retry_order', $kafka,
+	# Its missing topics stay missing: voutbox does not create them.
+	'voutbox.create_topics' => 'off',
 	'voutbox.delivery_timeout' => '1s',
 	'voutbox.backoff_base' => '4s',
 	'voutbox.backoff_max' => '4s',

@@ -19,6 +19,8 @@ use VoutboxTest;
 my $kafka = kafka_start('liveness', 'auto.create.topics.enable=false');
 kafka_create_topic($kafka, 'acme.item.ok.v1', 2);
 my $node = voutbox_node('liveness', $kafka,
+	# Its missing topics stay missing: voutbox does not create them.
+	'voutbox.create_topics' => 'off',
 	'voutbox.delivery_timeout' => '1s',
 	'voutbox.max_retries' => '0',
 	'voutbox.dlq_retention' => '1h',

@@ -32,6 +32,8 @@ my $kafka = kafka_start('silent', 'auto.create.topics.enable=false');
 kafka_create_topic($kafka, 'acme.flow.v1', 4);
 
 my $node = voutbox_node('silent', $kafka,
+	# Its missing topics stay missing: voutbox does not create them.
+	'voutbox.create_topics' => 'off',
 	'voutbox.delivery_timeout' => '15s',
 	'voutbox.backoff_base' => '200ms',
 	'voutbox.backoff_max' => '1s',

@@ -16,7 +16,16 @@
  *       prints the produce-to-acknowledgement latency percentiles.
  *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
  *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
- *       Topic administration through librdkafka's admin API.
+ *   vkafka describe-topic -b BROKERS -t TOPIC
+ *       Print the topic as JSON: {"partitions": N, "replication_factor": R,
+ *       "config": {name: value}} with the settings not at their default;
+ *       exits 2 if the topic does not exist.
+ *   vkafka acl add|delete -b BROKERS -t RESOURCE -c name=value ...
+ *       Add or delete one ACL binding: resource=topic|cluster,
+ *       pattern=literal|prefixed, operation=create|all|..., permission=allow|deny,
+ *       principal (User:ANONYMOUS), host (*).  RESOURCE is the resource name
+ *       (kafka-cluster for the cluster).
+ *       Topic and ACL administration through librdkafka's admin API.
  *   vkafka mock [-n BROKERS] [-c name=value ...]
  *       Run a librdkafka mock cluster of BROKERS brokers (default 1, ids 1..N;
  *       -c sets properties of its handle, e.g. debug=mock).  Prints the
@@ -477,6 +486,150 @@ alter_topic(void)
 	return 0;
 }
 
+static int
+describe_topic(void)
+{
+	rd_kafka_t *rk = admin_client();
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topics, NULL);
+	const struct rd_kafka_metadata *md;
+	rd_kafka_resp_err_t err;
+	rd_kafka_queue_t *q;
+	rd_kafka_ConfigResource_t *cr;
+	const rd_kafka_ConfigResource_t **res;
+	const rd_kafka_ConfigEntry_t **entries;
+	size_t		n, nentries;
+	rd_kafka_event_t *ev;
+	json_object *out = json_object_new_object();
+	json_object *config = json_object_new_object();
+
+	err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_s * 1000);
+	if (err)
+		die("metadata: %s", rd_kafka_err2str(err));
+	if (md->topic_cnt != 1 || md->topics[0].err)
+	{
+		fprintf(stderr, "vkafka: %s\n", md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no topic");
+		return 2;
+	}
+	json_object_object_add(out, "partitions", json_object_new_int(md->topics[0].partition_cnt));
+	json_object_object_add(out, "replication_factor",
+						   json_object_new_int(md->topics[0].partition_cnt > 0 ?
+											   md->topics[0].partitions[0].replica_cnt : 0));
+	rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+
+	q = rd_kafka_queue_new(rk);
+	cr = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topics);
+	rd_kafka_DescribeConfigs(rk, &cr, 1, NULL, q);
+	ev = admin_wait(q, RD_KAFKA_EVENT_DESCRIBECONFIGS_RESULT);
+	res = rd_kafka_DescribeConfigs_result_resources(rd_kafka_event_DescribeConfigs_result(ev), &n);
+	if (n != 1 || rd_kafka_ConfigResource_error(res[0]))
+		die("%s", n == 1 ? rd_kafka_ConfigResource_error_string(res[0]) : "no result");
+	entries = rd_kafka_ConfigResource_configs(res[0], &nentries);
+	for (size_t i = 0; i < nentries; i++)
+		if (!rd_kafka_ConfigEntry_is_default(entries[i]) && rd_kafka_ConfigEntry_value(entries[i]))
+			json_object_object_add(config, rd_kafka_ConfigEntry_name(entries[i]),
+								   json_object_new_string(rd_kafka_ConfigEntry_value(entries[i])));
+	json_object_object_add(out, "config", config);
+	printf("%s\n", json_object_to_json_string_ext(out, JSON_C_TO_STRING_PLAIN));
+	json_object_put(out);
+	rd_kafka_event_destroy(ev);
+	rd_kafka_ConfigResource_destroy(cr);
+	rd_kafka_queue_destroy(q);
+	rd_kafka_destroy(rk);
+	return 0;
+}
+
+/* The value of -c NAME=..., or def. */
+static const char *
+config_value(const char *name, const char *def)
+{
+	size_t		len = strlen(name);
+
+	for (int i = 0; i < nconfigs; i++)
+		if (strncmp(configs[i], name, len) == 0 && configs[i][len] == '=')
+			return configs[i] + len + 1;
+	return def;
+}
+
+static int
+acl(const char *what)
+{
+	rd_kafka_t *rk = admin_client();
+	rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+	const char *resource = config_value("resource", "topic");
+	const char *pattern = config_value("pattern", "literal");
+	const char *operation = config_value("operation", "all");
+	const char *permission = config_value("permission", "allow");
+	const char *principal = config_value("principal", "User:ANONYMOUS");
+	const char *host = config_value("host", "*");
+	static const struct
+	{
+		const char *name;
+		rd_kafka_AclOperation_t op;
+	}			ops[] = {
+		{"all", RD_KAFKA_ACL_OPERATION_ALL}, {"read", RD_KAFKA_ACL_OPERATION_READ},
+		{"write", RD_KAFKA_ACL_OPERATION_WRITE}, {"create", RD_KAFKA_ACL_OPERATION_CREATE},
+		{"delete", RD_KAFKA_ACL_OPERATION_DELETE}, {"alter", RD_KAFKA_ACL_OPERATION_ALTER},
+		{"describe", RD_KAFKA_ACL_OPERATION_DESCRIBE},
+		{"cluster_action", RD_KAFKA_ACL_OPERATION_CLUSTER_ACTION},
+		{"idempotent_write", RD_KAFKA_ACL_OPERATION_IDEMPOTENT_WRITE},
+	};
+	rd_kafka_AclOperation_t op = RD_KAFKA_ACL_OPERATION_UNKNOWN;
+	rd_kafka_ResourceType_t rtype = strcmp(resource, "cluster") == 0 ?
+		RD_KAFKA_RESOURCE_BROKER : RD_KAFKA_RESOURCE_TOPIC;
+	rd_kafka_ResourcePatternType_t ptype = strcmp(pattern, "prefixed") == 0 ?
+		RD_KAFKA_RESOURCE_PATTERN_PREFIXED : RD_KAFKA_RESOURCE_PATTERN_LITERAL;
+	rd_kafka_AclPermissionType_t perm = strcmp(permission, "deny") == 0 ?
+		RD_KAFKA_ACL_PERMISSION_TYPE_DENY : RD_KAFKA_ACL_PERMISSION_TYPE_ALLOW;
+	char		errstr[512];
+	rd_kafka_event_t *ev;
+
+	for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
+		if (strcmp(ops[i].name, operation) == 0)
+			op = ops[i].op;
+	if (op == RD_KAFKA_ACL_OPERATION_UNKNOWN)
+		die("unknown operation %s", operation);
+	if (strcmp(what, "add") == 0)
+	{
+		rd_kafka_AclBinding_t *b = rd_kafka_AclBinding_new(rtype, topics, ptype, principal, host,
+															op, perm, errstr, sizeof(errstr));
+		const rd_kafka_acl_result_t **res;
+		size_t		n;
+
+		if (b == NULL)
+			die("%s", errstr);
+		rd_kafka_CreateAcls(rk, &b, 1, NULL, q);
+		ev = admin_wait(q, RD_KAFKA_EVENT_CREATEACLS_RESULT);
+		res = rd_kafka_CreateAcls_result_acls(rd_kafka_event_CreateAcls_result(ev), &n);
+		if (n != 1 || rd_kafka_acl_result_error(res[0]))
+			die("%s", n == 1 ? rd_kafka_error_string(rd_kafka_acl_result_error(res[0])) : "no result");
+		rd_kafka_AclBinding_destroy(b);
+	}
+	else if (strcmp(what, "delete") == 0)
+	{
+		rd_kafka_AclBindingFilter_t *f = rd_kafka_AclBindingFilter_new(rtype, topics, ptype, principal,
+																		host, op, perm, errstr,
+																		sizeof(errstr));
+		const rd_kafka_DeleteAcls_result_response_t **res;
+		size_t		n;
+
+		if (f == NULL)
+			die("%s", errstr);
+		rd_kafka_DeleteAcls(rk, &f, 1, NULL, q);
+		ev = admin_wait(q, RD_KAFKA_EVENT_DELETEACLS_RESULT);
+		res = rd_kafka_DeleteAcls_result_responses(rd_kafka_event_DeleteAcls_result(ev), &n);
+		if (n != 1 || rd_kafka_DeleteAcls_result_response_error(res[0]))
+			die("%s", n == 1 ? rd_kafka_error_string(rd_kafka_DeleteAcls_result_response_error(res[0])) : "no result");
+		rd_kafka_AclBinding_destroy(f);
+	}
+	else
+		die("%s", "usage: vkafka acl add|delete ...");
+	rd_kafka_event_destroy(ev);
+	rd_kafka_queue_destroy(q);
+	rd_kafka_destroy(rk);
+	return 0;
+}
+
 /* Parse a whole string as an integer; 0 if it is not one. */
 static int
 parse_int(const char *s, long *v)
@@ -765,6 +918,14 @@ main(int argc, char **argv)
 	}
 	if (strcmp(cmd, "mock") == 0)
 		return mock();
+	if (strcmp(cmd, "acl") == 0)
+	{
+		if (optind >= argc)
+			die("%s", "usage: vkafka acl add|delete -b BROKERS -t RESOURCE -c name=value ...");
+		if (brokers == NULL || topics == NULL)
+			die("%s", "-b and -t are required");
+		return acl(argv[optind]);
+	}
 	if (brokers == NULL || topics == NULL)
 		die("%s", "-b and -t are required");
 	if (strcmp(cmd, "consume") == 0)
@@ -775,6 +936,8 @@ main(int argc, char **argv)
 		return create_topic();
 	if (strcmp(cmd, "alter-topic") == 0)
 		return alter_topic();
+	if (strcmp(cmd, "describe-topic") == 0)
+		return describe_topic();
 	die("unknown command %s", cmd);
 	return 1;
 }
