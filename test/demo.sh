@@ -3,8 +3,8 @@
 #   bash test/demo.sh
 # Installs what is needed, builds and installs voutbox, starts a throwaway
 # PostgreSQL 15 with voutbox preloaded and a local Apache Kafka broker,
-# saves a few events in transactions (one rolled back), and prints what
-# arrived in Kafka.  Everything it starts is stopped at the end.
+# saves a few events in transactions (one rolled back) in two databases,
+# each served by its own delivery worker, and prints what arrived in Kafka.  Everything it starts is stopped at the end.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -34,12 +34,12 @@ port = $port
 listen_addresses = ''
 unix_socket_directories = '$work'
 shared_preload_libraries = 'voutbox'
-voutbox.database = 'app'
+voutbox.database = 'app, billing'
 voutbox.brokers = '$brokers'
 CONF
 "${as[@]}" pg_ctl -D "$pgdata" -l "$work/postgres.log" -w start >/dev/null
 psql=(psql -X -q -h "$work" -p "$port" -U postgres -v ON_ERROR_STOP=1)
-"${psql[@]}" -d postgres -c 'CREATE DATABASE app'
+"${psql[@]}" -d postgres -c 'CREATE DATABASE app' -c 'CREATE DATABASE billing'
 "${psql[@]}" -d app <<'SQL'
 CREATE EXTENSION voutbox;
 CREATE TABLE leads (id int PRIMARY KEY, tenant_id text, source text);
@@ -67,16 +67,28 @@ SELECT outbox_save('acme', 'order', 'o-7', 'order.paid.v1', '{"amount": 129.90, 
                    idempotency_key => 'pay-o-7') IS NOT NULL AS saved_again;
 SQL
 
+# A second database, with its own outbox and its own delivery worker.
+"${psql[@]}" -d billing <<'SQL'
+CREATE EXTENSION voutbox;
+SELECT outbox_save('acme', 'invoice', 'inv-2026-001', 'invoice.sent.v1', '{"total": 129.90}') IS NOT NULL AS saved;
+SQL
+
 echo "== waiting for delivery"
 deadline=$((SECONDS + 60))
 until [ "$("${psql[@]}" -d app -Atc "SELECT count(*) FROM outbox WHERE status = 'delivered'")" = 2 ]; do
 	[ $SECONDS -lt $deadline ] || { echo "not delivered in time; see $work/postgres.log" >&2; exit 1; }
 	sleep 0.1
 done
+until [ "$("${psql[@]}" -d billing -Atc "SELECT count(*) FROM outbox WHERE status = 'delivered'")" = 1 ]; do
+	[ $SECONDS -lt $deadline ] || { echo "not delivered in time; see $work/postgres.log" >&2; exit 1; }
+	sleep 0.1
+done
 "${psql[@]}" -d app -c 'SELECT event_type, aggregate_id, status, topic, key, published_at FROM outbox ORDER BY created_at'
+"${psql[@]}" -d billing -c 'SELECT event_type, aggregate_id, status, topic, key, published_at FROM outbox'
+"${psql[@]}" -d app -c 'SELECT database, pid IS NOT NULL AS running, state, delivered FROM outbox_worker ORDER BY database'
 
 echo "== what arrived in Kafka"
-for topic in acme.lead.created.v1 acme.order.paid.v1; do
+for topic in acme.lead.created.v1 acme.order.paid.v1 acme.invoice.sent.v1; do
 	kcat -b "$brokers" -C -t "$topic" -o beginning -e -q \
 		-f '\ntopic %t  partition %p  offset %o  key %k\nheaders %h\n%s\n'
 done
