@@ -3,13 +3,14 @@
 # PostgreSQL 15 with its server headers, librdkafka, json-c, kcat, the TAP
 # test modules' IPC::Run, Maven and a JDK (for the Kafka test broker and the
 # benchmark's Debezium baseline), gnuplot (the benchmark's chart), postgres_exporter
-# (the metrics test).
+# (the metrics test), debhelper and postgresql-server-dev-all (pg_buildext:
+# the Debian package, test/deb.sh).
 # Runs apt-get only for what is missing.  Needs root or sudo.
 set -euo pipefail
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib librdkafka-dev
 	libjson-c-dev kcat libipc-run-perl maven make gcc pkg-config python3 gnuplot-nox
-	prometheus-postgres-exporter)
+	prometheus-postgres-exporter debhelper postgresql-server-dev-all dpkg-dev)
 command -v javac >/dev/null 2>&1 || packages+=(openjdk-17-jdk-headless)
 
 missing=()

@@ -4,7 +4,8 @@
 # Installs the dependencies, fetches Kafka, builds and installs the
 # extension, then runs pg_regress, the isolation tests and the TAP suite
 # (each TAP test starts its own PostgreSQL cluster and Kafka broker on
-# loopback), and a short run of the benchmark.  PostgreSQL refuses to run as
+# loopback), a short run of the benchmark, and builds the Debian package and
+# runs the demo against it.  PostgreSQL refuses to run as
 # root, so as root the tests run as an unprivileged user on a copy of the
 # tree.
 set -euo pipefail
@@ -90,5 +91,14 @@ if [ $status -eq 0 ] && [ "${VOUTBOX_BENCH_SMOKE:-1}" != 0 ]; then
 	start=$SECONDS
 	bash test/bench/smoke.sh || status=$?
 	echo "benchmark smoke run: $((SECONDS - start))s" >&2
+fi
+# The Debian package: built with pg_buildext, installed in place of the
+# build above, the demo run against it (test/deb.sh).  Skip with
+# VOUTBOX_DEB=0.
+if [ $status -eq 0 ] && [ "${VOUTBOX_DEB:-1}" != 0 ]; then
+	cd "$here"
+	start=$SECONDS
+	bash test/deb.sh || status=$?
+	echo "Debian package and demo: $((SECONDS - start))s" >&2
 fi
 exit $status

@@ -3,6 +3,7 @@
 #
 #   voutbox_build           install the dependencies, fetch Kafka, build the
 #                           extension and the test tool, install the extension
+#                           (with VOUTBOX_PREINSTALLED=1, only the first two)
 #   voutbox_as_user DIR     PostgreSQL refuses to run as root: as root, make
 #                           sure an unprivileged user exists and owns DIR.
 #                           Sets the array "as" to the command prefix that
@@ -23,6 +24,8 @@ voutbox_build() {
 	[ "$(id -u)" -eq 0 ] || sudo=sudo
 	bash test/install-deps.sh
 	test/kafka/fetch.sh >/dev/null
+	# (test/deb.sh: the extension is installed from the Debian package.)
+	[ "${VOUTBOX_PREINSTALLED:-0}" = 1 ] && return 0
 	make -s PG_CONFIG=$PG_CONFIG all test-tools
 	$sudo make -s PG_CONFIG=$PG_CONFIG install
 }
