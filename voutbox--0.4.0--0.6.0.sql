@@ -16,7 +16,7 @@ CREATE FUNCTION voutbox.workers(OUT database text, OUT pid integer, OUT state te
 								OUT dead bigint, OUT producers_built bigint,
 								OUT last_error text, OUT last_error_at timestamptz)
 RETURNS SETOF record
-AS 'MODULE_PATHNAME', 'voutbox_worker_status'
+AS 'MODULE_PATHNAME', 'voutbox_workers'
 LANGUAGE C VOLATILE;
 
 /* Replaced, not dropped: the privileges granted on it stay. */
@@ -26,6 +26,35 @@ SELECT pid, state, state_since, detail, started_at, rounds, delivered, failed_at
   FROM voutbox.workers();
 COMMENT ON VIEW @extschema@.outbox_worker IS
 	'voutbox: the delivery workers, one per database in voutbox.database: what each does now and its counters since the server started';
+
+/*
+ * A role that reads the figures of every tenant and changes nothing: for
+ * monitoring (postgres_exporter, monitoring/postgres_exporter.yaml).  Its
+ * members see outbox_stats whole and outbox_worker; not the events
+ * (outbox, outbox_dlq), not the DLQ administration.
+ */
+DO $$
+DECLARE
+	members text;
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'voutbox_monitor') THEN
+		CREATE ROLE voutbox_monitor NOLOGIN;
+	ELSE
+		SELECT pg_catalog.string_agg(pg_catalog.quote_ident(m.rolname), ', ' ORDER BY m.rolname) INTO members
+		  FROM pg_catalog.pg_auth_members a
+		  JOIN pg_catalog.pg_roles m ON m.oid OPERATOR(pg_catalog.=) a.member
+		 WHERE a.roleid OPERATOR(pg_catalog.=) 'voutbox_monitor'::pg_catalog.regrole;
+		RAISE NOTICE 'the role voutbox_monitor exists already; its members read every tenant''s figures of voutbox in every database: %',
+			COALESCE(members, '(none)')
+			USING HINT = 'Check that it is the role you meant; voutbox adopts it as its monitoring role.';
+	END IF;
+END $$;
+
+/* Whether the current user monitors every tenant's figures. */
+CREATE FUNCTION voutbox.monitors() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.pg_has_role('voutbox_monitor', 'USAGE') $$;
 
 CREATE OR REPLACE VIEW @extschema@.outbox_stats WITH (security_barrier) AS
 WITH cursor AS (
@@ -37,7 +66,7 @@ WITH cursor AS (
 			OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(c.lo))))
 	   AND NOT (c.hi IS NOT NULL AND pg_visible_in_snapshot(e.txid, c.hi)
 				AND e.seq <= c.done_seq)
-	   AND voutbox.acts_for(e.tenant_id)
+	   AND (voutbox.acts_for(e.tenant_id) OR voutbox.monitors())
 	UNION ALL
 	SELECT d.tenant_id, d.topic, d.created_at, d.scheduled_for,
 		   CASE WHEN d.attempts > 0 THEN 'retrying'
@@ -52,7 +81,7 @@ WITH cursor AS (
 				ELSE 'pending' END
 	  FROM voutbox.deferred d
 	 WHERE d.delivered_at IS NULL AND d.dead_reason IS NULL
-	   AND voutbox.acts_for(d.tenant_id)
+	   AND (voutbox.acts_for(d.tenant_id) OR voutbox.monitors())
 ), w AS (
 	SELECT tenant_id, topic,
 		   count(*) AS pending,
@@ -66,12 +95,12 @@ WITH cursor AS (
 		   max(moved_at) AS last_moved_at,
 		   (array_agg(last_error ORDER BY moved_at DESC))[1] AS last_dead_error
 	  FROM voutbox.dlq
-	 WHERE voutbox.acts_for(tenant_id)
+	 WHERE (voutbox.acts_for(tenant_id) OR voutbox.monitors())
 	 GROUP BY tenant_id, topic
 ), k AS (
 	SELECT * FROM voutbox.topic_counters() t
-	 WHERE CASE WHEN t.tenant_id IS NULL THEN voutbox.acts_for_all()
-				ELSE voutbox.acts_for(t.tenant_id) END
+	 WHERE CASE WHEN t.tenant_id IS NULL THEN (voutbox.acts_for_all() OR voutbox.monitors())
+				ELSE (voutbox.acts_for(t.tenant_id) OR voutbox.monitors()) END
 )
 SELECT tenant_id,
 	   topic,
@@ -92,5 +121,7 @@ SELECT tenant_id,
   FROM w
   FULL JOIN q USING (tenant_id, topic)
   FULL JOIN k USING (tenant_id, topic);
+GRANT SELECT ON @extschema@.outbox_stats, @extschema@.outbox_worker TO voutbox_monitor;
+
 
 DROP FUNCTION voutbox.worker_status();

@@ -23,3 +23,12 @@ ALTER SYSTEM SET voutbox.database = '"app" billing';
 ALTER SYSTEM SET voutbox.database = 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa';
 ALTER SYSTEM RESET voutbox.database;
 \set VERBOSITY terse
+
+-- Between the new library's start and ALTER EXTENSION UPDATE, the 0.4.0 SQL
+-- objects still work with it (their one-row worker_status()).
+DROP EXTENSION voutbox CASCADE;
+CREATE EXTENSION voutbox VERSION '0.4.0';
+SELECT pid, state, rounds FROM outbox_worker;
+SELECT count(*) FROM outbox_stats;
+ALTER EXTENSION voutbox UPDATE;
+SELECT database = current_database() AS this_database, state FROM outbox_worker;

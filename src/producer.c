@@ -73,6 +73,15 @@
 struct VoutboxProducer
 {
 	rd_kafka_t *rk;
+	/*
+	 * A second client for topic provisioning (topics.c), built when first
+	 * needed from admin_conf: the producer itself never looks up a topic
+	 * that does not exist yet.  (With the producer's own instance, the first
+	 * events of a topic it had seen missing and then created went astray in
+	 * a sanitizer run: acknowledged, not in the log.)
+	 */
+	rd_kafka_t *admin;
+	rd_kafka_conf_t *admin_conf;
 	char	   *config;			/* the settings it was built from */
 	int			config_checked;	/* config_generation when compared last */
 	bool		config_changed;	/* what the comparison said */
@@ -412,7 +421,8 @@ reserve_fds(VoutboxProducer *p)
 
 	for (const char *c = voutbox_brokers; c && *c; c++)
 		brokers += *c == ',';
-	p->reserved_fds = 2 + 2 + 3 * 2 * brokers;
+	/* (and as many again for the provisioning client) */
+	p->reserved_fds = 2 + 2 + 3 * 2 * brokers + 1 + 3 * 2 * brokers;
 	for (int i = 0; i < p->reserved_fds; i++)
 		ReserveExternalFD();
 }
@@ -460,6 +470,12 @@ voutbox_producer_create(char **error)
 		pfree(p);
 		return NULL;
 	}
+	p->admin_conf = rd_kafka_conf_dup(conf);
+	conf_set(p->admin_conf, "enable.gapless.guarantee", "false");
+	conf_set(p->admin_conf, "enable.idempotence", "false");
+	conf_set(p->admin_conf, "log.queue", "false");
+	conf_set(p->admin_conf, "log_level", "3");
+	conf_set(p->admin_conf, "client.id", "voutbox-admin");
 	rd_kafka_conf_set_opaque(conf, p);
 	rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
 	rd_kafka_conf_set_error_cb(conf, on_error);
@@ -471,6 +487,7 @@ voutbox_producer_create(char **error)
 	if (p->rk == NULL)
 	{
 		rd_kafka_conf_destroy(conf);
+		rd_kafka_conf_destroy(p->admin_conf);
 		*error = pstrdup(errstr);
 		for (int i = 0; i < p->reserved_fds; i++)
 			ReleaseExternalFD();
@@ -505,6 +522,9 @@ voutbox_producer_destroy(VoutboxProducer *p)
 	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_flush(p->rk, 1000);
 	rd_kafka_destroy(p->rk);
+	if (p->admin != NULL)
+		rd_kafka_destroy(p->admin);
+	rd_kafka_conf_destroy(p->admin_conf);
 	emit_logs(p);
 	close(p->pipe_r);
 	close(p->pipe_w);
@@ -862,7 +882,19 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 
 	if (p->purged || p->fatal || ShutdownRequestPending)
 		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
-	if (!voutbox_topic_ensure(p->rk, ev->topic, !outage(p)))
+	if (voutbox_create_topics && p->admin == NULL)
+	{
+		char		errstr[512];
+		rd_kafka_conf_t *conf = rd_kafka_conf_dup(p->admin_conf);
+
+		p->admin = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+		if (p->admin == NULL)
+			rd_kafka_conf_destroy(conf);
+		if (p->admin == NULL)
+			ereport(LOG,
+					(errmsg("voutbox: could not build the topic provisioning client: %s", errstr)));
+	}
+	if (p->admin != NULL && !voutbox_topic_ensure(p->admin, ev->topic, !outage(p)))
 		return VOUTBOX_DELIVERY_NO_TOPIC;
 	for (;;)
 	{

@@ -369,6 +369,8 @@ charge_failure(SettleState *st, DeferredRows *rows, const VoutboxEvent *ev, int 
 	else if (voutbox_topic_refusal(err) && dead == NULL)
 		/* librdkafka knows the topic to be missing: its events wait for the retry. */
 		topic_stalls(ev->topic, due);
+	if (voutbox_topic_refusal(err))
+		voutbox_topic_missing(ev->topic);
 	voutbox_stats_batch_add(st->stats, ev->tenant_id, ev->topic, 0, 1, 0,
 							rows->errors[rows->n - 1]);
 }

@@ -390,15 +390,15 @@ put_slot(ReturnSetInfo *rsinfo, const VoutboxWorkerSlot *s)
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
-PG_FUNCTION_INFO_V1(voutbox_worker_status);
+PG_FUNCTION_INFO_V1(voutbox_workers);
 
 /*
- * A row per database listed in voutbox.database: this database's, and the
- * others' to members of pg_read_all_stats.  If this database is not listed,
- * a row for it says "disabled".
+ * voutbox.workers(): a row per database listed in voutbox.database: this
+ * database's, and the others' to members of pg_read_all_stats.  If this
+ * database is not listed, a row for it says "disabled".
  */
 Datum
-voutbox_worker_status(PG_FUNCTION_ARGS)
+voutbox_workers(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	bool		all = has_privs_of_role(GetUserId(), ROLE_PG_READ_ALL_STATS);
@@ -434,4 +434,51 @@ voutbox_worker_status(PG_FUNCTION_ARGS)
 		put_slot(rsinfo, &s);
 	}
 	return (Datum) 0;
+}
+
+PG_FUNCTION_INFO_V1(voutbox_worker_status);
+
+/*
+ * voutbox.worker_status() of the SQL objects before 0.6.0 (one row, without
+ * the database), which this library still serves until ALTER EXTENSION
+ * UPDATE has run: this database's worker.
+ */
+Datum
+voutbox_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	VoutboxWorkerSlot s;
+	Datum		values[12];
+	bool		nulls[12] = {false};
+	bool		found = false;
+
+	require_preloaded();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE || tupdesc->natts != 12)
+		elog(ERROR, "voutbox.worker_status() must return a row of 12 columns");
+	for (int i = 0; i < voutbox_shared->nslots && !found; i++)
+	{
+		SpinLockAcquire(&voutbox_shared->mutex);
+		memcpy(&s, &voutbox_shared->slots[i], sizeof(s));
+		SpinLockRelease(&voutbox_shared->mutex);
+		found = s.dbname[0] != '\0' && s.database == MyDatabaseId;
+	}
+	if (!found)
+	{
+		memset(&s, 0, sizeof(s));
+		strlcpy(s.state, "disabled", sizeof(s.state));
+	}
+	values[0] = Int32GetDatum(s.pid);
+	nulls[0] = s.pid == 0;
+	values[1] = CStringGetTextDatum(s.state[0] ? s.state : "not started");
+	values[2] = timestamp_or_null(s.state_since, &nulls[2]);
+	values[3] = text_or_null(s.detail, &nulls[3]);
+	values[4] = timestamp_or_null(s.started_at, &nulls[4]);
+	values[5] = Int64GetDatum((int64) s.rounds);
+	values[6] = Int64GetDatum((int64) s.delivered);
+	values[7] = Int64GetDatum((int64) s.failed_attempts);
+	values[8] = Int64GetDatum((int64) s.dead);
+	values[9] = Int64GetDatum((int64) s.producers_built);
+	values[10] = text_or_null(s.last_error, &nulls[10]);
+	values[11] = timestamp_or_null(s.last_error_at, &nulls[11]);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

@@ -329,7 +329,9 @@ voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, bool reachable)
 	if (t->retry_at > now)
 		return t->unknown;
 
-	if (!reachable)
+	if (!reachable && t->failures > 0 && !t->unknown)
+		;						/* refused before: stays refused meanwhile */
+	else if (!reachable)
 		failed(t, RD_KAFKA_RESP_ERR__TRANSPORT, "no broker can be reached");
 	else
 	{
@@ -357,8 +359,13 @@ voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, bool reachable)
 	delay = Min(delay, (int64) voutbox_backoff_max);
 	t->failures++;
 	t->retry_at = TimestampTzPlusMilliseconds(now, delay);
-	/* (librdkafka's own errors are negative; the broker's positive.) */
-	refused = strncmp(t->code, "_", 1) != 0;
+	/*
+	 * librdkafka's own errors are negative, the broker's positive; of
+	 * librdkafka's, a setting it refuses or a broker too old for it are
+	 * refusals too.
+	 */
+	refused = strncmp(t->code, "_", 1) != 0 || strcmp(t->code, "_INVALID_ARG") == 0 ||
+		strcmp(t->code, "_UNSUPPORTED_FEATURE") == 0;
 	t->unknown = !refused;
 	if (refused)
 		ereport(LOG,
@@ -388,4 +395,17 @@ voutbox_topic_retry_at(const char *topic)
 	TopicState *t = topic_state(topic, false);
 
 	return t != NULL && !t->ready ? t->retry_at : 0;
+}
+
+/*
+ * The topic was refused for not existing (deleted since it was made sure
+ * of): check it again before its next event.
+ */
+void
+voutbox_topic_missing(const char *topic)
+{
+	TopicState *t = topic_state(topic, false);
+
+	if (t != NULL)
+		t->ready = false;
 }

@@ -51,7 +51,7 @@ char	   *voutbox_kafka_properties = NULL;
 char	   *voutbox_kafka_secrets_file = NULL;
 int			voutbox_delivery_timeout = 60000;
 int			voutbox_stats_max_topics = 1000;
-bool		voutbox_create_topics = true;
+bool		voutbox_create_topics = false;
 int			voutbox_format = VOUTBOX_FORMAT_VOUTBOX;
 
 static const struct config_enum_entry format_options[] = {
@@ -365,7 +365,7 @@ define_gucs(void)
 	DefineCustomBoolVariable("voutbox.create_topics",
 							 "Create a topic with Kafka's admin API before its first event is produced.",
 							 "Off: topics must exist, or the broker must create them.",
-							 &voutbox_create_topics, true,
+							 &voutbox_create_topics, false,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("voutbox.topic_partitions",
 							"Partitions of the topics voutbox creates; -1: the broker's default (num.partitions).",
@@ -441,16 +441,19 @@ voutbox_shmem_startup(void)
 static volatile VoutboxWorkerSlot *
 my_database_slot(void)
 {
+	volatile VoutboxWorkerSlot *found = NULL;
+
 	if (voutbox_shared == NULL || !OidIsValid(MyDatabaseId))
 		return NULL;
+	/* (The slot whose worker runs, if two name this database.) */
 	for (int i = 0; i < voutbox_shared->nslots; i++)
 	{
 		volatile VoutboxWorkerSlot *slot = &voutbox_shared->slots[i];
 
-		if (slot->database == MyDatabaseId)
-			return slot;
+		if (slot->database == MyDatabaseId && (found == NULL || slot->pgprocno >= 0))
+			found = slot;
 	}
-	return NULL;
+	return found;
 }
 
 /*

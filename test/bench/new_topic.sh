@@ -18,6 +18,6 @@ cd "$work"
 pgxs=$(dirname "$($PG_CONFIG --pgxs)")/../../src/test/perl
 "${as[@]}" env TESTDIR="$work" PG_REGRESS="$pgxs/../regress/pg_regress" NEW_TOPIC_REPORT="$work/report.md" \
 	NEW_TOPICS="${NEW_TOPICS:-5}" NEW_TOPIC_DEADLINE="${NEW_TOPIC_DEADLINE:-20}" \
-	NEW_TOPIC_CONF="${NEW_TOPIC_CONF:-{\}}" perl -I "$pgxs" -I test/perl test/bench/new_topic.pl ||
+	NEW_TOPIC_CONF="${NEW_TOPIC_CONF:-{\"voutbox.create_topics\":\"on\"\}}" perl -I "$pgxs" -I test/perl test/bench/new_topic.pl ||
 	{ tail -40 tmp_check/log/regress_log_new_topic >&2; exit 1; }
 cat "$work/report.md"

@@ -1,7 +1,8 @@
 # Prometheus metrics through postgres_exporter: the queries file the
 # repository ships (monitoring/postgres_exporter.yaml), run by the real
 # exporter (Debian's prometheus-postgres-exporter) connected as a role that
-# does not own the extension (a member of voutbox_admin), scraped over HTTP.
+# does not own the extension, a member of the read-only voutbox_monitor
+# while tenants are bound to roles, scraped over HTTP.
 # Checked: every metric is exposed with its type and its labels (database,
 # tenant, topic), the counters count what the worker did, the gauges what
 # waits, and the exporter reports no error for the queries.
@@ -25,7 +26,15 @@ my $queries = abs_path(dirname(__FILE__) . '/../../monitoring/postgres_exporter.
 
 my $kafka = kafka_start('metrics');
 my $node = voutbox_node('metrics', $kafka);
-$node->safe_psql('postgres', "CREATE ROLE exporter LOGIN; GRANT voutbox_admin TO exporter");
+# Tenants are bound to roles: the exporter sees every tenant's figures as a
+# member of voutbox_monitor, and nothing more.
+$node->safe_psql('postgres', "CREATE ROLE exporter LOGIN; GRANT voutbox_monitor TO exporter; "
+	  . "CREATE ROLE acme_app; SELECT outbox_tenant_grant('acme', 'acme_app')");
+my ($rc, $stdout, $stderr) = $node->psql('postgres', 'SET ROLE exporter; SELECT count(*) FROM outbox');
+like($stderr, qr/permission denied for view outbox/, 'the monitoring role cannot read the events');
+($rc, $stdout, $stderr) = $node->psql('postgres',
+	"SET ROLE exporter; SELECT outbox_dlq_requeue('00000000-0000-0000-0000-000000000000')");
+like($stderr, qr/permission denied for function outbox_dlq_requeue/, 'nor administer the DLQ');
 $node->safe_psql('postgres',
 	join(";\n", map { save_sql('acme', 'm.v1', "k$_", { n => $_ }) } 1 .. 3)
 	  . ";\n" . save_sql('globex', 'm.v1', 'k1', { n => 1 }));

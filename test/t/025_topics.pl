@@ -19,6 +19,7 @@ my $kafka = kafka_start('topics', 'auto.create.topics.enable=false',
 	'authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer',
 	'allow.everyone.if.no.acl.found=true');
 my $node = voutbox_node('topics', $kafka,
+	'voutbox.create_topics' => 'on',
 	'voutbox.topic_partitions' => '3',
 	'voutbox.topic_config' => 'retention.ms=3600000; max.message.bytes=2000000',
 	'voutbox.backoff_base' => '200ms',
@@ -59,6 +60,18 @@ my $t = describe('acme.lead.created.v1');
 is($t->{partitions}, 3, 'created with voutbox.topic_partitions');
 is($t->{config}{'retention.ms'}, '3600000', 'and voutbox.topic_config: retention.ms');
 is($t->{config}{'max.message.bytes'}, '2000000', 'and max.message.bytes');
+
+# --- A burst on another new topic, over many keys, saved while the topic is
+# being created: every event arrives, once (the first events of a new topic
+# once went astray when the producer itself had looked the topic up).
+$node->safe_psql('postgres',
+	"SELECT count(outbox_save('acme', 'test', 'b-' || (g % 50), 'lead.burst.v1', jsonb_build_object('n', g))) "
+	  . "FROM generate_series(1, 500) g");
+$node->safe_psql('postgres', save_sql('acme', 'lead.burst.v1', "b-$_", { n => 500 + $_ })) for 1 .. 20;
+wait_for_delivered($node, 520, "event_type = 'lead.burst.v1'");
+my %seen;
+$seen{ $_->{event}{payload}{n} }++ for consume_all($kafka, 'acme.lead.burst.v1');
+is(scalar(keys %seen), 520, 'all 520 events of the burst are in the new topic');
 
 # --- A setting the broker refuses: the events wait, uncharged (max_retries
 # is 0), the reason is shown; fixed by a reload, they go.
