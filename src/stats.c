@@ -367,6 +367,26 @@ voutbox_topic_counters(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
+/* The worker columns of a slot: pid, state, ..., last_error_at (12). */
+static void
+slot_values(const VoutboxWorkerSlot *s, Datum *values, bool *nulls)
+{
+	values[0] = Int32GetDatum(s->pid);
+	nulls[0] = s->pid == 0;
+	values[1] = CStringGetTextDatum(s->state[0] ? s->state : "not started");
+	values[2] = timestamp_or_null(s->state_since, &nulls[2]);
+	values[3] = text_or_null(s->detail, &nulls[3]);
+	values[4] = timestamp_or_null(s->started_at, &nulls[4]);
+	values[5] = Int64GetDatum((int64) s->rounds);
+	values[6] = Int64GetDatum((int64) s->delivered);
+	values[7] = Int64GetDatum((int64) s->failed_attempts);
+	values[8] = Int64GetDatum((int64) s->dead);
+	values[9] = Int64GetDatum((int64) s->producers_built);
+	values[10] = text_or_null(s->last_error, &nulls[10]);
+	values[11] = timestamp_or_null(s->last_error_at, &nulls[11]);
+}
+
+/* A row of voutbox.workers(): the database, then the worker columns. */
 static void
 put_slot(ReturnSetInfo *rsinfo, const VoutboxWorkerSlot *s)
 {
@@ -374,19 +394,7 @@ put_slot(ReturnSetInfo *rsinfo, const VoutboxWorkerSlot *s)
 	bool		nulls[13] = {false};
 
 	values[0] = CStringGetTextDatum(s->dbname);
-	values[1] = Int32GetDatum(s->pid);
-	nulls[1] = s->pid == 0;
-	values[2] = CStringGetTextDatum(s->state[0] ? s->state : "not started");
-	values[3] = timestamp_or_null(s->state_since, &nulls[3]);
-	values[4] = text_or_null(s->detail, &nulls[4]);
-	values[5] = timestamp_or_null(s->started_at, &nulls[5]);
-	values[6] = Int64GetDatum((int64) s->rounds);
-	values[7] = Int64GetDatum((int64) s->delivered);
-	values[8] = Int64GetDatum((int64) s->failed_attempts);
-	values[9] = Int64GetDatum((int64) s->dead);
-	values[10] = Int64GetDatum((int64) s->producers_built);
-	values[11] = text_or_null(s->last_error, &nulls[11]);
-	values[12] = timestamp_or_null(s->last_error_at, &nulls[12]);
+	slot_values(s, values + 1, nulls + 1);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
@@ -467,18 +475,6 @@ voutbox_worker_status(PG_FUNCTION_ARGS)
 		memset(&s, 0, sizeof(s));
 		strlcpy(s.state, "disabled", sizeof(s.state));
 	}
-	values[0] = Int32GetDatum(s.pid);
-	nulls[0] = s.pid == 0;
-	values[1] = CStringGetTextDatum(s.state[0] ? s.state : "not started");
-	values[2] = timestamp_or_null(s.state_since, &nulls[2]);
-	values[3] = text_or_null(s.detail, &nulls[3]);
-	values[4] = timestamp_or_null(s.started_at, &nulls[4]);
-	values[5] = Int64GetDatum((int64) s.rounds);
-	values[6] = Int64GetDatum((int64) s.delivered);
-	values[7] = Int64GetDatum((int64) s.failed_attempts);
-	values[8] = Int64GetDatum((int64) s.dead);
-	values[9] = Int64GetDatum((int64) s.producers_built);
-	values[10] = text_or_null(s.last_error, &nulls[10]);
-	values[11] = timestamp_or_null(s.last_error_at, &nulls[11]);
+	slot_values(&s, values, nulls);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

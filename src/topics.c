@@ -132,8 +132,8 @@ voutbox_topic_config_is_valid(const char *value, char **detail)
  */
 
 /* Forget what was learnt about topics (another cluster, maybe). */
-void
-voutbox_topics_forget(void)
+static void
+topics_forget(void)
 {
 	if (topic_states != NULL)
 		hash_destroy(topic_states);
@@ -319,7 +319,7 @@ voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, bool reachable)
 		return true;
 	if (states_brokers == NULL || strcmp(states_brokers, voutbox_brokers) != 0)
 	{
-		voutbox_topics_forget();
+		topics_forget();
 		states_brokers = MemoryContextStrdup(TopMemoryContext, voutbox_brokers);
 	}
 	t = topic_state(topic, true);

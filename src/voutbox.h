@@ -457,7 +457,6 @@ extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, const char *topic, bool 
 extern const char *voutbox_topic_error(const char *topic, const char **code);
 extern TimestampTz voutbox_topic_retry_at(const char *topic);
 extern void voutbox_topic_missing(const char *topic);
-extern void voutbox_topics_forget(void);
 
 /* Retention (retention.c) */
 extern void voutbox_retention_run(const char *settled_lo);
