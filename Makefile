@@ -26,9 +26,9 @@ PG_CFLAGS  += $(SANITIZE_FLAGS)
 SHLIB_LINK += $(SANITIZE_FLAGS)
 endif
 
-REGRESS      = save validation idempotency storage dlq tenants databases topics
+REGRESS      = save validation idempotency storage dlq tenants databases topics routes
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
-ISOLATION    = idempotency_concurrency
+ISOLATION    = idempotency_concurrency routes_cache
 ISOLATION_OPTS = --temp-instance=tmp_check_isolation --temp-config=$(srcdir)/test/regress.conf
 
 TAP_TESTS   = 1

@@ -668,17 +668,43 @@ headers_new(const VoutboxEvent *ev, VoutboxFormat format)
 	return h;
 }
 
+/*
+ * The static headers of the event's route (a JSON object of strings, as
+ * routes.c checked it), after voutbox's own.
+ */
+static void
+add_route_headers(rd_kafka_headers_t *h, const VoutboxEvent *ev)
+{
+	struct json_object *obj;
+
+	if (ev->headers == NULL || (obj = json_tokener_parse(ev->headers)) == NULL)
+		return;
+	if (json_object_is_type(obj, json_type_object))
+	{
+		json_object_object_foreach(obj, name, value)
+		{
+			if (json_object_is_type(value, json_type_string))
+				rd_kafka_header_add(h, name, -1, json_object_get_string(value),
+									json_object_get_string_len(value));
+		}
+	}
+	json_object_put(obj);
+}
+
 static rd_kafka_resp_err_t
 produce_one(VoutboxProducer *p, const VoutboxEvent *ev, uint64 ticket)
 {
-	struct json_object *env = voutbox_value_new(ev, (VoutboxFormat) voutbox_format);
+	VoutboxFormat format = (VoutboxFormat) (ev->format >= 0 ? ev->format : voutbox_format);
+	struct json_object *env = voutbox_value_new(ev, format);
 	size_t		len;
 	const char *value = json_object_to_json_string_length(env, JSON_C_TO_STRING_PLAIN, &len);
-	rd_kafka_headers_t *hdrs = headers_new(ev, (VoutboxFormat) voutbox_format);
+	rd_kafka_headers_t *hdrs = headers_new(ev, format);
 	rd_kafka_resp_err_t err;
 	/* Kafka record time: when the event was saved, in ms since the epoch */
 	int64		ts_ms = ev->created_at / 1000 +
 		(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
+
+	add_route_headers(hdrs, ev);
 
 	err = rd_kafka_producev(p->rk,
 							RD_KAFKA_V_TOPIC(ev->topic),
@@ -894,7 +920,8 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 			ereport(LOG,
 					(errmsg("voutbox: could not build the topic provisioning client: %s", errstr)));
 	}
-	if (p->admin != NULL && !voutbox_topic_ensure(p->admin, ev->topic, !outage(p)))
+	if (p->admin != NULL &&
+		!voutbox_topic_ensure(p->admin, ev->topic, ev->topic_settings, !outage(p)))
 		return VOUTBOX_DELIVERY_NO_TOPIC;
 	for (;;)
 	{

@@ -70,8 +70,8 @@ enum
 	ARG_SCHEDULED_FOR
 };
 
-/* Columns of the INSERT, in the order of its parameters. */
-#define INSERT_NPARAMS 21
+/* Columns of the INSERT, in the order of its parameters (the last three: a route's). */
+#define INSERT_NPARAMS 24
 
 typedef struct SaveRequest
 {
@@ -95,10 +95,12 @@ typedef struct SaveRequest
 	TimestampTz scheduled_for;
 	char	   *topic;
 	char	   *msg_key;
+	const VoutboxRoute *route;	/* the route that matched, or NULL */
 } SaveRequest;
 
 static SPIPlanPtr plan_current_slot = NULL;
 static SPIPlanPtr plan_insert[VOUTBOX_RING_SLOTS];
+static SPIPlanPtr plan_insert_routed[VOUTBOX_RING_SLOTS];
 static SPIPlanPtr plan_find_key = NULL;
 
 static bool xact_callback_registered = false;
@@ -182,9 +184,11 @@ resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
 
 
 /*
- * Every argument that the topic template puts into the topic must itself be
- * acceptable in a Kafka topic name; the message names the first one that is
- * not.  Then the whole topic must be.
+ * The event's topic and key, from the first route that matches it, or from
+ * voutbox.topic_template and voutbox.key_template.  Every argument that the
+ * topic template puts into the topic must itself be acceptable in a Kafka
+ * topic name; the message names the first one that is not.  Then the whole
+ * topic must be.
  */
 static void
 render_routing(SaveRequest *req)
@@ -195,48 +199,67 @@ render_routing(SaveRequest *req)
 	{"aggregate_type", req->aggregate_type},
 	{"aggregate_id", req->aggregate_id},
 	{"event_type", req->event_type}};
+	const VoutboxRoute *route = voutbox_route_match(req->tenant_id, req->event_type);
+	const char *topic_tmpl = voutbox_topic_template;
+	const char *topic_from = "voutbox.topic_template";
+	const char *topic_desc;
+	const char *key_tmpl = voutbox_key_template;
+	const char *key_from = "voutbox.key_template";
 	const char *detail;
 
-	if (!voutbox_topic_template_separates_tenants(voutbox_topic_template, &detail))
+	req->route = route;
+	if (route != NULL && route->topic_template != NULL)
+	{
+		topic_tmpl = route->topic_template;
+		topic_from = psprintf("the topic template of route \"%s\"", route->name);
+		voutbox_check_route_separator(route->name, topic_tmpl);
+	}
+	if (route != NULL && route->key_template != NULL)
+	{
+		key_tmpl = route->key_template;
+		key_from = psprintf("the key template of route \"%s\"", route->name);
+	}
+	topic_desc = route != NULL && route->topic_template != NULL ?
+		psprintf("the topic template \"%s\" of route \"%s\"", topic_tmpl, route->name) :
+		psprintf("voutbox.topic_template \"%s\"", topic_tmpl);
+	if (!voutbox_topic_template_separates_tenants(topic_tmpl, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("voutbox.topic_template \"%s\" could make two tenants share a topic",
-						voutbox_topic_template),
+				 errmsg("%s could make two tenants share a topic", topic_desc),
 				 errdetail("%s", detail),
 				 errhint("Start the template with {tenant_id} and a separator, as in the default \"{tenant_id}.{event_type}\", or leave {tenant_id} out to share topics between tenants.")));
 	for (size_t i = 0; i < lengthof(args); i++)
 	{
 		char	   *placeholder = psprintf("{%s}", args[i][0]);
 
-		if (strstr(voutbox_topic_template, placeholder) != NULL &&
+		if (strstr(topic_tmpl, placeholder) != NULL &&
 			strlen(args[i][1]) <= VOUTBOX_TOPIC_MAX_LEN &&
 			!voutbox_topic_is_valid(args[i][1], &detail))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_NAME),
 					 errmsg("%s \"%s\" cannot be part of a Kafka topic name", args[i][0], args[i][1]),
-					 errdetail("voutbox.topic_template \"%s\" puts %s into the topic. %s",
-							   voutbox_topic_template, args[i][0], detail)));
+					 errdetail("%s puts %s into the topic. %s", topic_desc, args[i][0], detail)));
 	}
-	voutbox_check_tenant_in_topic(req->tenant_id, voutbox_topic_template);
-	req->topic = voutbox_render_template(voutbox_topic_template, &f);
+	voutbox_check_tenant_in_topic(req->tenant_id, topic_tmpl, topic_desc);
+	req->topic = voutbox_render_template(topic_tmpl, &f);
 	if (!voutbox_topic_is_valid(req->topic, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("the topic \"%s\" rendered from voutbox.topic_template is not a valid Kafka topic name",
-						req->topic),
+				 errmsg("the topic \"%s\" rendered from %s is not a valid Kafka topic name",
+						req->topic, topic_from),
 				 errdetail("%s", detail),
-				 errhint("Shorten the arguments the template uses, or change voutbox.topic_template.")));
-	req->msg_key = voutbox_render_template(voutbox_key_template, &f);
+				 errhint("Shorten the arguments the template uses, or change %s.", topic_from)));
+	req->msg_key = voutbox_render_template(key_tmpl, &f);
 	if (req->msg_key[0] == '\0')
 		req->msg_key = NULL;
 	else if (strlen(req->msg_key) > VOUTBOX_MAX_KEY_BYTES)
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-				 errmsg("the message key rendered from voutbox.key_template is longer than %d bytes",
-						VOUTBOX_MAX_KEY_BYTES),
-				 errdetail("It is %zu bytes long; voutbox.key_template is \"%s\".",
-						   strlen(req->msg_key), voutbox_key_template),
-				 errhint("Shorten the arguments the template uses, or change voutbox.key_template.")));
+				 errmsg("the message key rendered from %s is longer than %d bytes",
+						key_from, VOUTBOX_MAX_KEY_BYTES),
+				 errdetail("It is %zu bytes long; %s is \"%s\".",
+						   strlen(req->msg_key), key_from, key_tmpl),
+				 errhint("Shorten the arguments the template uses, or change %s.", key_from)));
 }
 
 static void
@@ -317,7 +340,6 @@ read_request(FunctionCallInfo fcinfo, SaveRequest *req)
 					(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 					 errmsg("scheduled_for must be a finite timestamp")));
 	}
-	render_routing(req);
 }
 
 
@@ -339,8 +361,14 @@ prepare_plan(const char *sql, int nargs, Oid *argtypes)
 	return plan;
 }
 
+/*
+ * The INSERT of an event has a second form, with the columns of its route,
+ * prepared once a route is used: the first does not name them, so that
+ * saving works also while the SQL objects are those of 0.4.0 (between the
+ * restart with this library and ALTER EXTENSION UPDATE).
+ */
 static void
-prepare_plans(void)
+prepare_plans(bool routed)
 {
 	if (plan_current_slot == NULL)
 		plan_current_slot = prepare_plan("SELECT r.slot FROM " VOUTBOX_SCHEMA ".ring r WHERE r.state = 'current'",
@@ -349,19 +377,28 @@ prepare_plans(void)
 	{
 		Oid			types[INSERT_NPARAMS] = {UUIDOID, XID8OID, TEXTOID, TEXTOID, TEXTOID,
 			TEXTOID, INT4OID, JSONBOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-		TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID, TEXTARRAYOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID};
+			TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID, TEXTARRAYOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID, TEXTOID, JSONBOID};
 
-		if (plan_insert[slot] != NULL)
+		if (plan_insert[slot] != NULL && (!routed || plan_insert_routed[slot] != NULL))
 			continue;
-		plan_insert[slot] = prepare_plan(psprintf(
-												  "INSERT INTO " VOUTBOX_SCHEMA ".events_%d (id, seq, txid, tenant_id, "
-												  "aggregate_type, aggregate_id, event_type, event_version, payload, metadata, "
-												  "idempotency_key, trace_id, traceparent, correlation_id, created_at, "
-												  "scheduled_for, pii, pii_fields, consent, producer, topic, msg_key) "
-												  "VALUES ($1, pg_catalog.nextval('" VOUTBOX_SCHEMA ".event_seq'), $2, $3, $4, $5, $6, "
-												  "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-												  slot),
-										 INSERT_NPARAMS, types);
+		for (int with_route = 0; with_route <= (routed ? 1 : 0); with_route++)
+		{
+			SPIPlanPtr *plan = with_route ? &plan_insert_routed[slot] : &plan_insert[slot];
+
+			if (*plan != NULL)
+				continue;
+			*plan = prepare_plan(psprintf("INSERT INTO " VOUTBOX_SCHEMA ".events_%d (id, seq, txid, tenant_id, "
+										  "aggregate_type, aggregate_id, event_type, event_version, payload, metadata, "
+										  "idempotency_key, trace_id, traceparent, correlation_id, created_at, "
+										  "scheduled_for, pii, pii_fields, consent, producer, topic, msg_key%s) "
+										  "VALUES ($1, pg_catalog.nextval('" VOUTBOX_SCHEMA ".event_seq'), $2, $3, $4, $5, $6, "
+										  "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21%s)",
+										  slot,
+										  with_route ? ", route, format, headers" : "",
+										  with_route ? ", $22, $23, $24" : ""),
+								 with_route ? INSERT_NPARAMS : INSERT_NPARAMS - 3, types);
+		}
 	}
 }
 
@@ -514,8 +551,17 @@ insert_event(SaveRequest *req, Datum id)
 	v[18] = text_or_null(req->producer, &n[18]);
 	v[19] = CStringGetTextDatum(req->topic);
 	v[20] = text_or_null(req->msg_key, &n[20]);
+	if (req->route != NULL)
+	{
+		v[21] = CStringGetTextDatum(req->route->name);
+		v[22] = text_or_null(req->route->format_name, &n[22]);
+		v[23] = req->route->headers ?
+			DirectFunctionCall1(jsonb_in, CStringGetDatum(req->route->headers)) : (Datum) 0;
+		n[23] = req->route->headers ? ' ' : 'n';
+	}
 
-	if (SPI_execute_plan(plan_insert[current_slot()], v, n, false, 0) != SPI_OK_INSERT)
+	if (SPI_execute_plan(req->route ? plan_insert_routed[current_slot()] : plan_insert[current_slot()],
+						 v, n, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "voutbox: could not insert the event");
 }
 
@@ -571,12 +617,14 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 
 	read_request(fcinfo, &req);
 	voutbox_check_acts_for(req.tenant_id, "save events");
+	/* (Routes are looked at only for a tenant the caller acts for.) */
+	render_routing(&req);
 	uuid = palloc(sizeof(pg_uuid_t));
 
 	voutbox_become_owner(fcinfo, &save_user, &save_sec);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "voutbox: SPI_connect failed");
-	prepare_plans();
+	prepare_plans(req.route != NULL);
 
 	found = req.idempotency_key != NULL &&
 		find_saved_event(&req, get_func_namespace(fcinfo->flinfo->fn_oid), &id);

@@ -88,8 +88,9 @@
 	"e.event_type, e.event_version, e.payload::text, e.metadata::text, " \
 	"coalesce(e.idempotency_key, e.id::text), e.trace_id, e.traceparent, " \
 	"e.correlation_id, e.created_at, e.scheduled_for, e.pii, e.pii_fields, " \
-	"e.consent::text, e.producer, e.topic, e.msg_key"
-#define EVENT_SELECT_COLUMNS	21
+	"e.consent::text, e.producer, e.topic, e.msg_key, e.route, e.format, " \
+	"e.headers::text"
+#define EVENT_SELECT_COLUMNS	24
 
 /* A deferred event that still waits (not delivered, not dead). */
 #define WAITING(a)		a ".delivered_at IS NULL AND " a ".dead_reason IS NULL"
@@ -405,6 +406,8 @@ read_event(TupleTableSlot *slot, VoutboxEvent *ev)
 {
 	bool		isnull;
 	Datum		d;
+	char	   *format;
+	const VoutboxRoute *route;
 
 	memset(ev, 0, sizeof(*ev));
 	ev->id = text_col(slot, 1);
@@ -447,11 +450,25 @@ read_event(TupleTableSlot *slot, VoutboxEvent *ev)
 	ev->topic = text_col(slot, 20);
 	ev->msg_key = text_col(slot, 21);
 	ev->msg_key_utf8 = to_utf8(ev->msg_key, ev);
+	ev->route = text_col(slot, 22);
+	format = text_col(slot, 23);
+	ev->format = format != NULL ? voutbox_format_lookup(format) : -1;
+	ev->headers = utf8_col(slot, 24, ev);
+	/* Its route's topic settings, for when its topic is created (topics.c). */
+	if (ev->route != NULL && (route = voutbox_route_find(ev->route)) != NULL &&
+		route->topic_settings != NULL)
+	{
+		VoutboxTopicSettings *ts = palloc(sizeof(VoutboxTopicSettings));
+
+		*ts = *route->topic_settings;
+		ts->config = ts->config ? pstrdup(ts->config) : NULL;
+		ev->topic_settings = ts;
+	}
 	/* voutbox.deferred rows add holds_key and attempts */
 	if (slot->tts_tupleDescriptor->natts > EVENT_SELECT_COLUMNS)
 	{
-		ev->holds_key = DatumGetBool(slot_getattr(slot, 22, &isnull));
-		ev->attempts = DatumGetInt32(slot_getattr(slot, 23, &isnull));
+		ev->holds_key = DatumGetBool(slot_getattr(slot, EVENT_SELECT_COLUMNS + 1, &isnull));
+		ev->attempts = DatumGetInt32(slot_getattr(slot, EVENT_SELECT_COLUMNS + 2, &isnull));
 	}
 }
 

@@ -232,7 +232,7 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 
 /* Create the topic; true if it exists now.  On failure, say why in t. */
 static bool
-create(rd_kafka_t *rk, TopicState *t)
+create(rd_kafka_t *rk, TopicState *t, const VoutboxTopicSettings *ts)
 {
 	char		errstr[512];
 	rd_kafka_NewTopic_t *nt;
@@ -240,11 +240,15 @@ create(rd_kafka_t *rk, TopicState *t)
 	rd_kafka_queue_t *q;
 	rd_kafka_event_t *ev;
 	char	   *detail;
-	List	   *config = parse_topic_config(voutbox_topic_config, &detail);
+	List	   *config = parse_topic_config(ts && ts->config ? ts->config : voutbox_topic_config,
+											&detail);
 	bool		ok = false;
 
-	nt = rd_kafka_NewTopic_new(t->name, voutbox_topic_partitions,
-							   voutbox_topic_replication_factor, errstr, sizeof(errstr));
+	nt = rd_kafka_NewTopic_new(t->name,
+							   ts && ts->has_partitions ? ts->partitions : voutbox_topic_partitions,
+							   ts && ts->has_replication_factor ? ts->replication_factor :
+							   voutbox_topic_replication_factor,
+							   errstr, sizeof(errstr));
 	if (nt == NULL)
 	{
 		failed(t, RD_KAFKA_RESP_ERR__INVALID_ARG, errstr);
@@ -307,7 +311,8 @@ create(rd_kafka_t *rk, TopicState *t)
  * broker can be reached at all (reachable false), the cluster is not asked.
  */
 bool
-voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, bool reachable)
+voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, const VoutboxTopicSettings *settings,
+					 bool reachable)
 {
 	TopicState *t;
 	TimestampTz now;
@@ -338,7 +343,7 @@ voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, bool reachable)
 		voutbox_report_activity(psprintf("making sure topic \"%s\" exists", topic));
 		err = describe(rk, topic);
 		if (err == RD_KAFKA_RESP_ERR_NO_ERROR ||
-			(err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART && create(rk, t)))
+			(err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART && create(rk, t, settings)))
 		{
 			t->ready = true;
 			if (t->failures > 0 && !t->unknown)

@@ -246,7 +246,7 @@ voutbox_check_event_size(const VoutboxEventSize *size)
  * in those two, so a tenant could claim the name of another's topic.
  */
 void
-voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl)
+voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl, const char *source)
 {
 	char		sep = voutbox_tenant_separator(tmpl);
 	const char *bad;
@@ -258,8 +258,8 @@ voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, sep),
-				 errdetail("voutbox.topic_template \"%s\" puts \"%c\" after the tenant id: with it, two tenants could share a topic.",
-						   tmpl, sep)));
+				 errdetail("%s puts \"%c\" after the tenant id: with it, two tenants could share a topic.",
+						   source, sep)));
 	if ((bad = strpbrk(tenant_id, "._")) != NULL && voutbox_tenant_isolation())
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),

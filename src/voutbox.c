@@ -61,6 +61,24 @@ static const struct config_enum_entry format_options[] = {
 	{"debezium", VOUTBOX_FORMAT_DEBEZIUM, false},
 	{NULL, 0, false}
 };
+
+/* The format of that name (routes name formats like the setting), or -1. */
+int
+voutbox_format_lookup(const char *name)
+{
+	for (int i = 0; format_options[i].name != NULL; i++)
+		if (strcmp(format_options[i].name, name) == 0)
+			return format_options[i].val;
+	return -1;
+}
+
+/* The names of the formats, for messages. */
+const char *
+voutbox_format_names(void)
+{
+	return "voutbox, cloudevents, cloudevents_binary, debezium";
+}
+
 int			voutbox_topic_partitions = -1;
 int			voutbox_topic_replication_factor = -1;
 char	   *voutbox_topic_config = NULL;

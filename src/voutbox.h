@@ -52,7 +52,7 @@
 	"id, seq, txid, tenant_id, aggregate_type, aggregate_id, event_type, " \
 	"event_version, payload, metadata, idempotency_key, trace_id, traceparent, " \
 	"correlation_id, created_at, scheduled_for, pii, pii_fields, consent, " \
-	"producer, topic, msg_key"
+	"producer, topic, msg_key, route, format, headers"
 
 /* GUCs (voutbox.c) */
 extern char *voutbox_database;
@@ -143,6 +143,8 @@ extern char voutbox_worker_dbname[NAMEDATALEN];
 extern void voutbox_wake_worker(void);
 extern void voutbox_note_requeued(void);
 extern List *voutbox_database_list(const char *value, char **detail);
+extern int	voutbox_format_lookup(const char *name);
+extern const char *voutbox_format_names(void);
 
 /* Background workers (worker.c) */
 extern PGDLLEXPORT void voutbox_launcher_main(Datum arg) pg_attribute_noreturn();
@@ -189,6 +191,11 @@ typedef struct VoutboxEvent
 	int32		attempts;
 	/* for VOUTBOX_WAIT_TOPIC: when its topic is tried again */
 	TimestampTz wait_until;
+	/* what its route chose: NULL or -1 for the settings (voutbox.format) */
+	char	   *route;
+	int			format;
+	char	   *headers;		/* JSON object of the static headers, UTF-8 */
+	const struct VoutboxTopicSettings *topic_settings;	/* its route's */
 } VoutboxEvent;
 
 /* Routing (routing.c) */
@@ -206,6 +213,37 @@ extern char *voutbox_render_template(const char *tmpl, const VoutboxRouteFields 
 extern bool voutbox_topic_is_valid(const char *topic, const char **detail);
 extern char voutbox_tenant_separator(const char *tmpl);
 extern bool voutbox_topic_template_separates_tenants(const char *tmpl, const char **detail);
+
+/*
+ * Routes (routes.c): rows of voutbox.routes, in the order they are tried
+ * (priority, then name).  NULL fields (-1 for format) defer to the
+ * settings: voutbox.topic_template, voutbox.key_template, voutbox.format.
+ */
+typedef struct VoutboxTopicSettings
+{
+	bool		has_partitions;
+	int			partitions;
+	bool		has_replication_factor;
+	int			replication_factor;
+	char	   *config;			/* NULL: voutbox.topic_config */
+} VoutboxTopicSettings;
+
+typedef struct VoutboxRoute
+{
+	char	   *name;
+	char	   *tenant_pattern;
+	char	   *event_type_pattern;
+	char	   *topic_template;
+	char	   *key_template;
+	int			format;
+	char	   *format_name;
+	char	   *headers;		/* JSON text; NULL when there are none */
+	VoutboxTopicSettings *topic_settings;	/* NULL when it sets none */
+} VoutboxRoute;
+
+extern const VoutboxRoute *voutbox_route_match(const char *tenant_id, const char *event_type);
+extern const VoutboxRoute *voutbox_route_find(const char *name);
+extern void voutbox_check_route_separator(const char *route, const char *tmpl);
 
 /* Tenants and roles (privileges.c) */
 struct FunctionCallInfoBaseData;
@@ -264,7 +302,8 @@ extern size_t voutbox_check_payload(Datum jsonb);
 extern size_t voutbox_check_json(Datum jsonb, const char *name);
 extern size_t voutbox_check_pii_fields(Datum array);
 extern void voutbox_check_event_size(const VoutboxEventSize *size);
-extern void voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl);
+extern void voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl,
+										  const char *source);
 struct HeapTupleData;
 struct TupleDescData;
 extern bool voutbox_column_changed(struct HeapTupleData *old, struct HeapTupleData *new,
@@ -453,7 +492,8 @@ extern bool voutbox_dead_events_wait(void);
 /* Topic provisioning with the admin API (topics.c) */
 struct rd_kafka_s;
 extern bool voutbox_topic_config_is_valid(const char *value, char **detail);
-extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, const char *topic, bool reachable);
+extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, const char *topic,
+								 const VoutboxTopicSettings *settings, bool reachable);
 extern const char *voutbox_topic_error(const char *topic, const char **code);
 extern TimestampTz voutbox_topic_retry_at(const char *topic);
 extern void voutbox_topic_missing(const char *topic);

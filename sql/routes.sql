@@ -1,0 +1,178 @@
+-- Routes as data (voutbox.routes, managed through outbox_routes): what
+-- outbox_save() takes from them, how a change is checked, who may change
+-- which route.  Tried as roles that are neither superusers nor the
+-- extension's owner.  No worker runs here; t/026_formats sends routed events
+-- to a real broker.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS voutbox;	-- (the earlier tests leave it)
+RESET client_min_messages;
+CREATE EXTENSION voutbox;
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+
+CREATE ROLE regress_acme;            -- the application of tenant acme
+CREATE ROLE regress_globex;          -- the application of tenant globex
+CREATE ROLE regress_ops IN ROLE voutbox_admin;       -- an operator
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_routes TO regress_acme, regress_globex;
+GRANT SELECT ON outbox TO regress_acme, regress_globex, regress_ops;
+SELECT outbox_tenant_grant('acme', 'regress_acme'), outbox_tenant_grant('globex', 'regress_globex');
+
+-- What a saved event got: its topic, key and what it stores of its route.
+CREATE FUNCTION routed(p_id uuid) RETURNS TABLE (topic text, msg_key text, route text,
+												 format text, headers jsonb)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+	SELECT topic, msg_key, route, format, headers FROM voutbox.events WHERE id = p_id
+$$;
+
+-- ---- Without routes, the settings route every event.
+SET ROLE regress_acme;
+SELECT * FROM routed(outbox_save('acme', 'order', 'o-1', 'order.paid.v1', '{}'));
+RESET ROLE;
+
+-- ---- An operator adds routes; the first that matches wins, by priority then name.
+SET ROLE regress_ops;
+INSERT INTO outbox_routes (name, tenant_pattern, event_type_pattern, topic_template,
+						   key_template, format, headers)
+VALUES ('acme-orders', 'acme', 'order.*', '{tenant_id}.orders', '{aggregate_type}:{aggregate_id}',
+		'cloudevents', '{"x-team": "payments", "x-schema": "orders/v1"}');
+INSERT INTO outbox_routes (name, priority, event_type_pattern, format)
+VALUES ('refunds-first', 10, '*.refunded.*', 'debezium'),
+	   ('b-same-priority', 50, 'lead.*', 'cloudevents_binary'),
+	   ('a-same-priority', 50, 'lead.*', 'debezium');
+SELECT name, priority, tenant_pattern, event_type_pattern, topic_template, format, headers
+  FROM outbox_routes ORDER BY priority, name;
+RESET ROLE;
+
+SET ROLE regress_acme;
+SELECT * FROM routed(outbox_save('acme', 'order', 'o-2', 'order.paid.v1', '{}'));
+SELECT * FROM routed(outbox_save('acme', 'order', 'o-3', 'order.refunded.v1', '{}'));
+SELECT * FROM routed(outbox_save('acme', 'lead', 'l-1', 'lead.created.v2', '{}'));
+SELECT * FROM routed(outbox_save('acme', 'invoice', 'i-1', 'invoice.sent.v1', '{}'));
+RESET ROLE;
+SET ROLE regress_globex;
+-- acme's route is acme's only.
+SELECT * FROM routed(outbox_save('globex', 'order', 'o-4', 'order.paid.v1', '{}'));
+RESET ROLE;
+
+-- A route that leaves the key empty sends events without a key.
+UPDATE voutbox.routes SET key_template = '' WHERE name = 'acme-orders';
+SELECT * FROM routed(outbox_save('acme', 'order', 'o-5', 'order.paid.v1', '{}'));
+UPDATE voutbox.routes SET key_template = '{aggregate_type}:{aggregate_id}' WHERE name = 'acme-orders';
+
+-- ---- Changes are transactional, and the session sees its own at once.
+BEGIN;
+UPDATE voutbox.routes SET topic_template = '{tenant_id}.orders-v2' WHERE name = 'acme-orders';
+SELECT (routed(outbox_save('acme', 'order', 'o-6', 'order.paid.v1', '{}'))).topic;
+ROLLBACK;
+SELECT (routed(outbox_save('acme', 'order', 'o-7', 'order.paid.v1', '{}'))).topic;
+BEGIN;
+DELETE FROM voutbox.routes WHERE name = 'acme-orders';
+SAVEPOINT s;
+INSERT INTO voutbox.routes (name, tenant_pattern, event_type_pattern, topic_template)
+VALUES ('acme-all', 'acme', '*', '{tenant_id}.everything');
+SELECT (routed(outbox_save('acme', 'order', 'o-8', 'order.paid.v1', '{}'))).topic;
+ROLLBACK TO SAVEPOINT s;
+SELECT (routed(outbox_save('acme', 'order', 'o-9', 'order.paid.v1', '{}'))).topic;
+ROLLBACK;
+SELECT (routed(outbox_save('acme', 'order', 'o-10', 'order.paid.v1', '{}'))).topic;
+
+-- ---- A route is checked when it is written.
+SET ROLE regress_ops;
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '{tenant}.x');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '{tenant_id}.or ders');
+INSERT INTO outbox_routes (name, event_type_pattern, topic_template) VALUES ('bad', 'a:b', '{tenant_id}.{event_type}');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', 'x.{tenant_id}');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '{tenant_id}{event_type}');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '{tenant_id}-{event_type}');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '{tenant_id}.' || repeat('x', 250));
+INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('bad', 'a.b', '{tenant_id}.x');
+INSERT INTO outbox_routes (name, topic_template) VALUES ('bad', '');
+INSERT INTO outbox_routes (name, key_template) VALUES ('bad', '{id}');
+INSERT INTO outbox_routes (name, format) VALUES ('bad', 'avro');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '["x"]');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"x-n": 1}');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"ce_id": "spoofed"}');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"Tenant_ID": "globex"}');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"": "v"}');
+INSERT INTO outbox_routes (name, topic_partitions) VALUES ('bad', 0);
+INSERT INTO outbox_routes (name, topic_replication_factor) VALUES ('bad', 0);
+INSERT INTO outbox_routes (name, topic_config) VALUES ('bad', 'retention.ms');
+INSERT INTO outbox_routes (name, tenant_pattern) VALUES ('bad', '');
+INSERT INTO outbox_routes (name) VALUES ('');
+INSERT INTO outbox_routes (name) VALUES (repeat('n', 64));
+UPDATE outbox_routes SET format = 'avro' WHERE name = 'acme-orders';
+-- A shared topic (no {tenant_id}) and topic settings are an operator's to set.
+INSERT INTO outbox_routes (name, event_type_pattern, topic_template, topic_partitions,
+						   topic_replication_factor, topic_config)
+VALUES ('audit', 'audit.*', 'shared-audit', 3, 1, 'retention.ms=86400000');
+SELECT name, topic_template, topic_partitions, topic_replication_factor, topic_config
+  FROM outbox_routes WHERE name = 'audit';
+RESET ROLE;
+
+-- ---- A tenant's role manages its own routes, and only what stays its own.
+SET ROLE regress_acme;
+SELECT name FROM outbox_routes ORDER BY name;
+-- (Its priority puts it before the operator's routes for leads.)
+INSERT INTO outbox_routes (name, priority, tenant_pattern, event_type_pattern, topic_template, headers)
+VALUES ('acme-leads', 40, 'acme', 'lead.*', '{tenant_id}.leads', '{"x-owner": "acme"}');
+SELECT * FROM routed(outbox_save('acme', 'lead', 'l-2', 'lead.created.v1', '{}'));
+INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal', 'globex', '{tenant_id}.x');
+INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal', '*', '{tenant_id}.x');
+INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal', 'acm*', '{tenant_id}.x');
+INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal', 'acme', 'globex.orders');
+INSERT INTO outbox_routes (name, tenant_pattern, topic_partitions) VALUES ('steal', 'acme', 100);
+UPDATE outbox_routes SET tenant_pattern = 'globex' WHERE name = 'acme-leads';
+-- Other tenants' and shared routes are not seen, so not changed.
+UPDATE outbox_routes SET format = 'voutbox' WHERE name IN ('refunds-first', 'audit');
+DELETE FROM outbox_routes WHERE name = 'audit';
+RESET ROLE;
+SELECT name, format FROM voutbox.routes ORDER BY name;
+SET ROLE regress_acme;
+UPDATE outbox_routes SET headers = '{"x-owner": "acme", "x-v": "2"}' WHERE name = 'acme-leads';
+RESET ROLE;
+SET ROLE regress_globex;
+SELECT name FROM outbox_routes ORDER BY name;
+RESET ROLE;
+-- The trigger holds also where the view is not in the way.
+GRANT USAGE ON SCHEMA voutbox TO regress_globex;
+GRANT SELECT, UPDATE, DELETE ON voutbox.routes TO regress_globex;
+SET ROLE regress_globex;
+UPDATE voutbox.routes SET topic_template = '{tenant_id}.mine' WHERE name = 'acme-leads';
+DELETE FROM voutbox.routes WHERE name = 'acme-leads';
+RESET ROLE;
+REVOKE SELECT, UPDATE, DELETE ON voutbox.routes FROM regress_globex;
+REVOKE USAGE ON SCHEMA voutbox FROM regress_globex;
+SET ROLE regress_acme;
+DELETE FROM outbox_routes WHERE name = 'acme-leads';
+SELECT name FROM outbox_routes ORDER BY name;
+RESET ROLE;
+
+-- ---- Checked again when used: every template must end the tenant id alike.
+SET voutbox.topic_template = '{tenant_id}-{event_type}';
+SELECT outbox_save('acme', 'order', 'o-11', 'order.paid.v1', '{}');
+RESET voutbox.topic_template;
+-- The route's separator is refused in tenant ids it routes.
+INSERT INTO voutbox.routes (name, event_type_pattern, topic_template)
+VALUES ('by-type', 'thing.*', '{tenant_id}.things');
+SELECT outbox_save('a.b', 'thing', 't-1', 'thing.made.v1', '{}');
+SELECT * FROM routed(outbox_save('ab', 'thing', 't-2', 'thing.made.v1', '{}'));
+
+-- ---- Requeued dead events keep what they stored of their route.
+INSERT INTO voutbox.dlq (id, tenant_id, aggregate_type, aggregate_id, event_type, event_version,
+						 payload, idempotency_key, correlation_id, created_at, pii, topic, msg_key,
+						 route, format, headers, seq, retry_count, last_error, reason)
+SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, payload,
+	   id::text, correlation_id, created_at, pii, topic, msg_key, route, format, headers, seq,
+	   3, 'simulated', 'max_retries_exceeded'
+  FROM voutbox.events WHERE aggregate_id = 'o-2';
+SELECT outbox_dlq_requeue(id) FROM voutbox.dlq WHERE aggregate_id = 'o-2';
+SELECT topic, msg_key, route, format, headers FROM voutbox.deferred WHERE aggregate_id = 'o-2';
+
+-- pg_dump keeps the routes (configuration, not the extension's own data).
+SELECT c.relname FROM pg_extension e, unnest(e.extconfig) r(oid)
+  JOIN pg_class c ON c.oid = r.oid
+ WHERE e.extname = 'voutbox' AND c.relname = 'routes';
+
+DROP FUNCTION routed(uuid);
+DROP EXTENSION voutbox;
+DROP ROLE regress_acme, regress_globex, regress_ops;

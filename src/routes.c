@@ -1,0 +1,596 @@
+/*-------------------------------------------------------------------------
+ *
+ * routes.c
+ *		Routes: which topic, key, format and headers an event gets, as data.
+ *
+ * A row of voutbox.routes matches events by tenant and event type, with
+ * patterns in which "*" stands for any run of characters (and nothing else
+ * is special), and says what they get: a topic template, a key template, an
+ * envelope format, static headers, and the settings of the topics it makes
+ * (used when the worker creates one, see topics.c).  What a route leaves
+ * NULL comes from the settings (voutbox.topic_template, voutbox.key_template,
+ * voutbox.format, voutbox.topic_*).  outbox_save() takes the first route
+ * that matches, by priority and then by name (byte order), and stores the
+ * route's name, format and headers with the event: changing a route never
+ * changes events already saved.
+ *
+ * Routes are changed in ordinary transactions, through the view
+ * outbox_routes.  A row trigger checks every new or changed row and who
+ * changes it: a route whose topic would be invalid for every event it
+ * matches is refused then, not when an event is saved.  Roles that act for
+ * every tenant manage every route; a role bound to a tenant manages the
+ * routes whose tenant_pattern is that tenant (no "*"), which must keep the
+ * tenant's topics under its id ({tenant_id} first) and cannot set topic
+ * settings, which size the cluster.
+ *
+ * Each backend caches the routes, like the tenant bindings (privileges.c):
+ * a statement trigger sends a relcache invalidation of the table, so every
+ * backend reads them again once a transaction that changed them commits,
+ * and this one at its next command.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "voutbox.h"
+
+/* Columns of voutbox.routes (attribute numbers). */
+enum
+{
+	COL_NAME = 1,
+	COL_PRIORITY,
+	COL_TENANT_PATTERN,
+	COL_EVENT_TYPE_PATTERN,
+	COL_TOPIC_TEMPLATE,
+	COL_KEY_TEMPLATE,
+	COL_FORMAT,
+	COL_HEADERS,
+	COL_TOPIC_PARTITIONS,
+	COL_TOPIC_REPLICATION_FACTOR,
+	COL_TOPIC_CONFIG,
+	COL_UPDATED_AT,
+	NUM_COLS = COL_UPDATED_AT
+};
+
+#define ROUTE_NAME_BYTES		63
+#define MAX_HEADERS				16
+#define MAX_HEADER_VALUE_BYTES	1024
+/* Headers that voutbox sets itself in one format or another. */
+static const char *const reserved_headers[] = {
+	"id", "idempotency_key", "event_type", "tenant_id", "correlation_id",
+	"content-type", "traceparent", "tracestate"
+};
+
+typedef struct CachedRoute
+{
+	VoutboxRoute route;
+	int32		priority;
+} CachedRoute;
+
+static MemoryContext routes_cxt = NULL;
+static CachedRoute *routes = NULL;
+static int	nroutes = 0;
+static bool routes_valid = false;
+static uint64 routes_generation = 0;
+static Oid	routes_relid = InvalidOid;
+
+static void
+forget_routes(Datum arg pg_attribute_unused(), Oid relid)
+{
+	if (relid == InvalidOid || relid == routes_relid)
+	{
+		routes_valid = false;
+		routes_generation++;
+	}
+}
+
+static char *
+text_attr(TupleTableSlot *slot, int att)
+{
+	bool		isnull;
+	Datum		d = slot_getattr(slot, att, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+static int
+route_cmp(const void *a, const void *b)
+{
+	const CachedRoute *x = a;
+	const CachedRoute *y = b;
+
+	if (x->priority != y->priority)
+		return x->priority < y->priority ? -1 : 1;
+	return strcmp(x->route.name, y->route.name);
+}
+
+/* A route's topic settings, or NULL if it sets none. */
+static VoutboxTopicSettings *
+read_topic_settings(TupleTableSlot *slot)
+{
+	VoutboxTopicSettings ts = {0};
+	bool		isnull;
+	Datum		d;
+
+	d = slot_getattr(slot, COL_TOPIC_PARTITIONS, &isnull);
+	if ((ts.has_partitions = !isnull))
+		ts.partitions = DatumGetInt32(d);
+	d = slot_getattr(slot, COL_TOPIC_REPLICATION_FACTOR, &isnull);
+	if ((ts.has_replication_factor = !isnull))
+		ts.replication_factor = DatumGetInt32(d);
+	ts.config = text_attr(slot, COL_TOPIC_CONFIG);
+	if (!ts.has_partitions && !ts.has_replication_factor && ts.config == NULL)
+		return NULL;
+	return memcpy(palloc(sizeof(ts)), &ts, sizeof(ts));
+}
+
+/*
+ * Read voutbox.routes into the cache, if it is not valid.  While the table
+ * does not exist (the SQL objects of 0.4.0), there are no routes.
+ */
+static void
+load_routes(void)
+{
+	uint64		generation = routes_generation;
+	Oid			nsp;
+	Relation	rel;
+	Snapshot	snapshot;
+	TableScanDesc scan;
+	TupleTableSlot *slot;
+	MemoryContext old;
+	int			capacity = 8;
+
+	if (routes_valid)
+		return;
+	if (routes_cxt == NULL)
+	{
+		routes_cxt = AllocSetContextCreate(CacheMemoryContext, "voutbox routes",
+										   ALLOCSET_SMALL_SIZES);
+		CacheRegisterRelcacheCallback(forget_routes, (Datum) 0);
+	}
+	MemoryContextReset(routes_cxt);
+	routes = NULL;
+	nroutes = 0;
+	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
+	routes_relid = OidIsValid(nsp) ? get_relname_relid("routes", nsp) : InvalidOid;
+	if (!OidIsValid(routes_relid))
+	{
+		routes_valid = generation == routes_generation;
+		return;
+	}
+
+	rel = table_open(routes_relid, AccessShareLock);
+	snapshot = RegisterSnapshot(GetCatalogSnapshot(routes_relid));
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	slot = table_slot_create(rel, NULL);
+	old = MemoryContextSwitchTo(routes_cxt);
+	routes = palloc(sizeof(CachedRoute) * capacity);
+	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		CachedRoute *c;
+		VoutboxRoute *r;
+		bool		isnull;
+		Datum		d;
+
+		if (nroutes == capacity)
+		{
+			capacity *= 2;
+			routes = repalloc(routes, sizeof(CachedRoute) * capacity);
+		}
+		c = &routes[nroutes++];
+		r = &c->route;
+		memset(c, 0, sizeof(*c));
+		c->priority = DatumGetInt32(slot_getattr(slot, COL_PRIORITY, &isnull));
+		r->name = text_attr(slot, COL_NAME);
+		r->tenant_pattern = text_attr(slot, COL_TENANT_PATTERN);
+		r->event_type_pattern = text_attr(slot, COL_EVENT_TYPE_PATTERN);
+		r->topic_template = text_attr(slot, COL_TOPIC_TEMPLATE);
+		r->key_template = text_attr(slot, COL_KEY_TEMPLATE);
+		r->format_name = text_attr(slot, COL_FORMAT);
+		r->format = r->format_name ? voutbox_format_lookup(r->format_name) : -1;
+		d = slot_getattr(slot, COL_HEADERS, &isnull);
+		if (!isnull && JB_ROOT_COUNT(DatumGetJsonbP(d)) > 0)
+			r->headers = JsonbToCString(NULL, &DatumGetJsonbP(d)->root, VARSIZE(DatumGetJsonbP(d)));
+		r->topic_settings = read_topic_settings(slot);
+	}
+	MemoryContextSwitchTo(old);
+	ExecDropSingleTupleTableSlot(slot);
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(rel, AccessShareLock);
+	qsort(routes, nroutes, sizeof(CachedRoute), route_cmp);
+	routes_valid = generation == routes_generation;
+}
+
+/* Whether s matches the pattern, in which "*" is any run of characters. */
+static bool
+pattern_matches(const char *pattern, const char *s)
+{
+	const char *star = NULL;
+	const char *retry = NULL;
+
+	while (*s)
+	{
+		if (*pattern == '*')
+		{
+			star = pattern++;
+			retry = s;
+		}
+		else if (*pattern == *s)
+		{
+			pattern++;
+			s++;
+		}
+		else if (star != NULL)
+		{
+			pattern = star + 1;
+			s = ++retry;
+		}
+		else
+			return false;
+	}
+	while (*pattern == '*')
+		pattern++;
+	return *pattern == '\0';
+}
+
+/* The first route that matches the event, or NULL. */
+const VoutboxRoute *
+voutbox_route_match(const char *tenant_id, const char *event_type)
+{
+	load_routes();
+	for (int i = 0; i < nroutes; i++)
+		if (pattern_matches(routes[i].route.tenant_pattern, tenant_id) &&
+			pattern_matches(routes[i].route.event_type_pattern, event_type))
+			return &routes[i].route;
+	return NULL;
+}
+
+/* The route of that name, or NULL. */
+const VoutboxRoute *
+voutbox_route_find(const char *name)
+{
+	load_routes();
+	for (int i = 0; i < nroutes; i++)
+		if (strcmp(routes[i].route.name, name) == 0)
+			return &routes[i].route;
+	return NULL;
+}
+
+/* ---------------------------------------------------------------------
+ * Checking a route
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * The character that ends the tenant id in every topic template: the one
+ * voutbox.topic_template puts after {tenant_id}, or "." if it has none.
+ */
+static char
+installation_separator(void)
+{
+	char		sep = voutbox_tenant_separator(voutbox_topic_template);
+
+	return sep != '\0' && sep != '{' ? sep : '.';
+}
+
+/*
+ * ERROR unless the route's topic template ends the tenant id like every
+ * other template: else two tenants could render the same topic (a tenant
+ * "a-b" with "{tenant_id}.x" and a tenant "a" with "{tenant_id}-b.x").
+ * Checked when the route is written and when it is used (the setting may
+ * have changed since).
+ */
+void
+voutbox_check_route_separator(const char *route, const char *tmpl)
+{
+	char		sep = voutbox_tenant_separator(tmpl);
+	char		want = installation_separator();
+
+	if (strstr(tmpl, "{tenant_id}") == NULL || sep == '\0' || sep == want)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_NAME),
+			 errmsg("the topic template of route \"%s\" puts \"%c\" after {tenant_id}, but voutbox.topic_template puts \"%c\"",
+					route, sep, want),
+			 errdetail("Every topic template must end the tenant id with the same character; else two tenants could render the same topic."),
+			 errhint("Use \"{tenant_id}%c\" in the route.", want)));
+}
+
+/* Whether the role may manage routes of the tenant pattern. */
+static bool
+manages(Oid role, const char *tenant_pattern)
+{
+	if (voutbox_acts_for_all(role))
+		return true;
+	return strchr(tenant_pattern, '*') == NULL && voutbox_acts_for(role, tenant_pattern);
+}
+
+static void
+check_manages(const char *name, const char *tenant_pattern)
+{
+	Oid			role = GetUserId();
+
+	if (!manages(role, tenant_pattern))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to manage route \"%s\" for tenants \"%s\"", name, tenant_pattern),
+				 errdetail("Role \"%s\" manages only the routes whose tenant_pattern is a tenant it acts for.",
+						   GetUserNameFromId(role, false)),
+				 errhint("Routes for several tenants (a pattern with \"*\") are managed by voutbox_admin.")));
+}
+
+static void
+check_headers(const char *name, Jsonb *headers)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = 0;
+
+	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the headers of route \"%s\" must be a JSON object", name),
+				 errhint("Write them as {\"name\": \"value\", ...}.")));
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		char	   *key;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = pnstrdup(v.val.string.val, v.val.string.len);
+		if (++n > MAX_HEADERS)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("route \"%s\" has more than %d headers", name, MAX_HEADERS)));
+		if (key[0] == '\0' || strlen(key) > VOUTBOX_MAX_NAME_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("header names of route \"%s\" must be 1 to %d bytes long", name,
+							VOUTBOX_MAX_NAME_BYTES)));
+		voutbox_check_convertible(key, "a header name");
+		for (size_t i = 0; i < lengthof(reserved_headers); i++)
+			if (pg_strcasecmp(key, reserved_headers[i]) == 0 || pg_strncasecmp(key, "ce_", 3) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_RESERVED_NAME),
+						 errmsg("header \"%s\" of route \"%s\" is set by voutbox", key, name),
+						 errdetail("voutbox sets the headers id, idempotency_key, event_type, tenant_id, correlation_id, content-type, traceparent, tracestate and those beginning with \"ce_\" itself, depending on the format."),
+						 errhint("Choose another name.")));
+		tok = JsonbIteratorNext(&it, &v, true);
+		if (tok != WJB_VALUE || v.type != jbvString)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("header \"%s\" of route \"%s\" must have a string value", key, name)));
+		if (v.val.string.len > MAX_HEADER_VALUE_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+					 errmsg("header \"%s\" of route \"%s\" is longer than %d bytes", key, name,
+							MAX_HEADER_VALUE_BYTES)));
+		voutbox_check_convertible(pnstrdup(v.val.string.val, v.val.string.len), "a header value");
+	}
+}
+
+/*
+ * The topic template of a route: a valid template, whose literal parts and
+ * the route's literal patterns make a valid topic, that keeps tenants apart
+ * like voutbox.topic_template; a role that does not act for every tenant
+ * must put the tenant's topics under its id.
+ */
+static void
+check_topic_template(const char *name, const char *tmpl, const char *tenant_pattern,
+					 const char *event_type_pattern, bool admin)
+{
+	const char *detail;
+	bool		literal_tenant = strchr(tenant_pattern, '*') == NULL;
+	bool		literal_type = strchr(event_type_pattern, '*') == NULL;
+	VoutboxRouteFields sample = {
+		literal_tenant ? tenant_pattern : "t", "a", "i",
+		literal_type ? event_type_pattern : "e", 1
+	};
+	char	   *topic;
+	char	   *source = psprintf("the topic template \"%s\" of route \"%s\"", tmpl, name);
+
+	voutbox_check_text(tmpl, "topic_template", VOUTBOX_MAX_NAME_BYTES, "Use NULL for voutbox.topic_template.");
+	if (!voutbox_template_is_valid(tmpl, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is not a valid template", source),
+				 errdetail("%s", detail)));
+	if (strstr(tmpl, "{tenant_id}") == NULL)
+	{
+		if (!admin)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("%s does not put the topics under the tenant id", source),
+					 errdetail("A tenant's route must start its topics with {tenant_id}: topics without it can be any tenant's."),
+					 errhint("Start the template with \"{tenant_id}%c\".", installation_separator())));
+	}
+	else if (strncmp(tmpl, "{tenant_id}", strlen("{tenant_id}")) != 0 ||
+			 !voutbox_topic_template_separates_tenants(tmpl, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("%s could make two tenants share a topic", source),
+				 errdetail("A route's template that names the tenant starts with {tenant_id} and a separator, so that the topics of different tenants never meet."),
+				 errhint("Start the template with \"{tenant_id}%c\".", installation_separator())));
+	voutbox_check_route_separator(name, tmpl);
+	if (literal_tenant)
+		voutbox_check_tenant_in_topic(tenant_pattern, tmpl, source);
+	topic = voutbox_render_template(tmpl, &sample);
+	if (!voutbox_topic_is_valid(topic, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("route \"%s\" renders the topic \"%s\", which is not a valid Kafka topic name", name, topic),
+				 errdetail("%s", detail),
+				 errhint("Placeholders the patterns leave open were rendered as one letter.")));
+}
+
+static void
+check_topic_settings(const char *name, TupleTableSlot *slot, bool admin)
+{
+	VoutboxTopicSettings *ts = read_topic_settings(slot);
+	char	   *detail;
+
+	if (ts == NULL)
+		return;
+	if (!admin)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to set the topic settings of route \"%s\"", name),
+				 errdetail("topic_partitions, topic_replication_factor and topic_config size the Kafka cluster; roles that act for every tenant set them."),
+				 errhint("Leave them NULL to use voutbox.topic_partitions, voutbox.topic_replication_factor and voutbox.topic_config.")));
+	if (ts->has_partitions && ts->partitions < 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("topic_partitions of route \"%s\" must be at least 1", name),
+				 errhint("Use NULL for voutbox.topic_partitions.")));
+	if (ts->has_replication_factor &&
+		(ts->replication_factor == 0 || ts->replication_factor < -1 || ts->replication_factor > PG_INT16_MAX))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("topic_replication_factor of route \"%s\" must be -1 (the broker's default) or between 1 and %d",
+						name, PG_INT16_MAX)));
+	if (ts->config != NULL && !voutbox_topic_config_is_valid(ts->config, &detail))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("topic_config of route \"%s\" is not valid", name),
+				 errdetail("%s", detail),
+				 errhint("Write name=value pairs separated by \";\", as in \"retention.ms=86400000; cleanup.policy=delete\".")));
+}
+
+/* A new or changed route, as the current user writes it. */
+static void
+check_route(HeapTuple tup, TupleDesc desc)
+{
+	TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
+	char	   *name;
+	char	   *tenant_pattern;
+	char	   *event_type_pattern;
+	char	   *tmpl;
+	char	   *format;
+	bool		isnull;
+	Datum		d;
+	bool		admin = voutbox_acts_for_all(GetUserId());
+
+	ExecStoreHeapTuple(tup, slot, false);
+	if ((name = text_attr(slot, COL_NAME)) == NULL ||
+		(tenant_pattern = text_attr(slot, COL_TENANT_PATTERN)) == NULL ||
+		(event_type_pattern = text_attr(slot, COL_EVENT_TYPE_PATTERN)) == NULL)
+	{
+		ExecDropSingleTupleTableSlot(slot);
+		return;					/* the NOT NULL constraints say it */
+	}
+	voutbox_check_text(name, "name", ROUTE_NAME_BYTES, NULL);
+	voutbox_check_text(tenant_pattern, "tenant_pattern", VOUTBOX_MAX_NAME_BYTES,
+					   "Use \"*\" for every tenant.");
+	voutbox_check_text(event_type_pattern, "event_type_pattern", VOUTBOX_MAX_NAME_BYTES,
+					   "Use \"*\" for every event type.");
+	check_manages(name, tenant_pattern);
+	if ((tmpl = text_attr(slot, COL_TOPIC_TEMPLATE)) != NULL)
+		check_topic_template(name, tmpl, tenant_pattern, event_type_pattern, admin);
+	if ((tmpl = text_attr(slot, COL_KEY_TEMPLATE)) != NULL)
+	{
+		const char *detail;
+
+		voutbox_check_length(tmpl, "key_template", VOUTBOX_MAX_KEY_BYTES);
+		voutbox_check_convertible(tmpl, "key_template");
+		if (!voutbox_template_is_valid(tmpl, &detail))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("the key template \"%s\" of route \"%s\" is not a valid template", tmpl, name),
+					 errdetail("%s", detail),
+					 errhint("An empty key_template sends events without a key.")));
+	}
+	if ((format = text_attr(slot, COL_FORMAT)) != NULL && voutbox_format_lookup(format) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("route \"%s\" names an unknown format \"%s\"", name, format),
+				 errhint("The formats are %s; NULL uses voutbox.format.", voutbox_format_names())));
+	d = slot_getattr(slot, COL_HEADERS, &isnull);
+	if (!isnull)
+		check_headers(name, DatumGetJsonbP(d));
+	check_topic_settings(name, slot, admin);
+	ExecDropSingleTupleTableSlot(slot);
+}
+
+PG_FUNCTION_INFO_V1(voutbox_route_check);
+
+/*
+ * BEFORE INSERT OR UPDATE OR DELETE row trigger on voutbox.routes: the
+ * current user must manage the route before and after the change, and the
+ * new row must be a valid route; its updated_at is set.
+ */
+Datum
+voutbox_route_check(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	HeapTuple	tup;
+	Datum		now;
+	bool		isnull = false;
+	int			col = COL_UPDATED_AT;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BEFORE(td->tg_event))
+		elog(ERROR, "voutbox_route_check: not called as a BEFORE row trigger");
+	desc = RelationGetDescr(td->tg_relation);
+	if (desc->natts < NUM_COLS)
+		elog(ERROR, "voutbox_route_check: voutbox.routes has %d columns, not %d", desc->natts, NUM_COLS);
+	if (!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+	{
+		TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
+
+		ExecStoreHeapTuple(td->tg_trigtuple, slot, false);
+		check_manages(text_attr(slot, COL_NAME), text_attr(slot, COL_TENANT_PATTERN));
+		ExecDropSingleTupleTableSlot(slot);
+		if (TRIGGER_FIRED_BY_DELETE(td->tg_event))
+			return PointerGetDatum(td->tg_trigtuple);
+	}
+	tup = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple;
+	check_route(tup, desc);
+	now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	return PointerGetDatum(heap_modify_tuple_by_cols(tup, desc, 1, &col, &now, &isnull));
+}
+
+PG_FUNCTION_INFO_V1(voutbox_routes_changed);
+
+/* Statement trigger on voutbox.routes: every backend's cache goes. */
+Datum
+voutbox_routes_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "voutbox_routes_changed: not called by the trigger manager");
+	CacheInvalidateRelcache(td->tg_relation);
+	return PointerGetDatum(NULL);
+}
+
+PG_FUNCTION_INFO_V1(voutbox_sql_manages_routes);
+
+/* voutbox.manages_routes(tenant_pattern text): for the current user. */
+Datum
+voutbox_sql_manages_routes(PG_FUNCTION_ARGS)
+{
+	char	   *tenant_pattern = text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	PG_RETURN_BOOL(manages(GetUserId(), tenant_pattern));
+}
