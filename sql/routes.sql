@@ -122,6 +122,14 @@ INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal'
 INSERT INTO outbox_routes (name, tenant_pattern, topic_template) VALUES ('steal', 'acme', 'globex.orders');
 INSERT INTO outbox_routes (name, tenant_pattern, topic_partitions) VALUES ('steal', 'acme', 100);
 UPDATE outbox_routes SET tenant_pattern = 'globex' WHERE name = 'acme-leads';
+-- What an operator set on a route of acme stays; acme may change the rest.
+RESET ROLE;
+UPDATE voutbox.routes SET topic_partitions = 6 WHERE name = 'acme-orders';
+SET ROLE regress_acme;
+UPDATE outbox_routes SET headers = '{"x-team": "orders"}' WHERE name = 'acme-orders';
+UPDATE outbox_routes SET topic_partitions = 60 WHERE name = 'acme-orders';
+UPDATE outbox_routes SET topic_partitions = NULL WHERE name = 'acme-orders';
+SELECT name, headers, topic_partitions FROM outbox_routes WHERE name = 'acme-orders';
 -- Other tenants' and shared routes are not seen, so not changed.
 UPDATE outbox_routes SET format = 'voutbox' WHERE name IN ('refunds-first', 'audit');
 DELETE FROM outbox_routes WHERE name = 'audit';

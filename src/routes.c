@@ -397,7 +397,7 @@ check_headers(const char *name, Jsonb *headers)
  */
 static void
 check_topic_template(const char *name, const char *tmpl, const char *tenant_pattern,
-					 const char *event_type_pattern, bool admin)
+					 const char *event_type_pattern, bool may_share)
 {
 	const char *detail;
 	bool		literal_tenant = strchr(tenant_pattern, '*') == NULL;
@@ -417,7 +417,7 @@ check_topic_template(const char *name, const char *tmpl, const char *tenant_patt
 				 errdetail("%s", detail)));
 	if (strstr(tmpl, "{tenant_id}") == NULL)
 	{
-		if (!admin)
+		if (!may_share)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("%s does not put the topics under the tenant id", source),
@@ -444,14 +444,14 @@ check_topic_template(const char *name, const char *tmpl, const char *tenant_patt
 }
 
 static void
-check_topic_settings(const char *name, TupleTableSlot *slot, bool admin)
+check_topic_settings(const char *name, TupleTableSlot *slot, bool may_set)
 {
 	VoutboxTopicSettings *ts = read_topic_settings(slot);
 	char	   *detail;
 
 	if (ts == NULL)
 		return;
-	if (!admin)
+	if (!may_set)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to set the topic settings of route \"%s\"", name),
@@ -476,9 +476,14 @@ check_topic_settings(const char *name, TupleTableSlot *slot, bool admin)
 				 errhint("Write name=value pairs separated by \";\", as in \"retention.ms=86400000; cleanup.policy=delete\".")));
 }
 
-/* A new or changed route, as the current user writes it. */
+/*
+ * A new or changed route (old is the row it replaces, or NULL), as the
+ * current user writes it.  What only a role that acts for every tenant may
+ * set (a topic template outside the tenant's topics, topic settings), a
+ * tenant's role may leave as it is while it changes the rest.
+ */
 static void
-check_route(HeapTuple tup, TupleDesc desc)
+check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 {
 	TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
 	char	   *name;
@@ -489,6 +494,12 @@ check_route(HeapTuple tup, TupleDesc desc)
 	bool		isnull;
 	Datum		d;
 	bool		admin = voutbox_acts_for_all(GetUserId());
+	bool		template_changed = old == NULL ||
+		voutbox_column_changed(old, tup, desc, "topic_template");
+	bool		settings_changed = old == NULL ||
+		voutbox_column_changed(old, tup, desc, "topic_partitions") ||
+		voutbox_column_changed(old, tup, desc, "topic_replication_factor") ||
+		voutbox_column_changed(old, tup, desc, "topic_config");
 
 	ExecStoreHeapTuple(tup, slot, false);
 	if ((name = text_attr(slot, COL_NAME)) == NULL ||
@@ -505,7 +516,8 @@ check_route(HeapTuple tup, TupleDesc desc)
 					   "Use \"*\" for every event type.");
 	check_manages(name, tenant_pattern);
 	if ((tmpl = text_attr(slot, COL_TOPIC_TEMPLATE)) != NULL)
-		check_topic_template(name, tmpl, tenant_pattern, event_type_pattern, admin);
+		check_topic_template(name, tmpl, tenant_pattern, event_type_pattern,
+							 admin || !template_changed);
 	if ((tmpl = text_attr(slot, COL_KEY_TEMPLATE)) != NULL)
 	{
 		const char *detail;
@@ -527,7 +539,7 @@ check_route(HeapTuple tup, TupleDesc desc)
 	d = slot_getattr(slot, COL_HEADERS, &isnull);
 	if (!isnull)
 		check_headers(name, DatumGetJsonbP(d));
-	check_topic_settings(name, slot, admin);
+	check_topic_settings(name, slot, admin || !settings_changed);
 	ExecDropSingleTupleTableSlot(slot);
 }
 
@@ -565,7 +577,7 @@ voutbox_route_check(PG_FUNCTION_ARGS)
 			return PointerGetDatum(td->tg_trigtuple);
 	}
 	tup = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple;
-	check_route(tup, desc);
+	check_route(tup, TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_trigtuple : NULL, desc);
 	now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	return PointerGetDatum(heap_modify_tuple_by_cols(tup, desc, 1, &col, &now, &isnull));
 }

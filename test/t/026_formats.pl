@@ -130,9 +130,10 @@ sub send_in
 # consume_events() decodes the voutbox envelope: read raw messages here.
 sub consume_events_raw
 {
-	my ($topic) = @_;
-	my @lines = `test/tools/vkafka consume -b '$kafka->{brokers}' -t '$topic' -n 1 -T 60`;
-	is($? >> 8, 0, "a message arrived in $topic");
+	my ($topic, $n) = @_;
+	$n //= 1;
+	my @lines = `test/tools/vkafka consume -b '$kafka->{brokers}' -t '$topic' -n $n -T 60`;
+	is($? >> 8, 0, "$n message(s) arrived in $topic");
 	return map { decode_json($_) } @lines;
 }
 
@@ -185,6 +186,84 @@ for my $case ([ 'cloudevents', 1, 'structured' ], [ 'cloudevents_binary', 2, 'bi
 	my $env = JSON::PP->new->decode($m->{value});
 	is($env->{id}, $row->{id}, 'voutbox: the envelope again');
 	is($m->{headers}{'content-type'}, 'application/json', 'voutbox: its headers');
+}
+
+# --- Routes: the format, key, headers and topic settings per route ---
+# With voutbox.format at its default, routes choose the format of their
+# events, saved by a role that neither is a superuser nor owns the
+# extension, and bound to its tenant.  The topic of a route with topic
+# settings is created with them.
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM RESET voutbox.format;
+	ALTER SYSTEM SET voutbox.create_topics = on;
+	CREATE ROLE app_acme;
+	GRANT SELECT ON outbox TO app_acme;
+	GRANT SELECT, UPDATE ON outbox_routes TO app_acme;
+	SELECT outbox_tenant_grant('acme', 'app_acme');
+	INSERT INTO outbox_routes (name, tenant_pattern, event_type_pattern, topic_template, key_template,
+							   format, headers, topic_partitions, topic_config)
+	VALUES ('acme-orders', 'acme', 'order.*', '{tenant_id}.orders', '{aggregate_type}:{aggregate_id}',
+			'cloudevents_binary', '{"x-team": "payments", "x-schema": "orders/v1"}', 3,
+			'retention.ms=3600000');
+	INSERT INTO outbox_routes (name, event_type_pattern, format)
+	VALUES ('invoices-debezium', 'invoice.*', 'debezium');
+});
+$node->restart;
+my %routed_ids = map { $_->[0] => $_->[1] } map { [ split /\|/ ] } split /\n/, $node->safe_psql('postgres', q{
+	SET ROLE app_acme;
+	BEGIN;
+	SELECT 'order', outbox_save('acme', 'order', 'r1', 'order.paid.v1', '{"total": 12.50}');
+	SELECT 'invoice', outbox_save('acme', 'invoice', 'r2', 'invoice.sent.v1', '{"n": 2}');
+	SELECT 'lead', outbox_save('acme', 'lead', 'r3', 'routes.made.v1', '{"n": 3}');
+	COMMIT;
+});
+{
+	my ($m) = consume_events_raw('acme.orders');
+	my ($a, $d, $mode) = eval { ce_decode($m) };
+	ok(defined $a, 'route acme-orders: a valid CloudEvent') or diag($@);
+	is($mode, 'binary', 'route acme-orders: in binary mode, its format');
+	is($a->{id}, $routed_ids{order}, 'route acme-orders: the event');
+	is_deeply($d, { total => 12.50 }, 'route acme-orders: data is the payload');
+	is($m->{key}, 'order:r1', 'route acme-orders: the key from its key template');
+	is($a->{partitionkey}, 'order:r1', 'route acme-orders: partitionkey too');
+	is_deeply([ @{ $m->{headers} }{qw(x-team x-schema)} ], [ 'payments', 'orders/v1' ],
+		'route acme-orders: its static headers');
+	my $desc = decode_json(`test/tools/vkafka describe-topic -b '$kafka->{brokers}' -t acme.orders -T 30`);
+	is($desc->{partitions}, 3, 'route acme-orders: its topic created with its partitions');
+	is($desc->{config}{'retention.ms'}, '3600000', 'route acme-orders: and its topic_config');
+}
+{
+	my ($m) = consume_events_raw('acme.invoice.sent.v1');
+	is($m->{value}, '{"n": 2}', 'route invoices-debezium: the payload as the value');
+	is_deeply($m->{headers}, { id => $routed_ids{invoice} }, 'route invoices-debezium: header id only');
+}
+{
+	my ($m) = consume_events_raw('acme.routes.made.v1');
+	is(JSON::PP->new->decode($m->{value})->{id}, $routed_ids{lead}, 'no route: voutbox.format');
+}
+
+# A route changes what later saves get, not what is saved: an event saved
+# before the change commits after it and still goes as its route said then.
+{
+	my $saver = $node->background_psql('postgres');
+	$saver->query_safe('SET ROLE app_acme');
+	$saver->query_safe('BEGIN');
+	my $before = $saver->query_safe(
+		q{SELECT outbox_save('acme', 'order', 'r4', 'order.paid.v1', '{"n": 4}')});
+	$node->safe_psql('postgres', q{
+		SET ROLE app_acme;
+		UPDATE outbox_routes SET format = 'cloudevents', headers = '{"x-team": "billing"}'
+		 WHERE name = 'acme-orders'});
+	$saver->query_safe('COMMIT');
+	my $after = $saver->query_safe(
+		q{SELECT outbox_save('acme', 'order', 'r5', 'order.paid.v1', '{"n": 5}')});
+	$saver->quit;
+	my @m = consume_events_raw('acme.orders', 3);
+	my %by_id = map { my ($a) = ce_decode($_); ($a->{id} => [ $_, (ce_decode($_))[2] ]) } @m;
+	is($by_id{$before}[1], 'binary', 'saved before the change: the format it was saved with');
+	is($by_id{$before}[0]{headers}{'x-team'}, 'payments', 'and the headers');
+	is($by_id{$after}[1], 'structured', 'saved after the change: the new format');
+	is($by_id{$after}[0]{headers}{'x-team'}, 'billing', 'and the new headers');
 }
 
 $node->stop;
