@@ -224,3 +224,29 @@ BEGIN
 	RETURN n;
 END
 $$;
+
+/*
+ * Routes for tenants' roles: grant them SELECT on outbox_routes and EXECUTE
+ * on these, not more on the view (any other privilege on a view lets its
+ * holder LOCK it, and voutbox.routes with it, which would stall saves).
+ */
+CREATE FUNCTION @extschema@.outbox_route_set(name text, tenant_pattern text,
+											 event_type_pattern text DEFAULT '*',
+											 topic_template text DEFAULT NULL,
+											 key_template text DEFAULT NULL,
+											 format text DEFAULT NULL,
+											 headers jsonb DEFAULT '{}',
+											 priority integer DEFAULT 100)
+RETURNS void
+AS 'MODULE_PATHNAME', 'voutbox_outbox_route_set'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION @extschema@.outbox_route_set(text, text, text, text, text, text, jsonb, integer) IS
+	'voutbox: add a route, or replace it (its topic settings stay)';
+CREATE FUNCTION @extschema@.outbox_route_drop(name text) RETURNS boolean
+AS 'MODULE_PATHNAME', 'voutbox_outbox_route_drop'
+LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION @extschema@.outbox_route_drop(text) IS 'voutbox: drop a route';
+REVOKE ALL ON FUNCTION @extschema@.outbox_route_set(text, text, text, text, text, text, jsonb, integer),
+	@extschema@.outbox_route_drop(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.outbox_route_set(text, text, text, text, text, text, jsonb, integer),
+	@extschema@.outbox_route_drop(text) TO voutbox_admin;

@@ -90,6 +90,11 @@ static int	nroutes = 0;
 static bool routes_valid = false;
 static uint64 routes_generation = 0;
 static Oid	routes_relid = InvalidOid;
+/*
+ * Who writes routes through outbox_route_set() and outbox_route_drop(),
+ * which do it as the extension's owner: the trigger checks this role.
+ */
+static Oid	route_writer = InvalidOid;
 
 static void
 forget_routes(Datum arg pg_attribute_unused(), Oid relid)
@@ -323,10 +328,17 @@ manages(Oid role, const char *tenant_pattern)
 	return strchr(tenant_pattern, '*') == NULL && voutbox_acts_for(role, tenant_pattern);
 }
 
+/* The role a change of routes is checked for. */
+static Oid
+writer(void)
+{
+	return OidIsValid(route_writer) ? route_writer : GetUserId();
+}
+
 static void
 check_manages(const char *name, const char *tenant_pattern)
 {
-	Oid			role = GetUserId();
+	Oid			role = writer();
 
 	if (!manages(role, tenant_pattern))
 		ereport(ERROR,
@@ -493,7 +505,7 @@ check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 	char	   *format;
 	bool		isnull;
 	Datum		d;
-	bool		admin = voutbox_acts_for_all(GetUserId());
+	bool		admin = voutbox_acts_for_all(writer());
 	bool		template_changed = old == NULL ||
 		voutbox_column_changed(old, tup, desc, "topic_template");
 	bool		settings_changed = old == NULL ||
@@ -605,4 +617,86 @@ voutbox_sql_manages_routes(PG_FUNCTION_ARGS)
 	char	   *tenant_pattern = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
 	PG_RETURN_BOOL(manages(GetUserId(), tenant_pattern));
+}
+
+/* ---------------------------------------------------------------------
+ * outbox_route_set(), outbox_route_drop(): routes for roles that should
+ * not hold more than SELECT on outbox_routes (any other privilege on a
+ * view lets its holder LOCK it, and the table under it with it, which would
+ * stall every save that reads the routes).
+ * ---------------------------------------------------------------------
+ */
+
+/* Run sql as the extension's owner, checked by the trigger for the caller. */
+static uint64
+write_routes(FunctionCallInfo fcinfo, const char *sql, int nargs, Oid *types, Datum *values,
+			 char *nulls, int expected)
+{
+	Oid			save_user;
+	int			save_sec;
+	uint64		n;
+
+	voutbox_become_owner(fcinfo, &save_user, &save_sec);
+	route_writer = save_user;
+	PG_TRY();
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "voutbox: SPI_connect failed");
+		if (SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0) != expected)
+			elog(ERROR, "voutbox: \"%s\" failed", sql);
+		n = SPI_processed;
+		SPI_finish();
+	}
+	PG_FINALLY();
+	{
+		route_writer = InvalidOid;
+	}
+	PG_END_TRY();
+	voutbox_restore_user(save_user, save_sec);
+	return n;
+}
+
+PG_FUNCTION_INFO_V1(voutbox_outbox_route_set);
+
+/*
+ * outbox_route_set(name, tenant_pattern, event_type_pattern, topic_template,
+ * key_template, format, headers, priority): adds the route or replaces
+ * these columns of it; its topic settings stay as they are.
+ */
+Datum
+voutbox_outbox_route_set(PG_FUNCTION_ARGS)
+{
+	Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT4OID};
+	Datum		values[8];
+	char		nulls[8];
+
+	for (int i = 0; i < 8; i++)
+	{
+		values[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+	}
+	(void) write_routes(fcinfo,
+						"INSERT INTO " VOUTBOX_SCHEMA ".routes AS r (name, tenant_pattern, "
+						"  event_type_pattern, topic_template, key_template, format, headers, priority) "
+						"VALUES ($1, $2, coalesce($3, '*'), $4, $5, $6, "
+						"        coalesce($7, '{}'::pg_catalog.jsonb), coalesce($8, 100)) "
+						"ON CONFLICT (name) DO UPDATE SET tenant_pattern = excluded.tenant_pattern, "
+						"  event_type_pattern = excluded.event_type_pattern, "
+						"  topic_template = excluded.topic_template, key_template = excluded.key_template, "
+						"  format = excluded.format, headers = excluded.headers, priority = excluded.priority",
+						8, types, values, nulls, SPI_OK_INSERT);
+	PG_RETURN_VOID();
+}
+
+PG_FUNCTION_INFO_V1(voutbox_outbox_route_drop);
+
+/* outbox_route_drop(name): whether there was such a route. */
+Datum
+voutbox_outbox_route_drop(PG_FUNCTION_ARGS)
+{
+	Oid			type = TEXTOID;
+	Datum		value = PG_GETARG_DATUM(0);
+
+	PG_RETURN_BOOL(write_routes(fcinfo, "DELETE FROM " VOUTBOX_SCHEMA ".routes WHERE name = $1",
+								1, &type, &value, NULL, SPI_OK_DELETE) > 0);
 }

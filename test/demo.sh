@@ -4,7 +4,8 @@
 # Installs what is needed, builds and installs voutbox, starts a throwaway
 # PostgreSQL 15 with voutbox preloaded and a local Apache Kafka broker,
 # saves a few events in transactions (one rolled back) in two databases,
-# each served by its own delivery worker, and prints what arrived in Kafka.  Everything it starts is stopped at the end.
+# each served by its own delivery worker, one database routing its invoices
+# as CloudEvents, and prints what arrived in Kafka.  Everything it starts is stopped at the end.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -70,6 +71,12 @@ SQL
 # A second database, with its own outbox and its own delivery worker.
 "${psql[@]}" -d billing <<'SQL'
 CREATE EXTENSION voutbox;
+-- A route: billing's invoices go out as CloudEvents (structured mode), to a
+-- topic of their own, with a static header.  Routes are rows, changed in
+-- transactions.
+INSERT INTO outbox_routes (name, event_type_pattern, topic_template, format, headers)
+VALUES ('invoices-as-cloudevents', 'invoice.*', '{tenant_id}.invoices', 'cloudevents',
+        '{"x-source-system": "billing"}');
 SELECT outbox_save('acme', 'invoice', 'inv-2026-001', 'invoice.sent.v1', '{"total": 129.90}') IS NOT NULL AS saved;
 SQL
 
@@ -88,7 +95,7 @@ done
 "${psql[@]}" -d app -c 'SELECT database, pid IS NOT NULL AS running, state, delivered FROM outbox_worker ORDER BY database'
 
 echo "== what arrived in Kafka"
-for topic in acme.lead.created.v1 acme.order.paid.v1 acme.invoice.sent.v1; do
+for topic in acme.lead.created.v1 acme.order.paid.v1 acme.invoices; do
 	kcat -b "$brokers" -C -t "$topic" -o beginning -e -q \
 		-f '\ntopic %t  partition %p  offset %o  key %k\nheaders %h\n%s\n'
 done
