@@ -697,7 +697,8 @@ produce_one(VoutboxProducer *p, const VoutboxEvent *ev, uint64 ticket)
 	VoutboxFormat format = (VoutboxFormat) (ev->format >= 0 ? ev->format : voutbox_format);
 	struct json_object *env = voutbox_value_new(ev, format);
 	size_t		len;
-	const char *value = json_object_to_json_string_length(env, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+	const char *value = json_object_to_json_string_length(env, JSON_C_TO_STRING_PLAIN |
+														  JSON_C_TO_STRING_NOSLASHESCAPE, &len);
 	rd_kafka_headers_t *hdrs = headers_new(ev, format);
 	rd_kafka_resp_err_t err;
 	/* Kafka record time: when the event was saved, in ms since the epoch */
