@@ -407,6 +407,26 @@ voutbox_producer_config_changed(VoutboxProducer *p)
 }
 
 /*
+ * The topic provisioning client (topics.c), built with the producer when
+ * voutbox.create_topics is on, so that the first event of a new topic does
+ * not wait for it to connect; else when the setting is turned on.
+ */
+static void
+build_admin(VoutboxProducer *p)
+{
+	char		errstr[512];
+	rd_kafka_conf_t *conf = rd_kafka_conf_dup(p->admin_conf);
+
+	p->admin = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (p->admin == NULL)
+	{
+		rd_kafka_conf_destroy(conf);
+		ereport(LOG,
+				(errmsg("voutbox: could not build the topic provisioning client: %s", errstr)));
+	}
+}
+
+/*
  * Tell fd.c about the descriptors the producer holds, so that PostgreSQL
  * keeps that many fewer files open itself.  librdkafka takes a socket and a
  * wake-up pipe per broker it knows (the bootstrap servers, and the brokers
@@ -495,6 +515,8 @@ voutbox_producer_create(char **error)
 		return NULL;
 	}
 	rd_kafka_set_log_queue(p->rk, NULL);
+	if (voutbox_create_topics)
+		build_admin(p);
 	p->config = MemoryContextStrdup(TopMemoryContext, current_config());
 	p->config_checked = config_generation;
 
@@ -910,19 +932,9 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 	if (p->purged || p->fatal || ShutdownRequestPending)
 		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	if (voutbox_create_topics && p->admin == NULL)
-	{
-		char		errstr[512];
-		rd_kafka_conf_t *conf = rd_kafka_conf_dup(p->admin_conf);
-
-		p->admin = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
-		if (p->admin == NULL)
-			rd_kafka_conf_destroy(conf);
-		if (p->admin == NULL)
-			ereport(LOG,
-					(errmsg("voutbox: could not build the topic provisioning client: %s", errstr)));
-	}
+		build_admin(p);
 	if (p->admin != NULL &&
-		!voutbox_topic_ensure(p->admin, ev->topic, ev->topic_settings, !outage(p)))
+		!voutbox_topic_ensure(p->admin, p->rk, ev->topic, ev->topic_settings, !outage(p)))
 		return VOUTBOX_DELIVERY_NO_TOPIC;
 	for (;;)
 	{

@@ -201,12 +201,15 @@ describe(rd_kafka_t *rk, const char *topic)
 		return err;
 	err = RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
 	for (int i = 0; i < md->topic_cnt; i++)
-		if (strcmp(md->topics[i].topic, topic) == 0)
-			err = md->topics[i].err;
+	{
+		if (strcmp(md->topics[i].topic, topic) != 0)
+			continue;
+		err = md->topics[i].err;
+		for (int j = 0; err == RD_KAFKA_RESP_ERR_NO_ERROR && j < md->topics[i].partition_cnt; j++)
+			if (md->topics[i].partitions[j].leader < 0)
+				err = RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE;
+	}
 	rd_kafka_metadata_destroy(md);
-	/* (A topic just created may have no leader yet: it exists.) */
-	if (err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
-		err = RD_KAFKA_RESP_ERR_NO_ERROR;
 	return err;
 }
 
@@ -221,13 +224,29 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 	TimestampTz start = GetCurrentTimestamp();
 	rd_kafka_resp_err_t err;
 
-	while ((err = describe(rk, t->name)) == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART &&
+	while (((err = describe(rk, t->name)) == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
+			err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE) &&
 		   !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), PROVISION_TIMEOUT_MS))
-		pg_usleep(20 * 1000L);
-	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		pg_usleep(10 * 1000L);
+	/* (Without a leader yet, it exists: the producer waits for one.) */
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
 		return true;
 	failed(t, err, "the topic was created but its metadata does not show it");
 	return false;
+}
+
+/* Have the producer look up the topic's metadata (it exists). */
+static void
+warm_up(rd_kafka_t *producer, const char *topic)
+{
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(producer, topic, NULL);
+	const struct rd_kafka_metadata *md = NULL;
+
+	if (rkt == NULL)
+		return;
+	if (rd_kafka_metadata(producer, 0, rkt, &md, PROVISION_TIMEOUT_MS) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
 }
 
 /* Create the topic; true if it exists now.  On failure, say why in t. */
@@ -311,8 +330,8 @@ create(rd_kafka_t *rk, TopicState *t, const VoutboxTopicSettings *ts)
  * broker can be reached at all (reachable false), the cluster is not asked.
  */
 bool
-voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, const VoutboxTopicSettings *settings,
-					 bool reachable)
+voutbox_topic_ensure(rd_kafka_t *rk, rd_kafka_t *producer, const char *topic,
+					 const VoutboxTopicSettings *settings, bool reachable)
 {
 	TopicState *t;
 	TimestampTz now;
@@ -342,8 +361,19 @@ voutbox_topic_ensure(rd_kafka_t *rk, const char *topic, const VoutboxTopicSettin
 	{
 		voutbox_report_activity(psprintf("making sure topic \"%s\" exists", topic));
 		err = describe(rk, topic);
-		if (err == RD_KAFKA_RESP_ERR_NO_ERROR ||
-			(err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART && create(rk, t, settings)))
+		/* (A topic without a leader yet exists: the producer waits for one.) */
+		if (err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
+			err = RD_KAFKA_RESP_ERR_NO_ERROR;
+		if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART && create(rk, t, settings))
+		{
+			/*
+			 * Tell the producer about the topic now that it exists: else its
+			 * first event waits for the producer's next metadata refresh.
+			 */
+			warm_up(producer, topic);
+			err = RD_KAFKA_RESP_ERR_NO_ERROR;
+		}
+		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
 			t->ready = true;
 			if (t->failures > 0 && !t->unknown)

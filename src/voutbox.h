@@ -492,7 +492,7 @@ extern bool voutbox_dead_events_wait(void);
 /* Topic provisioning with the admin API (topics.c) */
 struct rd_kafka_s;
 extern bool voutbox_topic_config_is_valid(const char *value, char **detail);
-extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, const char *topic,
+extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, struct rd_kafka_s *producer, const char *topic,
 								 const VoutboxTopicSettings *settings, bool reachable);
 extern const char *voutbox_topic_error(const char *topic, const char **code);
 extern TimestampTz voutbox_topic_retry_at(const char *topic);
