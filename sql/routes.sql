@@ -96,6 +96,8 @@ INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"x-n": 1}');
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"ce_id": "spoofed"}');
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"Tenant_ID": "globex"}');
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"": "v"}');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"__TypeId__": "com.evil.Gadget"}');
+INSERT INTO outbox_routes (name, topic_partitions) VALUES ('bad', 100001);
 INSERT INTO outbox_routes (name, topic_partitions) VALUES ('bad', 0);
 INSERT INTO outbox_routes (name, topic_replication_factor) VALUES ('bad', 0);
 INSERT INTO outbox_routes (name, topic_config) VALUES ('bad', 'retention.ms');
@@ -168,6 +170,44 @@ SELECT outbox_route_drop('acme-leads');
 SELECT name FROM outbox_routes ORDER BY name;
 RESET ROLE;
 
+-- ---- An operator's route with a negative priority comes first, and stays.
+SET ROLE regress_ops;
+INSERT INTO outbox_routes (name, priority, tenant_pattern, event_type_pattern, format)
+VALUES ('acme-pii', -10, 'acme', 'person.*', 'voutbox');
+RESET ROLE;
+SET ROLE regress_acme;
+SELECT name, priority FROM outbox_routes ORDER BY priority, name;
+SELECT outbox_route_drop('acme-pii');
+SELECT outbox_route_set('acme-pii', 'acme', 'person.*', format => 'debezium');
+SELECT outbox_route_set('acme-first', 'acme', 'person.*', priority => -11);
+-- Widening what an operator's route with topic settings matches is the operator's.
+SELECT outbox_route_set('acme-orders', 'acme', '*', '{tenant_id}.orders',
+						'{aggregate_type}:{aggregate_id}', 'cloudevents', '{"x-team": "orders"}');
+-- At most 100 routes per tenant for a tenant's roles.
+DO $$
+BEGIN
+	FOR i IN 1 .. 101 LOOP
+		PERFORM outbox_route_set('acme-many-' || i, 'acme', 'many' || i || '.*');
+	END LOOP;
+END $$;
+SELECT count(*) FROM outbox_routes WHERE name LIKE 'acme-many-%';
+RESET ROLE;
+DELETE FROM voutbox.routes WHERE name = 'acme-pii';
+
+-- ---- The functions ignore the caller's search_path: a look-alike "=" is
+-- never called (as the extension's owner, it would run as a superuser).
+CREATE SCHEMA regress_evil AUTHORIZATION regress_acme;
+SET ROLE regress_acme;
+CREATE FUNCTION regress_evil.hijack(text, text) RETURNS boolean LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+CREATE OPERATOR regress_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = regress_evil.hijack);
+SET search_path = regress_evil, pg_catalog, public;
+SELECT outbox_route_set('acme-evil', 'acme', 'evil.*');
+SELECT outbox_route_drop('acme-evil');
+RESET search_path;
+RESET ROLE;
+DROP SCHEMA regress_evil CASCADE;
+
 -- ---- Checked again when used: every template must end the tenant id alike.
 SET voutbox.topic_template = '{tenant_id}-{event_type}';
 SELECT outbox_save('acme', 'order', 'o-11', 'order.paid.v1', '{}');
@@ -177,6 +217,26 @@ INSERT INTO voutbox.routes (name, event_type_pattern, topic_template)
 VALUES ('by-type', 'thing.*', '{tenant_id}.things');
 SELECT outbox_save('a.b', 'thing', 't-1', 'thing.made.v1', '{}');
 SELECT * FROM routed(outbox_save('ab', 'thing', 't-2', 'thing.made.v1', '{}'));
+
+-- ---- With tenant isolation on, no template puts an event among another
+-- tenant's topics: the setting shares topics here ({event_type} only).
+SET voutbox.topic_template = '{event_type}';
+SET ROLE regress_globex;
+SELECT outbox_save('globex', 'x', 'x-1', 'acme.orders.v1', '{}');
+SELECT outbox_save('globex', 'x', 'x-2', 'acme_orders.v1', '{}');
+SELECT (routed(outbox_save('globex', 'x', 'x-3', 'globex.orders.v1', '{}'))).topic;
+SELECT (routed(outbox_save('globex', 'x', 'x-4', 'shared.orders.v1', '{}'))).topic;
+RESET ROLE;
+-- A prefix before {tenant_id} in the setting: routes must start with it too.
+SET voutbox.topic_template = 'prod.{tenant_id}.{event_type}';
+SELECT outbox_save('acme', 'order', 'o-12', 'order.paid.v1', '{}');
+INSERT INTO voutbox.routes (name, tenant_pattern, event_type_pattern, topic_template)
+VALUES ('prod-x', 'acme', 'x.*', '{tenant_id}.{event_type}');
+INSERT INTO voutbox.routes (name, tenant_pattern, event_type_pattern, topic_template)
+VALUES ('prod-x', 'acme', 'x.*', 'prod.{tenant_id}.x');
+SELECT (routed(outbox_save('acme', 'x', 'x-5', 'x.made.v1', '{}'))).topic;
+DELETE FROM voutbox.routes WHERE name = 'prod-x';
+RESET voutbox.topic_template;
 
 -- ---- Requeued dead events keep what they stored of their route.
 INSERT INTO voutbox.dlq (id, tenant_id, aggregate_type, aggregate_id, event_type, event_version,

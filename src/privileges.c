@@ -235,6 +235,47 @@ voutbox_check_acts_for(const char *tenant_id, const char *what)
 				 errhint("An administrator binds roles to tenants with outbox_tenant_grant().")));
 }
 
+/*
+ * With tenant isolation on, ERROR if the topic of an event of tenant_id lies
+ * among another bound tenant's topics: after voutbox.topic_template's
+ * literal prefix, the text up to the separator (or "." or "_", which Kafka
+ * takes for the same) is that tenant's id.  The template rules keep a
+ * tenant's own templates inside its topics; this also covers what they
+ * cannot, a template without {tenant_id} ("{event_type}" with event type
+ * "acme.orders.v1" from tenant globex).
+ */
+void
+voutbox_check_topic_namespace(const char *tenant_id, const char *topic)
+{
+	int			prefix_len;
+	const char *prefix = voutbox_installation_prefix(&prefix_len);
+	char		seps[4] = {voutbox_installation_separator(), '.', '_', '\0'};
+	const char *p = topic;
+	char	   *owner;
+
+	load_bindings();
+	if (!isolation)
+		return;
+	for (int i = 0; i < prefix_len; i++, p++)
+	{
+		bool		dot = *p == '.' || *p == '_';
+
+		if (*p == '\0' || (*p != prefix[i] && !(dot && (prefix[i] == '.' || prefix[i] == '_'))))
+			return;				/* outside every tenant's topics */
+	}
+	owner = pnstrdup(p, strcspn(p, seps));
+	if (strcmp(owner, tenant_id) == 0 || strlen(owner) > VOUTBOX_MAX_NAME_BYTES ||
+		hash_search(bindings, owner, HASH_FIND, NULL) == NULL)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("the topic \"%s\" of an event of tenant \"%s\" is among the topics of tenant \"%s\"",
+					topic, tenant_id, owner),
+			 errdetail("With tenant isolation on, the topics that begin with a tenant's id and \"%c\" are that tenant's.",
+					   seps[0]),
+			 errhint("Change the arguments that the topic template puts into the topic, or the template.")));
+}
+
 /* ---------------------------------------------------------------------
  * Acting as the extension's owner
  * ---------------------------------------------------------------------

@@ -699,8 +699,14 @@ add_route_headers(rd_kafka_headers_t *h, const VoutboxEvent *ev)
 {
 	struct json_object *obj;
 
-	if (ev->headers == NULL || (obj = json_tokener_parse(ev->headers)) == NULL)
+	if (ev->headers == NULL)
 		return;
+	if ((obj = json_tokener_parse(ev->headers)) == NULL)
+	{
+		ereport(LOG,
+				(errmsg("voutbox: the headers of event %s are not JSON; it goes without them", ev->id)));
+		return;
+	}
 	if (json_object_is_type(obj, json_type_object))
 	{
 		json_object_object_foreach(obj, name, value)

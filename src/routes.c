@@ -40,6 +40,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
@@ -47,6 +48,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "voutbox.h"
@@ -71,11 +73,17 @@ enum
 
 #define ROUTE_NAME_BYTES		63
 #define MAX_HEADERS				16
+/* librdkafka's limit on a new topic's partitions */
+#define MAX_PARTITIONS			100000
+/* Routes a tenant's role may have for one tenant. */
+#define MAX_TENANT_ROUTES		100
 #define MAX_HEADER_VALUE_BYTES	1024
 /* Headers that voutbox sets itself in one format or another. */
 static const char *const reserved_headers[] = {
 	"id", "idempotency_key", "event_type", "tenant_id", "correlation_id",
-	"content-type", "traceparent", "tracestate"
+	"content-type", "traceparent", "tracestate",
+	/* that consumers act on: Spring Kafka's JsonDeserializer picks a class */
+	"__TypeId__", "__KeyTypeId__", "__ContentTypeId__"
 };
 
 typedef struct CachedRoute
@@ -148,13 +156,17 @@ read_topic_settings(TupleTableSlot *slot)
 
 /*
  * Read voutbox.routes into the cache, if it is not valid.  While the table
- * does not exist (the SQL objects of 0.4.0), there are no routes.
+ * does not exist (the SQL objects of 0.6.0), there are no routes, and the
+ * table is looked for again the next time.  Saves wait for the table's
+ * lock; the worker (wait false) does not: while another holds the table
+ * locked, it keeps what it read last.
  */
 static void
-load_routes(void)
+load_routes(bool wait)
 {
 	uint64		generation = routes_generation;
 	Oid			nsp;
+	Oid			relid;
 	Relation	rel;
 	Snapshot	snapshot;
 	TableScanDesc scan;
@@ -170,19 +182,30 @@ load_routes(void)
 										   ALLOCSET_SMALL_SIZES);
 		CacheRegisterRelcacheCallback(forget_routes, (Datum) 0);
 	}
+	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
+	relid = OidIsValid(nsp) ? get_relname_relid("routes", nsp) : InvalidOid;
+	if (OidIsValid(relid))
+	{
+		if (wait)
+			LockRelationOid(relid, AccessShareLock);
+		else if (!ConditionalLockRelationOid(relid, AccessShareLock))
+			return;
+		/* (Dropped meanwhile, with the extension.) */
+		if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		{
+			UnlockRelationOid(relid, AccessShareLock);
+			relid = InvalidOid;
+		}
+	}
 	MemoryContextReset(routes_cxt);
 	routes = NULL;
 	nroutes = 0;
-	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
-	routes_relid = OidIsValid(nsp) ? get_relname_relid("routes", nsp) : InvalidOid;
-	if (!OidIsValid(routes_relid))
-	{
-		routes_valid = generation == routes_generation;
+	routes_relid = relid;
+	if (!OidIsValid(relid))
 		return;
-	}
 
-	rel = table_open(routes_relid, AccessShareLock);
-	snapshot = RegisterSnapshot(GetCatalogSnapshot(routes_relid));
+	rel = table_open(relid, NoLock);
+	snapshot = RegisterSnapshot(GetCatalogSnapshot(relid));
 	scan = table_beginscan(rel, snapshot, 0, NULL);
 	slot = table_slot_create(rel, NULL);
 	old = MemoryContextSwitchTo(routes_cxt);
@@ -211,15 +234,23 @@ load_routes(void)
 		r->format_name = text_attr(slot, COL_FORMAT);
 		r->format = r->format_name ? voutbox_format_lookup(r->format_name) : -1;
 		d = slot_getattr(slot, COL_HEADERS, &isnull);
-		if (!isnull && JB_ROOT_COUNT(DatumGetJsonbP(d)) > 0)
-			r->headers = JsonbToCString(NULL, &DatumGetJsonbP(d)->root, VARSIZE(DatumGetJsonbP(d)));
+		if (!isnull)
+		{
+			Jsonb	   *jb = DatumGetJsonbPCopy(d);
+
+			if (JB_ROOT_COUNT(jb) > 0)
+			{
+				r->headers = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+				r->headers_jsonb = JsonbPGetDatum(jb);
+			}
+		}
 		r->topic_settings = read_topic_settings(slot);
 	}
 	MemoryContextSwitchTo(old);
 	ExecDropSingleTupleTableSlot(slot);
 	table_endscan(scan);
 	UnregisterSnapshot(snapshot);
-	table_close(rel, AccessShareLock);
+	table_close(rel, NoLock);
 	qsort(routes, nroutes, sizeof(CachedRoute), route_cmp);
 	routes_valid = generation == routes_generation;
 }
@@ -260,7 +291,7 @@ pattern_matches(const char *pattern, const char *s)
 const VoutboxRoute *
 voutbox_route_match(const char *tenant_id, const char *event_type)
 {
-	load_routes();
+	load_routes(true);
 	for (int i = 0; i < nroutes; i++)
 		if (pattern_matches(routes[i].route.tenant_pattern, tenant_id) &&
 			pattern_matches(routes[i].route.event_type_pattern, event_type))
@@ -268,11 +299,11 @@ voutbox_route_match(const char *tenant_id, const char *event_type)
 	return NULL;
 }
 
-/* The route of that name, or NULL. */
+/* The route of that name, or NULL: for the worker, which does not wait for a lock. */
 const VoutboxRoute *
 voutbox_route_find(const char *name)
 {
-	load_routes();
+	load_routes(false);
 	for (int i = 0; i < nroutes; i++)
 		if (strcmp(routes[i].route.name, name) == 0)
 			return &routes[i].route;
@@ -285,47 +316,55 @@ voutbox_route_find(const char *name)
  */
 
 /*
- * The character that ends the tenant id in every topic template: the one
- * voutbox.topic_template puts after {tenant_id}, or "." if it has none.
+ * ERROR unless a route's topic template that names the tenant starts like
+ * voutbox.topic_template's tenant part: the same literal prefix, then
+ * {tenant_id} and the same separator (or nothing).  Else two tenants could
+ * render the same topic: tenant "a-b" with "{tenant_id}.x" and tenant "a"
+ * with "{tenant_id}-b.x"; or, under "prod.{tenant_id}.{event_type}", tenant
+ * "prod" with "{tenant_id}.{event_type}" and event type "acme.x".  Checked
+ * when the route is written and when it is used (the setting may have
+ * changed since).
  */
-static char
-installation_separator(void)
+void
+voutbox_check_route_template(const char *route, const char *tmpl)
 {
-	char		sep = voutbox_tenant_separator(voutbox_topic_template);
+	int			prefix_len;
+	const char *prefix = voutbox_installation_prefix(&prefix_len);
+	char		want = voutbox_installation_separator();
+	char		sep;
 
-	return sep != '\0' && sep != '{' ? sep : '.';
+	if (strstr(tmpl, "{tenant_id}") == NULL)
+		return;
+	if (strncmp(tmpl, prefix, prefix_len) != 0 ||
+		strncmp(tmpl + prefix_len, "{tenant_id}", strlen("{tenant_id}")) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("%s could make two tenants share a topic", voutbox_topic_template_desc(route, tmpl)),
+				 errdetail("A route's template that names the tenant starts as voutbox.topic_template does: \"%.*s{tenant_id}%c\".",
+						   prefix_len, prefix, want),
+				 errhint("Start the template with \"%.*s{tenant_id}%c\".", prefix_len, prefix, want)));
+	sep = voutbox_tenant_separator(tmpl);
+	if (sep != '\0' && sep != want)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("the topic template of route \"%s\" puts \"%c\" after {tenant_id}, but voutbox.topic_template puts \"%c\"",
+						route, sep, want),
+				 errdetail("Every topic template must end the tenant id with the same character; else two tenants could render the same topic."),
+				 errhint("Use \"{tenant_id}%c\" in the route.", want)));
 }
 
 /*
- * ERROR unless the route's topic template ends the tenant id like every
- * other template: else two tenants could render the same topic (a tenant
- * "a-b" with "{tenant_id}.x" and a tenant "a" with "{tenant_id}-b.x").
- * Checked when the route is written and when it is used (the setting may
- * have changed since).
+ * Whether the role may manage routes of the tenant pattern.  Negative
+ * priorities are for roles that act for every tenant: an operator's route
+ * with one comes before any tenant's, and no tenant's role changes it.
  */
-void
-voutbox_check_route_separator(const char *route, const char *tmpl)
-{
-	char		sep = voutbox_tenant_separator(tmpl);
-	char		want = installation_separator();
-
-	if (strstr(tmpl, "{tenant_id}") == NULL || sep == '\0' || sep == want)
-		return;
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_NAME),
-			 errmsg("the topic template of route \"%s\" puts \"%c\" after {tenant_id}, but voutbox.topic_template puts \"%c\"",
-					route, sep, want),
-			 errdetail("Every topic template must end the tenant id with the same character; else two tenants could render the same topic."),
-			 errhint("Use \"{tenant_id}%c\" in the route.", want)));
-}
-
-/* Whether the role may manage routes of the tenant pattern. */
 static bool
-manages(Oid role, const char *tenant_pattern)
+manages(Oid role, const char *tenant_pattern, int32 priority)
 {
 	if (voutbox_acts_for_all(role))
 		return true;
-	return strchr(tenant_pattern, '*') == NULL && voutbox_acts_for(role, tenant_pattern);
+	return priority >= 0 && strchr(tenant_pattern, '*') == NULL &&
+		voutbox_acts_for(role, tenant_pattern);
 }
 
 /* The role a change of routes is checked for. */
@@ -336,17 +375,20 @@ writer(void)
 }
 
 static void
-check_manages(const char *name, const char *tenant_pattern)
+check_manages(const char *name, const char *tenant_pattern, int32 priority)
 {
 	Oid			role = writer();
 
-	if (!manages(role, tenant_pattern))
+	if (!manages(role, tenant_pattern, priority))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to manage route \"%s\" for tenants \"%s\"", name, tenant_pattern),
+				 priority < 0 ?
+				 errdetail("Routes with a negative priority are managed by roles that act for every tenant.") :
 				 errdetail("Role \"%s\" manages only the routes whose tenant_pattern is a tenant it acts for.",
 						   GetUserNameFromId(role, false)),
-				 errhint("Routes for several tenants (a pattern with \"*\") are managed by voutbox_admin.")));
+				 strchr(tenant_pattern, '*') != NULL ?
+				 errhint("Routes for several tenants (a pattern with \"*\") are managed by voutbox_admin.") : 0));
 }
 
 static void
@@ -381,11 +423,12 @@ check_headers(const char *name, Jsonb *headers)
 							VOUTBOX_MAX_NAME_BYTES)));
 		voutbox_check_convertible(key, "a header name");
 		for (size_t i = 0; i < lengthof(reserved_headers); i++)
-			if (pg_strcasecmp(key, reserved_headers[i]) == 0 || pg_strncasecmp(key, "ce_", 3) == 0)
+			if (pg_strcasecmp(key, reserved_headers[i]) == 0 || pg_strncasecmp(key, "ce_", 3) == 0 ||
+				pg_strncasecmp(key, "ce-", 3) == 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_RESERVED_NAME),
-						 errmsg("header \"%s\" of route \"%s\" is set by voutbox", key, name),
-						 errdetail("voutbox sets the headers id, idempotency_key, event_type, tenant_id, correlation_id, content-type, traceparent, tracestate and those beginning with \"ce_\" itself, depending on the format."),
+						 errmsg("header \"%s\" of route \"%s\" is reserved", key, name),
+						 errdetail("voutbox sets the headers id, idempotency_key, event_type, tenant_id, correlation_id, content-type, traceparent, tracestate and those beginning with \"ce_\" itself, depending on the format; consumers act on __TypeId__, __KeyTypeId__, __ContentTypeId__ and those beginning with \"ce-\"."),
 						 errhint("Choose another name.")));
 		tok = JsonbIteratorNext(&it, &v, true);
 		if (tok != WJB_VALUE || v.type != jbvString)
@@ -419,7 +462,7 @@ check_topic_template(const char *name, const char *tmpl, const char *tenant_patt
 		literal_type ? event_type_pattern : "e", 1
 	};
 	char	   *topic;
-	char	   *source = psprintf("the topic template \"%s\" of route \"%s\"", tmpl, name);
+	char	   *source = voutbox_topic_template_desc(name, tmpl);
 
 	voutbox_check_text(tmpl, "topic_template", VOUTBOX_MAX_NAME_BYTES, "Use NULL for voutbox.topic_template.");
 	if (!voutbox_template_is_valid(tmpl, &detail))
@@ -429,23 +472,25 @@ check_topic_template(const char *name, const char *tmpl, const char *tenant_patt
 				 errdetail("%s", detail)));
 	if (strstr(tmpl, "{tenant_id}") == NULL)
 	{
+		int			prefix_len;
+		const char *prefix = voutbox_installation_prefix(&prefix_len);
+
 		if (!may_share)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("%s does not put the topics under the tenant id", source),
 					 errdetail("A tenant's route must start its topics with {tenant_id}: topics without it can be any tenant's."),
-					 errhint("Start the template with \"{tenant_id}%c\".", installation_separator())));
+					 errhint("Start the template with \"%.*s{tenant_id}%c\".", prefix_len, prefix,
+							 voutbox_installation_separator())));
 	}
-	else if (strncmp(tmpl, "{tenant_id}", strlen("{tenant_id}")) != 0 ||
-			 !voutbox_topic_template_separates_tenants(tmpl, &detail))
+	else if (!voutbox_topic_template_separates_tenants(tmpl, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("%s could make two tenants share a topic", source),
-				 errdetail("A route's template that names the tenant starts with {tenant_id} and a separator, so that the topics of different tenants never meet."),
-				 errhint("Start the template with \"{tenant_id}%c\".", installation_separator())));
-	voutbox_check_route_separator(name, tmpl);
+				 errdetail("%s", detail)));
+	voutbox_check_route_template(name, tmpl);
 	if (literal_tenant)
-		voutbox_check_tenant_in_topic(tenant_pattern, tmpl, source);
+		voutbox_check_tenant_in_topic(tenant_pattern, tmpl, name);
 	topic = voutbox_render_template(tmpl, &sample);
 	if (!voutbox_topic_is_valid(topic, &detail))
 		ereport(ERROR,
@@ -469,10 +514,10 @@ check_topic_settings(const char *name, TupleTableSlot *slot, bool may_set)
 				 errmsg("permission denied to set the topic settings of route \"%s\"", name),
 				 errdetail("topic_partitions, topic_replication_factor and topic_config size the Kafka cluster; roles that act for every tenant set them."),
 				 errhint("Leave them NULL to use voutbox.topic_partitions, voutbox.topic_replication_factor and voutbox.topic_config.")));
-	if (ts->has_partitions && ts->partitions < 1)
+	if (ts->has_partitions && (ts->partitions < 1 || ts->partitions > MAX_PARTITIONS))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("topic_partitions of route \"%s\" must be at least 1", name),
+				 errmsg("topic_partitions of route \"%s\" must be between 1 and %d", name, MAX_PARTITIONS),
 				 errhint("Use NULL for voutbox.topic_partitions.")));
 	if (ts->has_replication_factor &&
 		(ts->replication_factor == 0 || ts->replication_factor < -1 || ts->replication_factor > PG_INT16_MAX))
@@ -494,6 +539,22 @@ check_topic_settings(const char *name, TupleTableSlot *slot, bool may_set)
  * set (a topic template outside the tenant's topics, topic settings), a
  * tenant's role may leave as it is while it changes the rest.
  */
+/*
+ * How many other routes than "name" the tenant pattern has (committed, and
+ * this transaction's before this statement).
+ */
+static int
+tenant_routes(const char *tenant_pattern, const char *name)
+{
+	int			n = 0;
+
+	load_routes(true);
+	for (int i = 0; i < nroutes; i++)
+		n += strcmp(routes[i].route.tenant_pattern, tenant_pattern) == 0 &&
+			strcmp(routes[i].route.name, name) != 0;
+	return n;
+}
+
 static void
 check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 {
@@ -506,12 +567,20 @@ check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 	bool		isnull;
 	Datum		d;
 	bool		admin = voutbox_acts_for_all(writer());
+
+	/*
+	 * What a route matches and where it sends are one: a change of either
+	 * counts as a change of the template and of the topic settings.
+	 */
 	bool		template_changed = old == NULL ||
-		voutbox_column_changed(old, tup, desc, "topic_template");
-	bool		settings_changed = old == NULL ||
+		voutbox_column_changed(old, tup, desc, "topic_template") ||
+		voutbox_column_changed(old, tup, desc, "tenant_pattern") ||
+		voutbox_column_changed(old, tup, desc, "event_type_pattern");
+	bool		settings_changed = template_changed ||
 		voutbox_column_changed(old, tup, desc, "topic_partitions") ||
 		voutbox_column_changed(old, tup, desc, "topic_replication_factor") ||
 		voutbox_column_changed(old, tup, desc, "topic_config");
+	int32		priority;
 
 	ExecStoreHeapTuple(tup, slot, false);
 	if ((name = text_attr(slot, COL_NAME)) == NULL ||
@@ -526,7 +595,15 @@ check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 					   "Use \"*\" for every tenant.");
 	voutbox_check_text(event_type_pattern, "event_type_pattern", VOUTBOX_MAX_NAME_BYTES,
 					   "Use \"*\" for every event type.");
-	check_manages(name, tenant_pattern);
+	priority = DatumGetInt32(slot_getattr(slot, COL_PRIORITY, &isnull));
+	check_manages(name, tenant_pattern, isnull ? 0 : priority);
+	if (!admin && old == NULL && tenant_routes(tenant_pattern, name) >= MAX_TENANT_ROUTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("tenant \"%s\" has %d routes already", tenant_pattern, MAX_TENANT_ROUTES),
+				 errdetail("Every session reads every route; a tenant's roles may keep at most %d.",
+						   MAX_TENANT_ROUTES),
+				 errhint("Match more event types with one route (\"*\" in event_type_pattern).")));
 	if ((tmpl = text_attr(slot, COL_TOPIC_TEMPLATE)) != NULL)
 		check_topic_template(name, tmpl, tenant_pattern, event_type_pattern,
 							 admin || !template_changed);
@@ -573,17 +650,25 @@ voutbox_route_check(PG_FUNCTION_ARGS)
 	int			col = COL_UPDATED_AT;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
-		!TRIGGER_FIRED_BEFORE(td->tg_event))
-		elog(ERROR, "voutbox_route_check: not called as a BEFORE row trigger");
+		!TRIGGER_FIRED_BEFORE(td->tg_event) ||
+		strcmp(RelationGetRelationName(td->tg_relation), "routes") != 0 ||
+		strcmp(get_namespace_name(RelationGetNamespace(td->tg_relation)), VOUTBOX_SCHEMA) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("voutbox_route_check() is a BEFORE row trigger of voutbox.routes only")));
 	desc = RelationGetDescr(td->tg_relation);
-	if (desc->natts < NUM_COLS)
+	if (desc->natts != NUM_COLS)
 		elog(ERROR, "voutbox_route_check: voutbox.routes has %d columns, not %d", desc->natts, NUM_COLS);
 	if (!TRIGGER_FIRED_BY_INSERT(td->tg_event))
 	{
 		TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
+		bool		isnull;
+		Datum		priority;
 
 		ExecStoreHeapTuple(td->tg_trigtuple, slot, false);
-		check_manages(text_attr(slot, COL_NAME), text_attr(slot, COL_TENANT_PATTERN));
+		priority = slot_getattr(slot, COL_PRIORITY, &isnull);
+		check_manages(text_attr(slot, COL_NAME), text_attr(slot, COL_TENANT_PATTERN),
+					  isnull ? 0 : DatumGetInt32(priority));
 		ExecDropSingleTupleTableSlot(slot);
 		if (TRIGGER_FIRED_BY_DELETE(td->tg_event))
 			return PointerGetDatum(td->tg_trigtuple);
@@ -616,7 +701,7 @@ voutbox_sql_manages_routes(PG_FUNCTION_ARGS)
 {
 	char	   *tenant_pattern = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	PG_RETURN_BOOL(manages(GetUserId(), tenant_pattern));
+	PG_RETURN_BOOL(manages(GetUserId(), tenant_pattern, 0));
 }
 
 /* ---------------------------------------------------------------------
@@ -634,6 +719,7 @@ write_routes(FunctionCallInfo fcinfo, const char *sql, int nargs, Oid *types, Da
 {
 	Oid			save_user;
 	int			save_sec;
+	Oid			prev_writer = route_writer;
 	uint64		n;
 
 	voutbox_become_owner(fcinfo, &save_user, &save_sec);
@@ -649,7 +735,7 @@ write_routes(FunctionCallInfo fcinfo, const char *sql, int nargs, Oid *types, Da
 	}
 	PG_FINALLY();
 	{
-		route_writer = InvalidOid;
+		route_writer = prev_writer;
 	}
 	PG_END_TRY();
 	voutbox_restore_user(save_user, save_sec);
@@ -697,6 +783,7 @@ voutbox_outbox_route_drop(PG_FUNCTION_ARGS)
 	Oid			type = TEXTOID;
 	Datum		value = PG_GETARG_DATUM(0);
 
-	PG_RETURN_BOOL(write_routes(fcinfo, "DELETE FROM " VOUTBOX_SCHEMA ".routes WHERE name = $1",
+	PG_RETURN_BOOL(write_routes(fcinfo, "DELETE FROM " VOUTBOX_SCHEMA ".routes "
+								"WHERE name OPERATOR(pg_catalog.=) $1",
 								1, &type, &value, NULL, SPI_OK_DELETE) > 0);
 }

@@ -199,3 +199,36 @@ voutbox_topic_template_separates_tenants(const char *tmpl, const char **detail)
 	}
 	return true;
 }
+
+/*
+ * The character that ends the tenant id in every topic template: the one
+ * voutbox.topic_template puts after {tenant_id}, or "." if it has none.
+ */
+char
+voutbox_installation_separator(void)
+{
+	char		sep = voutbox_tenant_separator(voutbox_topic_template);
+
+	return sep != '\0' && sep != '{' ? sep : '.';
+}
+
+/*
+ * What voutbox.topic_template puts before {tenant_id} (a literal prefix,
+ * separates_tenants() says), or "" if it does not name the tenant.
+ */
+const char *
+voutbox_installation_prefix(int *len)
+{
+	const char *t = voutbox_topic_template ? strstr(voutbox_topic_template, "{tenant_id}") : NULL;
+
+	*len = t ? (int) (t - voutbox_topic_template) : 0;
+	return t ? voutbox_topic_template : "";
+}
+
+/* How messages name a topic template: a route's (route not NULL) or the setting. */
+char *
+voutbox_topic_template_desc(const char *route, const char *tmpl)
+{
+	return route ? psprintf("the topic template \"%s\" of route \"%s\"", tmpl, route) :
+		psprintf("voutbox.topic_template \"%s\"", tmpl);
+}

@@ -37,6 +37,7 @@
 #include "miscadmin.h"
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "catalog/namespace.h"
 #include "utils/lsyscache.h"
@@ -95,7 +96,10 @@ typedef struct SaveRequest
 	TimestampTz scheduled_for;
 	char	   *topic;
 	char	   *msg_key;
-	const VoutboxRoute *route;	/* the route that matched, or NULL */
+	/* the route that matched: its name (NULL if none), format and headers */
+	char	   *route_name;
+	char	   *route_format;
+	Datum		route_headers;
 } SaveRequest;
 
 static SPIPlanPtr plan_current_slot = NULL;
@@ -188,7 +192,7 @@ resolve_trace(SaveRequest *req, FunctionCallInfo fcinfo)
  * voutbox.topic_template and voutbox.key_template.  Every argument that the
  * topic template puts into the topic must itself be acceptable in a Kafka
  * topic name; the message names the first one that is not.  Then the whole
- * topic must be.
+ * topic must be, and (with tenant isolation on) not be another tenant's.
  */
 static void
 render_routing(SaveRequest *req)
@@ -201,58 +205,76 @@ render_routing(SaveRequest *req)
 	{"event_type", req->event_type}};
 	const VoutboxRoute *route = voutbox_route_match(req->tenant_id, req->event_type);
 	const char *topic_tmpl = voutbox_topic_template;
-	const char *topic_from = "voutbox.topic_template";
-	const char *topic_desc;
+	const char *topic_route = NULL;		/* the route whose template it is */
 	const char *key_tmpl = voutbox_key_template;
-	const char *key_from = "voutbox.key_template";
+	const char *key_route = NULL;
 	const char *detail;
 
-	req->route = route;
-	if (route != NULL && route->topic_template != NULL)
+	/* (Copied: the cached route may be read again before the INSERT.) */
+	if (route != NULL)
 	{
-		topic_tmpl = route->topic_template;
-		topic_from = psprintf("the topic template of route \"%s\"", route->name);
-		voutbox_check_route_separator(route->name, topic_tmpl);
+		req->route_name = pstrdup(route->name);
+		req->route_format = route->format_name ? pstrdup(route->format_name) : NULL;
+		req->route_headers = route->headers_jsonb ?
+			datumCopy(route->headers_jsonb, false, -1) : (Datum) 0;
+		if (route->topic_template != NULL)
+		{
+			topic_tmpl = pstrdup(route->topic_template);
+			topic_route = req->route_name;
+			voutbox_check_route_template(topic_route, topic_tmpl);
+		}
+		if (route->key_template != NULL)
+		{
+			key_tmpl = pstrdup(route->key_template);
+			key_route = req->route_name;
+		}
 	}
-	if (route != NULL && route->key_template != NULL)
-	{
-		key_tmpl = route->key_template;
-		key_from = psprintf("the key template of route \"%s\"", route->name);
-	}
-	topic_desc = route != NULL && route->topic_template != NULL ?
-		psprintf("the topic template \"%s\" of route \"%s\"", topic_tmpl, route->name) :
-		psprintf("voutbox.topic_template \"%s\"", topic_tmpl);
 	if (!voutbox_topic_template_separates_tenants(topic_tmpl, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("%s could make two tenants share a topic", topic_desc),
+				 errmsg("%s could make two tenants share a topic",
+						voutbox_topic_template_desc(topic_route, topic_tmpl)),
 				 errdetail("%s", detail),
 				 errhint("Start the template with {tenant_id} and a separator, as in the default \"{tenant_id}.{event_type}\", or leave {tenant_id} out to share topics between tenants.")));
 	for (size_t i = 0; i < lengthof(args); i++)
 	{
-		char	   *placeholder = psprintf("{%s}", args[i][0]);
+		char		placeholder[32];
 
+		snprintf(placeholder, sizeof(placeholder), "{%s}", args[i][0]);
 		if (strstr(topic_tmpl, placeholder) != NULL &&
 			strlen(args[i][1]) <= VOUTBOX_TOPIC_MAX_LEN &&
 			!voutbox_topic_is_valid(args[i][1], &detail))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_NAME),
 					 errmsg("%s \"%s\" cannot be part of a Kafka topic name", args[i][0], args[i][1]),
-					 errdetail("%s puts %s into the topic. %s", topic_desc, args[i][0], detail)));
+					 errdetail("%s puts %s into the topic. %s",
+							   voutbox_topic_template_desc(topic_route, topic_tmpl), args[i][0], detail)));
 	}
-	voutbox_check_tenant_in_topic(req->tenant_id, topic_tmpl, topic_desc);
+	voutbox_check_tenant_in_topic(req->tenant_id, topic_tmpl, topic_route);
+	/* A route's template ends the tenant id as the setting's does, if it does. */
+	if (topic_route != NULL && strstr(topic_tmpl, "{tenant_id}") != NULL)
+		voutbox_check_tenant_in_topic(req->tenant_id, voutbox_topic_template, NULL);
 	req->topic = voutbox_render_template(topic_tmpl, &f);
 	if (!voutbox_topic_is_valid(req->topic, &detail))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("the topic \"%s\" rendered from %s is not a valid Kafka topic name",
-						req->topic, topic_from),
+						req->topic, topic_route ?
+						psprintf("the topic template of route \"%s\"", topic_route) :
+						"voutbox.topic_template"),
 				 errdetail("%s", detail),
-				 errhint("Shorten the arguments the template uses, or change %s.", topic_from)));
+				 errhint("Shorten the arguments the template uses, or change %s.",
+						 topic_route ? psprintf("the topic template of route \"%s\"", topic_route) :
+						 "voutbox.topic_template")));
+	voutbox_check_topic_namespace(req->tenant_id, req->topic);
 	req->msg_key = voutbox_render_template(key_tmpl, &f);
 	if (req->msg_key[0] == '\0')
 		req->msg_key = NULL;
 	else if (strlen(req->msg_key) > VOUTBOX_MAX_KEY_BYTES)
+	{
+		const char *key_from = key_route ?
+			psprintf("the key template of route \"%s\"", key_route) : "voutbox.key_template";
+
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
 				 errmsg("the message key rendered from %s is longer than %d bytes",
@@ -260,6 +282,7 @@ render_routing(SaveRequest *req)
 				 errdetail("It is %zu bytes long; %s is \"%s\".",
 						   strlen(req->msg_key), key_from, key_tmpl),
 				 errhint("Shorten the arguments the template uses, or change %s.", key_from)));
+	}
 }
 
 static void
@@ -551,16 +574,15 @@ insert_event(SaveRequest *req, Datum id)
 	v[18] = text_or_null(req->producer, &n[18]);
 	v[19] = CStringGetTextDatum(req->topic);
 	v[20] = text_or_null(req->msg_key, &n[20]);
-	if (req->route != NULL)
+	if (req->route_name != NULL)
 	{
-		v[21] = CStringGetTextDatum(req->route->name);
-		v[22] = text_or_null(req->route->format_name, &n[22]);
-		v[23] = req->route->headers ?
-			DirectFunctionCall1(jsonb_in, CStringGetDatum(req->route->headers)) : (Datum) 0;
-		n[23] = req->route->headers ? ' ' : 'n';
+		v[21] = CStringGetTextDatum(req->route_name);
+		v[22] = text_or_null(req->route_format, &n[22]);
+		v[23] = req->route_headers;
+		n[23] = req->route_headers ? ' ' : 'n';
 	}
 
-	if (SPI_execute_plan(req->route ? plan_insert_routed[current_slot()] : plan_insert[current_slot()],
+	if (SPI_execute_plan(req->route_name ? plan_insert_routed[current_slot()] : plan_insert[current_slot()],
 						 v, n, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "voutbox: could not insert the event");
 }
@@ -624,7 +646,7 @@ voutbox_outbox_save(PG_FUNCTION_ARGS)
 	voutbox_become_owner(fcinfo, &save_user, &save_sec);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "voutbox: SPI_connect failed");
-	prepare_plans(req.route != NULL);
+	prepare_plans(req.route_name != NULL);
 
 	found = req.idempotency_key != NULL &&
 		find_saved_event(&req, get_func_namespace(fcinfo->flinfo->fn_oid), &id);

@@ -246,7 +246,7 @@ voutbox_check_event_size(const VoutboxEventSize *size)
  * in those two, so a tenant could claim the name of another's topic.
  */
 void
-voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl, const char *source)
+voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl, const char *route)
 {
 	char		sep = voutbox_tenant_separator(tmpl);
 	const char *bad;
@@ -259,7 +259,7 @@ voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl, const cha
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("tenant_id \"%s\" must not contain \"%c\"", tenant_id, sep),
 				 errdetail("%s puts \"%c\" after the tenant id: with it, two tenants could share a topic.",
-						   source, sep)));
+						   voutbox_topic_template_desc(route, tmpl), sep)));
 	if ((bad = strpbrk(tenant_id, "._")) != NULL && voutbox_tenant_isolation())
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),

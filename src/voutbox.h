@@ -85,7 +85,7 @@ extern char *voutbox_topic_config;
 #define VOUTBOX_LOCK_TIMEOUT	"2s"
 
 /* The version of the SQL objects this library works with. */
-#define VOUTBOX_SQL_VERSION		"0.6.0"
+#define VOUTBOX_SQL_VERSION		"0.6.1"
 
 /*
  * Shared memory: one slot per database the launcher serves (at most
@@ -213,6 +213,9 @@ extern char *voutbox_render_template(const char *tmpl, const VoutboxRouteFields 
 extern bool voutbox_topic_is_valid(const char *topic, const char **detail);
 extern char voutbox_tenant_separator(const char *tmpl);
 extern bool voutbox_topic_template_separates_tenants(const char *tmpl, const char **detail);
+extern char voutbox_installation_separator(void);
+extern char *voutbox_topic_template_desc(const char *route, const char *tmpl);
+extern const char *voutbox_installation_prefix(int *len);
 
 /*
  * Routes (routes.c): rows of voutbox.routes, in the order they are tried
@@ -238,12 +241,14 @@ typedef struct VoutboxRoute
 	int			format;
 	char	   *format_name;
 	char	   *headers;		/* JSON text; NULL when there are none */
+	Datum		headers_jsonb;	/* the same as jsonb, or 0 */
 	VoutboxTopicSettings *topic_settings;	/* NULL when it sets none */
 } VoutboxRoute;
 
 extern const VoutboxRoute *voutbox_route_match(const char *tenant_id, const char *event_type);
 extern const VoutboxRoute *voutbox_route_find(const char *name);
-extern void voutbox_check_route_separator(const char *route, const char *tmpl);
+extern void voutbox_check_route_template(const char *route, const char *tmpl);
+extern void voutbox_check_topic_namespace(const char *tenant_id, const char *topic);
 
 /* Tenants and roles (privileges.c) */
 struct FunctionCallInfoBaseData;
@@ -303,7 +308,7 @@ extern size_t voutbox_check_json(Datum jsonb, const char *name);
 extern size_t voutbox_check_pii_fields(Datum array);
 extern void voutbox_check_event_size(const VoutboxEventSize *size);
 extern void voutbox_check_tenant_in_topic(const char *tenant_id, const char *tmpl,
-										  const char *source);
+										  const char *route);
 struct HeapTupleData;
 struct TupleDescData;
 extern bool voutbox_column_changed(struct HeapTupleData *old, struct HeapTupleData *new,
