@@ -255,5 +255,18 @@ SELECT c.relname FROM pg_extension e, unnest(e.extconfig) r(oid)
  WHERE e.extname = 'voutbox' AND c.relname = 'routes';
 
 DROP FUNCTION routed(uuid);
+
+-- ---- Between the new library's start and ALTER EXTENSION UPDATE (SQL
+-- objects of 0.6.0), saves work without routes; a session that saved then
+-- takes the routes once the update made them.
+DROP EXTENSION voutbox;
+CREATE EXTENSION voutbox VERSION '0.6.0';
+SELECT outbox_save('acme', 'order', 'u-1', 'order.paid.v1', '{}') AS u1 \gset
+SELECT topic FROM voutbox.events WHERE id = :'u1';
+ALTER EXTENSION voutbox UPDATE;
+INSERT INTO outbox_routes (name, event_type_pattern, topic_template)
+VALUES ('after-update', 'order.*', '{tenant_id}.orders');
+SELECT outbox_save('acme', 'order', 'u-2', 'order.paid.v1', '{}') AS u2 \gset
+SELECT topic, route FROM voutbox.events WHERE id = :'u2';
 DROP EXTENSION voutbox;
 DROP ROLE regress_acme, regress_globex, regress_ops;
