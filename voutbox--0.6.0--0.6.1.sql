@@ -45,6 +45,8 @@ LANGUAGE C;
 CREATE TRIGGER routes_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON voutbox.routes
 	FOR EACH STATEMENT EXECUTE FUNCTION voutbox.routes_changed();
+/* Also for changes that logical replication applies: the caches must go. */
+ALTER TABLE voutbox.routes ENABLE ALWAYS TRIGGER routes_changed;
 
 /* Whether the current user may manage routes of the tenant pattern. */
 CREATE FUNCTION voutbox.manages_routes(tenant_pattern text) RETURNS boolean

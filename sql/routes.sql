@@ -97,21 +97,31 @@ INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"ce_id": "spoofed"}')
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"Tenant_ID": "globex"}');
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"": "v"}');
 INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"__TypeId__": "com.evil.Gadget"}');
+-- (Topic settings: a superuser's.)
+RESET ROLE;
 INSERT INTO outbox_routes (name, topic_partitions) VALUES ('bad', 100001);
 INSERT INTO outbox_routes (name, topic_partitions) VALUES ('bad', 0);
 INSERT INTO outbox_routes (name, topic_replication_factor) VALUES ('bad', 0);
 INSERT INTO outbox_routes (name, topic_config) VALUES ('bad', 'retention.ms');
+SET ROLE regress_ops;
 INSERT INTO outbox_routes (name, tenant_pattern) VALUES ('bad', '');
 INSERT INTO outbox_routes (name) VALUES ('');
 INSERT INTO outbox_routes (name) VALUES (repeat('n', 64));
 UPDATE outbox_routes SET format = 'avro' WHERE name = 'acme-orders';
--- A shared topic (no {tenant_id}) and topic settings are an operator's to set.
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"kafka_replyTopic": "globex.orders"}');
+INSERT INTO outbox_routes (name, headers) VALUES ('bad', '{"X-B3-TraceId": "1"}');
+-- A shared topic (no {tenant_id}) is an operator's to set; topic settings,
+-- which decide how long events stay in Kafka, a superuser's.
 INSERT INTO outbox_routes (name, event_type_pattern, topic_template, topic_partitions,
 						   topic_replication_factor, topic_config)
 VALUES ('audit', 'audit.*', 'shared-audit', 3, 1, 'retention.ms=86400000');
+INSERT INTO outbox_routes (name, event_type_pattern, topic_template)
+VALUES ('audit', 'audit.*', 'shared-audit');
+RESET ROLE;
+UPDATE outbox_routes SET topic_partitions = 3, topic_replication_factor = 1,
+	   topic_config = 'retention.ms=86400000' WHERE name = 'audit';
 SELECT name, topic_template, topic_partitions, topic_replication_factor, topic_config
   FROM outbox_routes WHERE name = 'audit';
-RESET ROLE;
 
 -- ---- A tenant's role manages its own routes, and only what stays its own,
 -- with outbox_route_set() and outbox_route_drop() (SELECT on the view only:
@@ -133,12 +143,15 @@ SELECT outbox_route_drop('refunds-first');
 SELECT outbox_route_drop('no-such-route');
 -- Not through the view.
 INSERT INTO outbox_routes (name, tenant_pattern) VALUES ('via-view', 'acme');
--- What an operator set on a route of acme stays; acme may change the rest.
+SELECT outbox_route_set('acme-orders', 'acme', 'order.*', '{tenant_id}.orders',
+						'{aggregate_type}:{aggregate_id}', 'cloudevents', '{"x-team": "orders"}');
+-- A route of acme's that a superuser gave topic settings is no longer acme's to change.
 RESET ROLE;
 UPDATE voutbox.routes SET topic_partitions = 6 WHERE name = 'acme-orders';
 SET ROLE regress_acme;
 SELECT outbox_route_set('acme-orders', 'acme', 'order.*', '{tenant_id}.orders',
-						'{aggregate_type}:{aggregate_id}', 'cloudevents', '{"x-team": "orders"}');
+						'{aggregate_type}:{aggregate_id}', 'cloudevents', '{"x-team": "mine"}');
+SELECT outbox_route_drop('acme-orders');
 SELECT name, headers, topic_partitions FROM outbox_routes WHERE name = 'acme-orders';
 RESET ROLE;
 SET ROLE regress_globex;
@@ -180,7 +193,7 @@ SELECT name, priority FROM outbox_routes ORDER BY priority, name;
 SELECT outbox_route_drop('acme-pii');
 SELECT outbox_route_set('acme-pii', 'acme', 'person.*', format => 'debezium');
 SELECT outbox_route_set('acme-first', 'acme', 'person.*', priority => -11);
--- Widening what an operator's route with topic settings matches is the operator's.
+-- Nor what such a route matches.
 SELECT outbox_route_set('acme-orders', 'acme', '*', '{tenant_id}.orders',
 						'{aggregate_type}:{aggregate_id}', 'cloudevents', '{"x-team": "orders"}');
 -- At most 100 routes per tenant for a tenant's roles.
@@ -227,6 +240,12 @@ SELECT outbox_save('globex', 'x', 'x-2', 'acme_orders.v1', '{}');
 SELECT (routed(outbox_save('globex', 'x', 'x-3', 'globex.orders.v1', '{}'))).topic;
 SELECT (routed(outbox_save('globex', 'x', 'x-4', 'shared.orders.v1', '{}'))).topic;
 RESET ROLE;
+-- A tenant bound to a role that does not exist (yet, or any more) owns its topics too.
+INSERT INTO voutbox.tenant_roles (tenant_id, role_name) VALUES ('initech', 'regress_no_such_role');
+SET ROLE regress_globex;
+SELECT outbox_save('globex', 'x', 'x-6', 'initech.orders.v1', '{}');
+RESET ROLE;
+DELETE FROM voutbox.tenant_roles WHERE tenant_id = 'initech';
 -- A prefix before {tenant_id} in the setting: routes must start with it too.
 SET voutbox.topic_template = 'prod.{tenant_id}.{event_type}';
 SELECT outbox_save('acme', 'order', 'o-12', 'order.paid.v1', '{}');

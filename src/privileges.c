@@ -86,21 +86,32 @@ forget_bindings_of_roles(Datum arg pg_attribute_unused(), int cacheid pg_attribu
 	bindings_generation++;
 }
 
-static void
-add_binding(const char *tenant_id, Oid role)
+/* The tenant's entry, made if new; NULL for an id longer than the table allows. */
+static TenantEntry *
+add_tenant(const char *tenant_id)
 {
 	TenantEntry *e;
 	bool		found;
 
 	/* The table's check constraint bounds tenant ids; skip longer ones. */
 	if (strlen(tenant_id) > VOUTBOX_MAX_NAME_BYTES)
-		return;
+		return NULL;
 	e = hash_search(bindings, tenant_id, HASH_ENTER, &found);
 	if (!found)
 	{
 		e->nroles = 0;
 		e->roles = NULL;
 	}
+	return e;
+}
+
+static void
+add_binding(const char *tenant_id, Oid role)
+{
+	TenantEntry *e = add_tenant(tenant_id);
+
+	if (e == NULL)
+		return;
 	e->roles = e->roles ?
 		repalloc(e->roles, sizeof(Oid) * (e->nroles + 1)) :
 		MemoryContextAlloc(bindings_cxt, sizeof(Oid));
@@ -165,9 +176,17 @@ load_bindings(void)
 
 		/* Isolation is on whether or not the role exists. */
 		isolation = true;
-		if (tenant_null || role_null ||
-			!OidIsValid(roleid = get_role_oid(NameStr(*DatumGetName(role)), true)))
+		if (tenant_null || role_null)
 			continue;
+		/* (A tenant bound to a role that does not exist still owns its topics.) */
+		if (!OidIsValid(roleid = get_role_oid(NameStr(*DatumGetName(role)), true)))
+		{
+			MemoryContext old = MemoryContextSwitchTo(bindings_cxt);
+
+			add_tenant(TextDatumGetCString(tenant));
+			MemoryContextSwitchTo(old);
+			continue;
+		}
 		{
 			MemoryContext old = MemoryContextSwitchTo(bindings_cxt);
 
@@ -237,7 +256,7 @@ voutbox_check_acts_for(const char *tenant_id, const char *what)
 
 /*
  * With tenant isolation on, ERROR if the topic of an event of tenant_id lies
- * among another bound tenant's topics: after voutbox.topic_template's
+ * among the topics of another tenant of voutbox.tenant_roles: after voutbox.topic_template's
  * literal prefix, the text up to the separator (or "." or "_", which Kafka
  * takes for the same) is that tenant's id.  The template rules keep a
  * tenant's own templates inside its topics; this also covers what they

@@ -82,8 +82,16 @@ enum
 static const char *const reserved_headers[] = {
 	"id", "idempotency_key", "event_type", "tenant_id", "correlation_id",
 	"content-type", "traceparent", "tracestate",
-	/* that consumers act on: Spring Kafka's JsonDeserializer picks a class */
-	"__TypeId__", "__KeyTypeId__", "__ContentTypeId__"
+	/* tracing, which consumers continue */
+	"b3", "uber-trace-id", "baggage", "sw8", "elastic-apm-traceparent"
+};
+
+/* Prefixes of headers that consumers act on, or that voutbox sets. */
+static const char *const reserved_prefixes[] = {
+	"ce_", "ce-",				/* CloudEvents' Kafka and HTTP bindings */
+	"__",						/* Spring Kafka's type headers (__TypeId__: the class) */
+	"kafka_", "spring_",		/* Spring Kafka's reply topic, correlation, types */
+	"x-b3-", "uberctx-"			/* tracing */
 };
 
 typedef struct CachedRoute
@@ -98,11 +106,25 @@ static int	nroutes = 0;
 static bool routes_valid = false;
 static uint64 routes_generation = 0;
 static Oid	routes_relid = InvalidOid;
+static bool callback_registered = false;
 /*
  * Who writes routes through outbox_route_set() and outbox_route_drop(),
  * which do it as the extension's owner: the trigger checks this role.
  */
 static Oid	route_writer = InvalidOid;
+
+/* Make the routes read in cxt the cache's, freeing the old ones. */
+static void
+install_routes(MemoryContext cxt, CachedRoute *new_routes, int n, Oid relid)
+{
+	MemoryContextSetParent(cxt, CacheMemoryContext);
+	if (routes_cxt != NULL)
+		MemoryContextDelete(routes_cxt);
+	routes_cxt = cxt;
+	routes = new_routes;
+	nroutes = n;
+	routes_relid = relid;
+}
 
 static void
 forget_routes(Datum arg pg_attribute_unused(), Oid relid)
@@ -172,15 +194,17 @@ load_routes(bool wait)
 	TableScanDesc scan;
 	TupleTableSlot *slot;
 	MemoryContext old;
+	MemoryContext cxt;
+	CachedRoute *new_routes;
+	int			n;
 	int			capacity = 8;
 
 	if (routes_valid)
 		return;
-	if (routes_cxt == NULL)
+	if (!callback_registered)
 	{
-		routes_cxt = AllocSetContextCreate(CacheMemoryContext, "voutbox routes",
-										   ALLOCSET_SMALL_SIZES);
 		CacheRegisterRelcacheCallback(forget_routes, (Datum) 0);
+		callback_registered = true;
 	}
 	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
 	relid = OidIsValid(nsp) ? get_relname_relid("routes", nsp) : InvalidOid;
@@ -197,19 +221,28 @@ load_routes(bool wait)
 			relid = InvalidOid;
 		}
 	}
-	MemoryContextReset(routes_cxt);
-	routes = NULL;
-	nroutes = 0;
-	routes_relid = relid;
-	if (!OidIsValid(relid))
+	/*
+	 * Built in a context of its own, which replaces the old one only once
+	 * complete: an ERROR meanwhile leaves the old routes (and frees the new
+	 * context with the transaction's).
+	 */
+	if (!OidIsValid(relid) && !OidIsValid(routes_relid) && nroutes == 0)
 		return;
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "voutbox routes", ALLOCSET_SMALL_SIZES);
+	new_routes = NULL;
+	n = 0;
+	if (!OidIsValid(relid))
+	{
+		install_routes(cxt, NULL, 0, InvalidOid);
+		return;					/* (stays invalid: looked for again next time) */
+	}
 
 	rel = table_open(relid, NoLock);
 	snapshot = RegisterSnapshot(GetCatalogSnapshot(relid));
 	scan = table_beginscan(rel, snapshot, 0, NULL);
 	slot = table_slot_create(rel, NULL);
-	old = MemoryContextSwitchTo(routes_cxt);
-	routes = palloc(sizeof(CachedRoute) * capacity);
+	old = MemoryContextSwitchTo(cxt);
+	new_routes = palloc(sizeof(CachedRoute) * capacity);
 	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 	{
 		CachedRoute *c;
@@ -217,18 +250,21 @@ load_routes(bool wait)
 		bool		isnull;
 		Datum		d;
 
-		if (nroutes == capacity)
+		if (n == capacity)
 		{
 			capacity *= 2;
-			routes = repalloc(routes, sizeof(CachedRoute) * capacity);
+			new_routes = repalloc(new_routes, sizeof(CachedRoute) * capacity);
 		}
-		c = &routes[nroutes++];
+		c = &new_routes[n];
 		r = &c->route;
 		memset(c, 0, sizeof(*c));
 		c->priority = DatumGetInt32(slot_getattr(slot, COL_PRIORITY, &isnull));
 		r->name = text_attr(slot, COL_NAME);
 		r->tenant_pattern = text_attr(slot, COL_TENANT_PATTERN);
 		r->event_type_pattern = text_attr(slot, COL_EVENT_TYPE_PATTERN);
+		/* (NOT NULL columns; a row without them could not match.) */
+		if (r->name == NULL || r->tenant_pattern == NULL || r->event_type_pattern == NULL)
+			continue;
 		r->topic_template = text_attr(slot, COL_TOPIC_TEMPLATE);
 		r->key_template = text_attr(slot, COL_KEY_TEMPLATE);
 		r->format_name = text_attr(slot, COL_FORMAT);
@@ -245,13 +281,15 @@ load_routes(bool wait)
 			}
 		}
 		r->topic_settings = read_topic_settings(slot);
+		n++;
 	}
 	MemoryContextSwitchTo(old);
 	ExecDropSingleTupleTableSlot(slot);
 	table_endscan(scan);
 	UnregisterSnapshot(snapshot);
 	table_close(rel, NoLock);
-	qsort(routes, nroutes, sizeof(CachedRoute), route_cmp);
+	qsort(new_routes, n, sizeof(CachedRoute), route_cmp);
+	install_routes(cxt, new_routes, n, relid);
 	routes_valid = generation == routes_generation;
 }
 
@@ -391,6 +429,18 @@ check_manages(const char *name, const char *tenant_pattern, int32 priority)
 				 errhint("Routes for several tenants (a pattern with \"*\") are managed by voutbox_admin.") : 0));
 }
 
+static bool
+header_is_reserved(const char *key)
+{
+	for (size_t i = 0; i < lengthof(reserved_headers); i++)
+		if (pg_strcasecmp(key, reserved_headers[i]) == 0)
+			return true;
+	for (size_t i = 0; i < lengthof(reserved_prefixes); i++)
+		if (pg_strncasecmp(key, reserved_prefixes[i], strlen(reserved_prefixes[i])) == 0)
+			return true;
+	return false;
+}
+
 static void
 check_headers(const char *name, Jsonb *headers)
 {
@@ -422,14 +472,12 @@ check_headers(const char *name, Jsonb *headers)
 					 errmsg("header names of route \"%s\" must be 1 to %d bytes long", name,
 							VOUTBOX_MAX_NAME_BYTES)));
 		voutbox_check_convertible(key, "a header name");
-		for (size_t i = 0; i < lengthof(reserved_headers); i++)
-			if (pg_strcasecmp(key, reserved_headers[i]) == 0 || pg_strncasecmp(key, "ce_", 3) == 0 ||
-				pg_strncasecmp(key, "ce-", 3) == 0)
-				ereport(ERROR,
-						(errcode(ERRCODE_RESERVED_NAME),
-						 errmsg("header \"%s\" of route \"%s\" is reserved", key, name),
-						 errdetail("voutbox sets the headers id, idempotency_key, event_type, tenant_id, correlation_id, content-type, traceparent, tracestate and those beginning with \"ce_\" itself, depending on the format; consumers act on __TypeId__, __KeyTypeId__, __ContentTypeId__ and those beginning with \"ce-\"."),
-						 errhint("Choose another name.")));
+		if (header_is_reserved(key))
+			ereport(ERROR,
+					(errcode(ERRCODE_RESERVED_NAME),
+					 errmsg("header \"%s\" of route \"%s\" is reserved", key, name),
+					 errdetail("voutbox sets id, idempotency_key, event_type, tenant_id, correlation_id, content-type, traceparent and the ce_ headers itself, depending on the format; consumers act on tracing headers (tracestate, b3, x-b3-*, uber-trace-id, uberctx-*, baggage, sw8, elastic-apm-traceparent) and on Spring Kafka's (__*, kafka_*, spring_*)."),
+					 errhint("Choose another name, for example one beginning with \"x-\".")));
 		tok = JsonbIteratorNext(&it, &v, true);
 		if (tok != WJB_VALUE || v.type != jbvString)
 			ereport(ERROR,
@@ -512,7 +560,7 @@ check_topic_settings(const char *name, TupleTableSlot *slot, bool may_set)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to set the topic settings of route \"%s\"", name),
-				 errdetail("topic_partitions, topic_replication_factor and topic_config size the Kafka cluster; roles that act for every tenant set them."),
+				 errdetail("topic_partitions, topic_replication_factor and topic_config size the Kafka cluster and decide how long events stay in it; superusers set them, as they set voutbox.topic_config."),
 				 errhint("Leave them NULL to use voutbox.topic_partitions, voutbox.topic_replication_factor and voutbox.topic_config.")));
 	if (ts->has_partitions && (ts->partitions < 1 || ts->partitions > MAX_PARTITIONS))
 		ereport(ERROR,
@@ -534,11 +582,19 @@ check_topic_settings(const char *name, TupleTableSlot *slot, bool may_set)
 }
 
 /*
- * A new or changed route (old is the row it replaces, or NULL), as the
- * current user writes it.  What only a role that acts for every tenant may
- * set (a topic template outside the tenant's topics, topic settings), a
- * tenant's role may leave as it is while it changes the rest.
+ * Whether a route is an operator's own: it has topic settings or a topic
+ * template without {tenant_id} (a shared topic), which a tenant's role
+ * cannot set, and so cannot change or drop either.
  */
+static bool
+operators_route(TupleTableSlot *slot)
+{
+	char	   *tmpl = text_attr(slot, COL_TOPIC_TEMPLATE);
+
+	return read_topic_settings(slot) != NULL ||
+		(tmpl != NULL && strstr(tmpl, "{tenant_id}") == NULL);
+}
+
 /*
  * How many other routes than "name" the tenant pattern has (committed, and
  * this transaction's before this statement).
@@ -555,6 +611,13 @@ tenant_routes(const char *tenant_pattern, const char *name)
 	return n;
 }
 
+/*
+ * A new or changed route (old is the row it replaces, or NULL), as the
+ * current user writes it.  What only a role that acts for every tenant (or
+ * a superuser) may set: a shared topic (a template without {tenant_id}),
+ * topic settings.  (The trigger has refused a tenant's role a change of such
+ * a route already.)
+ */
 static void
 check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 {
@@ -628,7 +691,7 @@ check_route(HeapTuple tup, HeapTuple old, TupleDesc desc)
 	d = slot_getattr(slot, COL_HEADERS, &isnull);
 	if (!isnull)
 		check_headers(name, DatumGetJsonbP(d));
-	check_topic_settings(name, slot, admin || !settings_changed);
+	check_topic_settings(name, slot, superuser_arg(writer()) || !settings_changed);
 	ExecDropSingleTupleTableSlot(slot);
 }
 
@@ -664,11 +727,17 @@ voutbox_route_check(PG_FUNCTION_ARGS)
 		TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
 		bool		isnull;
 		Datum		priority;
+		char	   *name;
 
 		ExecStoreHeapTuple(td->tg_trigtuple, slot, false);
 		priority = slot_getattr(slot, COL_PRIORITY, &isnull);
-		check_manages(text_attr(slot, COL_NAME), text_attr(slot, COL_TENANT_PATTERN),
-					  isnull ? 0 : DatumGetInt32(priority));
+		name = text_attr(slot, COL_NAME);
+		check_manages(name, text_attr(slot, COL_TENANT_PATTERN), isnull ? 0 : DatumGetInt32(priority));
+		if (operators_route(slot) && !voutbox_acts_for_all(writer()))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to change route \"%s\"", name),
+					 errdetail("It has topic settings or a shared topic (a topic template without {tenant_id}): roles that act for every tenant change it.")));
 		ExecDropSingleTupleTableSlot(slot);
 		if (TRIGGER_FIRED_BY_DELETE(td->tg_event))
 			return PointerGetDatum(td->tg_trigtuple);

@@ -387,7 +387,7 @@ prepare_plan(const char *sql, int nargs, Oid *argtypes)
 /*
  * The INSERT of an event has a second form, with the columns of its route,
  * prepared once a route is used: the first does not name them, so that
- * saving works also while the SQL objects are those of 0.4.0 (between the
+ * saving works also while the SQL objects are those of 0.6.0 (between the
  * restart with this library and ALTER EXTENSION UPDATE).
  */
 static void
