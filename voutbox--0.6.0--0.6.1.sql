@@ -39,8 +39,9 @@ CREATE TRIGGER route_check
 	BEFORE INSERT OR UPDATE OR DELETE ON voutbox.routes
 	FOR EACH ROW EXECUTE FUNCTION voutbox.route_check();
 
+/* (The C function that serves voutbox.tenant_roles' trigger too.) */
 CREATE FUNCTION voutbox.routes_changed() RETURNS trigger
-AS 'MODULE_PATHNAME', 'voutbox_routes_changed'
+AS 'MODULE_PATHNAME', 'voutbox_tenant_roles_changed'
 LANGUAGE C;
 CREATE TRIGGER routes_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON voutbox.routes

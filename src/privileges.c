@@ -369,14 +369,17 @@ voutbox_sql_role_acts_for(PG_FUNCTION_ARGS)
 
 PG_FUNCTION_INFO_V1(voutbox_tenant_roles_changed);
 
-/* Statement trigger on voutbox.tenant_roles: every backend's cache goes. */
+/*
+ * Statement trigger on a table that every backend caches
+ * (voutbox.tenant_roles, and voutbox.routes: routes.c): the caches go.
+ */
 Datum
 voutbox_tenant_roles_changed(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "voutbox_tenant_roles_changed: not called by the trigger manager");
+		elog(ERROR, "voutbox: %s is a trigger function", get_func_name(fcinfo->flinfo->fn_oid));
 	CacheInvalidateRelcache(trigdata->tg_relation);
 	return PointerGetDatum(NULL);
 }

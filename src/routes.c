@@ -268,17 +268,13 @@ load_routes(bool wait)
 		r->topic_template = text_attr(slot, COL_TOPIC_TEMPLATE);
 		r->key_template = text_attr(slot, COL_KEY_TEMPLATE);
 		r->format_name = text_attr(slot, COL_FORMAT);
-		r->format = r->format_name ? voutbox_format_lookup(r->format_name) : -1;
 		d = slot_getattr(slot, COL_HEADERS, &isnull);
 		if (!isnull)
 		{
 			Jsonb	   *jb = DatumGetJsonbPCopy(d);
 
 			if (JB_ROOT_COUNT(jb) > 0)
-			{
-				r->headers = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
 				r->headers_jsonb = JsonbPGetDatum(jb);
-			}
 		}
 		r->topic_settings = read_topic_settings(slot);
 		n++;
@@ -746,20 +742,6 @@ voutbox_route_check(PG_FUNCTION_ARGS)
 	check_route(tup, TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_trigtuple : NULL, desc);
 	now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	return PointerGetDatum(heap_modify_tuple_by_cols(tup, desc, 1, &col, &now, &isnull));
-}
-
-PG_FUNCTION_INFO_V1(voutbox_routes_changed);
-
-/* Statement trigger on voutbox.routes: every backend's cache goes. */
-Datum
-voutbox_routes_changed(PG_FUNCTION_ARGS)
-{
-	TriggerData *td = (TriggerData *) fcinfo->context;
-
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "voutbox_routes_changed: not called by the trigger manager");
-	CacheInvalidateRelcache(td->tg_relation);
-	return PointerGetDatum(NULL);
 }
 
 PG_FUNCTION_INFO_V1(voutbox_sql_manages_routes);

@@ -256,16 +256,17 @@ render_routing(SaveRequest *req)
 		voutbox_check_tenant_in_topic(req->tenant_id, voutbox_topic_template, NULL);
 	req->topic = voutbox_render_template(topic_tmpl, &f);
 	if (!voutbox_topic_is_valid(req->topic, &detail))
+	{
+		const char *topic_from = topic_route ?
+			psprintf("the topic template of route \"%s\"", topic_route) : "voutbox.topic_template";
+
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("the topic \"%s\" rendered from %s is not a valid Kafka topic name",
-						req->topic, topic_route ?
-						psprintf("the topic template of route \"%s\"", topic_route) :
-						"voutbox.topic_template"),
+						req->topic, topic_from),
 				 errdetail("%s", detail),
-				 errhint("Shorten the arguments the template uses, or change %s.",
-						 topic_route ? psprintf("the topic template of route \"%s\"", topic_route) :
-						 "voutbox.topic_template")));
+				 errhint("Shorten the arguments the template uses, or change %s.", topic_from)));
+	}
 	voutbox_check_topic_namespace(req->tenant_id, req->topic);
 	req->msg_key = voutbox_render_template(key_tmpl, &f);
 	if (req->msg_key[0] == '\0')

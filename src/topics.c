@@ -235,20 +235,6 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 	return false;
 }
 
-/* Have the producer look up the topic's metadata (it exists). */
-static void
-warm_up(rd_kafka_t *producer, const char *topic)
-{
-	rd_kafka_topic_t *rkt = rd_kafka_topic_new(producer, topic, NULL);
-	const struct rd_kafka_metadata *md = NULL;
-
-	if (rkt == NULL)
-		return;
-	if (rd_kafka_metadata(producer, 0, rkt, &md, PROVISION_TIMEOUT_MS) == RD_KAFKA_RESP_ERR_NO_ERROR)
-		rd_kafka_metadata_destroy(md);
-	rd_kafka_topic_destroy(rkt);
-}
-
 /* Create the topic; true if it exists now.  On failure, say why in t. */
 static bool
 create(rd_kafka_t *rk, TopicState *t, const VoutboxTopicSettings *ts)
@@ -370,7 +356,7 @@ voutbox_topic_ensure(rd_kafka_t *rk, rd_kafka_t *producer, const char *topic,
 			 * Tell the producer about the topic now that it exists: else its
 			 * first event waits for the producer's next metadata refresh.
 			 */
-			warm_up(producer, topic);
+			(void) describe(producer, topic);
 			err = RD_KAFKA_RESP_ERR_NO_ERROR;
 		}
 		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)

@@ -73,10 +73,15 @@ voutbox_format_lookup(const char *name)
 }
 
 /* The names of the formats, for messages. */
-const char *
+char *
 voutbox_format_names(void)
 {
-	return "voutbox, cloudevents, cloudevents_binary, debezium";
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; format_options[i].name != NULL; i++)
+		appendStringInfo(&buf, "%s%s", i > 0 ? ", " : "", format_options[i].name);
+	return buf.data;
 }
 
 int			voutbox_topic_partitions = -1;

@@ -144,7 +144,7 @@ extern void voutbox_wake_worker(void);
 extern void voutbox_note_requeued(void);
 extern List *voutbox_database_list(const char *value, char **detail);
 extern int	voutbox_format_lookup(const char *name);
-extern const char *voutbox_format_names(void);
+extern char *voutbox_format_names(void);
 
 /* Background workers (worker.c) */
 extern PGDLLEXPORT void voutbox_launcher_main(Datum arg) pg_attribute_noreturn();
@@ -219,7 +219,7 @@ extern const char *voutbox_installation_prefix(int *len);
 
 /*
  * Routes (routes.c): rows of voutbox.routes, in the order they are tried
- * (priority, then name).  NULL fields (-1 for format) defer to the
+ * (priority, then name).  NULL fields defer to the
  * settings: voutbox.topic_template, voutbox.key_template, voutbox.format.
  */
 typedef struct VoutboxTopicSettings
@@ -238,10 +238,8 @@ typedef struct VoutboxRoute
 	char	   *event_type_pattern;
 	char	   *topic_template;
 	char	   *key_template;
-	int			format;
 	char	   *format_name;
-	char	   *headers;		/* JSON text; NULL when there are none */
-	Datum		headers_jsonb;	/* the same as jsonb, or 0 */
+	Datum		headers_jsonb;	/* a jsonb object; 0 when there are none */
 	VoutboxTopicSettings *topic_settings;	/* NULL when it sets none */
 } VoutboxRoute;
 
