@@ -272,7 +272,8 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 						 err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT))
 		err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
 	if (p->report != NULL)
-		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err);
+		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err,
+				  msg->partition, msg->offset);
 }
 
 static void

@@ -439,6 +439,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 {
 	DeferredRows charged;
 	char	  **delivered = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	Datum	   *partitions = palloc(sizeof(Datum) * Max(r->ndeferred, 1));
+	Datum	   *offsets = palloc(sizeof(Datum) * Max(r->ndeferred, 1));
 	char	  **in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
 	char	  **again = palloc(sizeof(char *) * Max(r->ndeferred, 1));
 	char	  **charged_in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
@@ -472,6 +474,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		}
 		else if (err == 0)
 		{
+			partitions[ndelivered] = Int32GetDatum(r->receipts[i].partition);
+			offsets[ndelivered] = Int64GetDatum(r->receipts[i].offset);
 			delivered[ndelivered++] = ev->id;
 			count_delivered(st, ev);
 		}
@@ -481,9 +485,22 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		else
 			again[nagain++] = ev->id;
 	}
-	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
-					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false "
-					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", delivered, ndelivered);
+	/* (The receipt goes with the row: a deferred row is updated anyway.) */
+	if (ndelivered > 0)
+	{
+		Oid			types[3] = {TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
+		Datum		values[3];
+
+		values[0] = voutbox_text_array(delivered, ndelivered);
+		values[1] = voutbox_scalar_array(partitions, ndelivered, INT4OID, 4, true, TYPALIGN_INT);
+		values[2] = voutbox_scalar_array(offsets, ndelivered, INT8OID, 8, FLOAT8PASSBYVAL,
+										 TYPALIGN_DOUBLE);
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false, "
+					"    kafka_partition = x.kafka_partition, kafka_offset = x.kafka_offset "
+					"FROM unnest($1::pg_catalog.uuid[], $2, $3) AS x(id, kafka_partition, kafka_offset) "
+					"WHERE d.id = x.id", 3, types, values, NULL, SPI_OK_UPDATE);
+	}
 	/* (Their keys' next events, and the ones sent again, are due now.) */
 	st->due_now |= ndelivered > 0 || nagain > 0 || charged.due_now;
 	/* (In flight, it holds its key, as a straggler of the window does.) */

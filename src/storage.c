@@ -314,12 +314,14 @@ round_reserve(VoutboxRound *r, int n)
 		r->events = MemoryContextAlloc(r->cxt, sizeof(VoutboxEvent) * cap);
 		r->actions = MemoryContextAlloc(r->cxt, sizeof(VoutboxAction) * cap);
 		r->errs = MemoryContextAlloc(r->cxt, sizeof(int) * cap);
+		r->receipts = MemoryContextAlloc(r->cxt, sizeof(VoutboxReceipt) * cap);
 	}
 	else
 	{
 		r->events = repalloc(r->events, sizeof(VoutboxEvent) * cap);
 		r->actions = repalloc(r->actions, sizeof(VoutboxAction) * cap);
 		r->errs = repalloc(r->errs, sizeof(int) * cap);
+		r->receipts = repalloc(r->receipts, sizeof(VoutboxReceipt) * cap);
 	}
 	r->capacity = cap;
 }
@@ -590,6 +592,25 @@ set_snapshot(char **field, const char *value, MemoryContext cxt)
 	*field = value ? MemoryContextStrdup(cxt, value) : NULL;
 }
 
+/*
+ * The end of the WAL written so far.  (At the very start of a page,
+ * GetXLogInsertRecPtr() points past the page's header, which holds nothing
+ * yet and which XLogFlush() refuses to wait for, and which no standby
+ * receives before more is written: the end of what was written is the
+ * page's start.)
+ */
+static XLogRecPtr
+written_wal_end(void)
+{
+	XLogRecPtr	upto = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(upto, wal_segment_size) == SizeOfXLogLongPHD)
+		upto -= SizeOfXLogLongPHD;
+	else if (upto % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		upto -= SizeOfXLogShortPHD;
+	return upto;
+}
+
 static void
 load_cursor(VoutboxCursor *c)
 {
@@ -609,6 +630,8 @@ load_cursor(VoutboxCursor *c)
 	c->params_valid = false;
 	d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull);
 	c->read_seq = isnull ? PG_INT64_MIN : DatumGetInt64(d);
+	/* (An open window's commits were written before now.) */
+	c->hi_lsn = written_wal_end();
 }
 
 /*
@@ -711,6 +734,8 @@ look(VoutboxCursor *c, bool want_deferred)
 	if (strcmp(hi, c->lo) == 0)
 		return deferred;
 	set_snapshot(&c->hi, hi, c->cxt);
+	/* (Its commits' records were written before the snapshot was taken.) */
+	c->hi_lsn = written_wal_end();
 	c->read_seq = PG_INT64_MIN;
 	c->fresh = true;
 	keep_window_params(c, tup, desc, 3);
@@ -1050,20 +1075,12 @@ choose_actions(VoutboxRound *r, HTAB *held, HTAB *held_in_flight)
 /*
  * Flush the WAL up to where it has been written.  Every commit visible to a
  * snapshot taken before had its commit record written before: this makes it
- * durable.  (At the very start of a page, GetXLogInsertRecPtr() points past
- * the page's header, which holds nothing yet and which XLogFlush() refuses
- * to wait for: the end of what was written is the page's start.)
+ * durable.
  */
 static void
 flush_written_wal(void)
 {
-	XLogRecPtr	upto = GetXLogInsertRecPtr();
-
-	if (XLogSegmentOffset(upto, wal_segment_size) == SizeOfXLogLongPHD)
-		upto -= SizeOfXLogLongPHD;
-	else if (upto % XLOG_BLCKSZ == SizeOfXLogShortPHD)
-		upto -= SizeOfXLogShortPHD;
-	XLogFlush(upto);
+	XLogFlush(written_wal_end());
 }
 
 /*
@@ -1086,6 +1103,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	bool		recreated = false;
 	bool		deferred_wait;
 	VoutboxStorageStatus status;
+	const char *behind = NULL;
 
 	memset(r, 0, sizeof(*r));
 	r->cxt = round_cxt;
@@ -1142,7 +1160,19 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	}
 	if (!r->alone)
 	{
-		if (r->nevents < opt->limit && r->bytes < opt->budget)
+		/*
+		 * A window goes only once the standbys named in
+		 * voutbox.standby_names have its commits (standbys.c); they get
+		 * them once they are flushed here.
+		 */
+		if (c->hi != NULL && voutbox_standbys_named() &&
+			!voutbox_standbys_confirmed(c->hi_lsn, &behind))
+		{
+			XLogFlush(c->hi_lsn);
+			r->standby_lsn = c->hi_lsn;
+			r->standby_behind = MemoryContextStrdup(round_cxt, behind);
+		}
+		else if (r->nevents < opt->limit && r->bytes < opt->budget)
 			read_window(c, r, opt->limit, opt->budget);
 		/* (Keys are held only while deferred events wait.) */
 		if (deferred_wait)
@@ -1177,14 +1207,36 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
  * ---------------------------------------------------------------------
  */
 
-/* Append the cursor row of the round's chunk of a window; returns its batch_id. */
+/*
+ * Append the cursor row of the round's chunk of a window; returns its
+ * batch_id.  The row also holds the receipts of the chunk's events that
+ * were delivered: their seqs, partitions and offsets, in three arrays of
+ * one order (voutbox.receipt() looks an event up there).  One row per round,
+ * not one per event: the storage stays insert-only.
+ */
 static int64
 append_batch_row(VoutboxRound *r)
 {
-	Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, INT4OID};
-	Datum		values[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
+	Oid			types[7] = {TEXTOID, TEXTOID, INT8OID, INT4OID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
+	int			n = 0;
+	Datum	   *seqs = palloc(sizeof(Datum) * (r->nevents - r->ndeferred + 1));
+	Datum	   *partitions = palloc(sizeof(Datum) * (r->nevents - r->ndeferred + 1));
+	Datum	   *offsets = palloc(sizeof(Datum) * (r->nevents - r->ndeferred + 1));
+
+	for (int i = r->ndeferred; i < r->nevents; i++)
+		if (r->errs[i] == 0)
+		{
+			seqs[n] = Int64GetDatum(r->events[i].seq);
+			partitions[n] = Int32GetDatum(r->receipts[i].partition);
+			offsets[n] = Int64GetDatum(r->receipts[i].offset);
+			n++;
+		}
+	values[4] = voutbox_scalar_array(seqs, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+	values[5] = voutbox_scalar_array(partitions, n, INT4OID, 4, true, TYPALIGN_INT);
+	values[6] = voutbox_scalar_array(offsets, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 
 	if (r->window_done)
 	{
@@ -1198,11 +1250,13 @@ append_batch_row(VoutboxRound *r)
 		values[2] = Int64GetDatum(r->events[r->nevents - 1].seq);
 	}
 	values[3] = Int32GetDatum(r->nevents - r->ndeferred);
-	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".batches (lo, hi, done_seq, reach, events) "
+	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".batches (lo, hi, done_seq, reach, events, "
+				"       receipt_seqs, receipt_partitions, receipt_offsets) "
 				"VALUES ($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot, $3, "
-				"        pg_catalog.pg_snapshot_xmax(coalesce($2, $1)::pg_catalog.pg_snapshot), $4) "
+				"        pg_catalog.pg_snapshot_xmax(coalesce($2, $1)::pg_catalog.pg_snapshot), $4, "
+				"        $5, $6, $7) "
 				"RETURNING batch_id",
-				4, types, values, nulls, SPI_OK_INSERT_RETURNING);
+				7, types, values, nulls, SPI_OK_INSERT_RETURNING);
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 

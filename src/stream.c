@@ -89,6 +89,12 @@
 #define RECHECK_MS				5000
 /* Longest delay between tries of a failing settle, or producer. */
 #define FAILING_DELAY_MAX_MS	60000
+/*
+ * How often to look whether the standbys of voutbox.standby_names caught
+ * up: at first, and at the longest (the delay doubles meanwhile), in ms.
+ */
+#define STANDBY_POLL_MIN_MS		1
+#define STANDBY_POLL_MAX_MS		100
 /* Longest delay between reads that a user's lock made time out. */
 #define LOCK_RETRY_MAX_MS		10000
 
@@ -117,6 +123,11 @@ typedef struct Stream
 	 */
 	bool		deferred_dry;
 	TimestampTz next_due;		/* when a deferred event is due, or 0 */
+	/* the open window waits for a standby to flush up to standby_lsn */
+	XLogRecPtr	standby_lsn;
+	char		standby_behind[NAMEDATALEN];
+	int			standby_poll_ms;
+	TimestampTz standby_check_at;
 	TimestampTz last_deferred_read;
 	int			lock_failures;	/* reads that timed out on a lock in a row */
 	TimestampTz lock_retry_at;
@@ -209,9 +220,11 @@ late_outcome(Stream *s, VoutboxRound *r, int err)
 
 /* A report for an event of a round settled without it. */
 static void
-record_late_report(Stream *s, VoutboxRound *r, int i, int err)
+record_late_report(Stream *s, VoutboxRound *r, int i, int err, int32 partition, int64 offset)
 {
 	r->errs[i] = late_outcome(s, r, err);
+	r->receipts[i].partition = partition;
+	r->receipts[i].offset = offset;
 	r->pending--;
 	s->nlate--;
 	if (s->late_reported_at == 0)
@@ -223,7 +236,7 @@ record_late_report(Stream *s, VoutboxRound *r, int i, int err)
  * for no round in flight (one given up on) is dropped.
  */
 static void
-record_report(void *arg, uint64 ticket, int err)
+record_report(void *arg, uint64 ticket, int err, int32 partition, int64 offset)
 {
 	Stream	   *s = arg;
 
@@ -236,7 +249,7 @@ record_report(void *arg, uint64 ticket, int err)
 		if (i < 0)
 			continue;
 		if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
-			record_late_report(s, r, i, err);
+			record_late_report(s, r, i, err, partition, offset);
 		return;
 	}
 	for (VoutboxRound *r = s->head; r != NULL; r = r->next)
@@ -246,6 +259,8 @@ record_report(void *arg, uint64 ticket, int err)
 		if (r->errs[ticket - r->first_ticket] == VOUTBOX_DELIVERY_PENDING)
 		{
 			r->errs[ticket - r->first_ticket] = err;
+			r->receipts[ticket - r->first_ticket].partition = partition;
+			r->receipts[ticket - r->first_ticket].offset = offset;
 			r->pending--;
 			if (err != 0)
 				r->failed = s->failing = true;
@@ -280,7 +295,7 @@ give_up_reports(Stream *s)
 	for (VoutboxRound *r = s->late_head; r != NULL && s->nlate > 0; r = r->next)
 		for (int i = 0; i < r->nevents && r->pending > 0; i++)
 			if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
-				record_late_report(s, r, i, err);
+				record_late_report(s, r, i, err, -1, -1);
 }
 
 /*
@@ -652,6 +667,53 @@ stream_full(Stream *s)
 	return waiting >= STREAM_ROUNDS;
 }
 
+/* Look again whether the standbys have the open window, after a growing delay. */
+static void
+standby_poll_later(Stream *s, TimestampTz now, long *wait_ms)
+{
+	s->standby_poll_ms = Min(Max(s->standby_poll_ms * 2, STANDBY_POLL_MIN_MS), STANDBY_POLL_MAX_MS);
+	s->standby_check_at = TimestampTzPlusMilliseconds(now, s->standby_poll_ms);
+	*wait_ms = Min(*wait_ms, s->standby_poll_ms);
+	s->more = true;
+	if (s->head == NULL)
+		worker_state("waiting for standbys",
+					 psprintf("standby \"%s\" has not flushed the WAL up to %X/%X",
+							  s->standby_behind, LSN_FORMAT_ARGS(s->standby_lsn)),
+					 false);
+}
+
+/*
+ * Whether the open window may be read: the standbys of
+ * voutbox.standby_names have flushed its commits (storage.c found they had
+ * not when it last read).
+ */
+static bool
+standbys_caught_up(Stream *s, TimestampTz now, long *wait_ms)
+{
+	const char *behind;
+
+	if (XLogRecPtrIsInvalid(s->standby_lsn))
+		return true;
+	if (now < s->standby_check_at)
+	{
+		long		secs;
+		int			usecs;
+
+		TimestampDifference(now, s->standby_check_at, &secs, &usecs);
+		*wait_ms = Min(*wait_ms, secs * 1000 + (usecs + 999) / 1000);
+		return false;
+	}
+	if (!voutbox_standbys_confirmed(s->standby_lsn, &behind))
+	{
+		strlcpy(s->standby_behind, behind, NAMEDATALEN);
+		standby_poll_later(s, now, wait_ms);
+		return false;
+	}
+	s->standby_lsn = InvalidXLogRecPtr;
+	s->standby_poll_ms = 0;
+	return true;
+}
+
 /* Whether the worker may read another round now; sets *wait_ms if it will soon. */
 static bool
 may_read(Stream *s, TimestampTz now, long *wait_ms)
@@ -659,6 +721,8 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 	if (ShutdownRequestPending || s->unsettled || s->failing || s->stop_after_drain || !s->more)
 		return false;
 	if (now < s->lock_retry_at)
+		return false;
+	if (!standbys_caught_up(s, now, wait_ms))
 		return false;
 	if (s->head == NULL)
 		return true;
@@ -771,6 +835,15 @@ read_round(Stream *s)
 	/* The window goes on, or deferred events are or may be due: read again. */
 	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0 ||
 		(opt.check_due && s->due_waiting);
+	/* The window waits for a standby: look again soon. */
+	if (r->standby_behind != NULL)
+	{
+		long		wait_ms = STANDBY_POLL_MAX_MS;
+
+		s->standby_lsn = r->standby_lsn;
+		strlcpy(s->standby_behind, r->standby_behind, NAMEDATALEN);
+		standby_poll_later(s, s->last_read, &wait_ms);
+	}
 	if (r->nevents == 0 || ShutdownRequestPending)
 	{
 		MemoryContextDelete(cxt);
@@ -840,6 +913,7 @@ keep_late(Stream *s, VoutboxRound *r)
 	late->extension = r->extension;
 	late->events = MemoryContextAllocZero(cxt, sizeof(VoutboxEvent) * r->pending);
 	late->errs = MemoryContextAlloc(cxt, sizeof(int) * r->pending);
+	late->receipts = MemoryContextAlloc(cxt, sizeof(VoutboxReceipt) * r->pending);
 	late->tickets = MemoryContextAlloc(cxt, sizeof(uint64) * r->pending);
 	for (int i = 0; i < r->nevents && n < r->pending; i++)
 	{
@@ -941,6 +1015,7 @@ late_round(Stream *s)
 	late->extension = extension;
 	late->events = palloc(sizeof(VoutboxEvent) * n);
 	late->errs = palloc(sizeof(int) * n);
+	late->receipts = palloc(sizeof(VoutboxReceipt) * n);
 	late->actions = palloc0(sizeof(VoutboxAction) * n);
 	for (VoutboxRound *r = s->late_head; r != NULL; r = r->next)
 		for (int i = 0; i < r->nevents && r->extension == extension; i++)
@@ -948,6 +1023,7 @@ late_round(Stream *s)
 			{
 				late->events[late->nevents] = r->events[i];
 				late->errs[late->nevents] = r->errs[i];
+				late->receipts[late->nevents] = r->receipts[i];
 				late->actions[late->nevents] = VOUTBOX_SEND;
 				late->nevents++;
 			}
@@ -1394,6 +1470,9 @@ sleep_ms(Stream *s, long wait_ms)
 		until = s->settle_retry_at;
 	if (s->lock_retry_at > now && s->lock_retry_at < until)
 		until = s->lock_retry_at;
+	/* A window that waits for a standby: look again. */
+	if (!XLogRecPtrIsInvalid(s->standby_lsn) && s->standby_check_at < until)
+		until = Max(s->standby_check_at, now);
 	if (s->producer_retry_at > now && s->producer_retry_at < until)
 		until = s->producer_retry_at;
 	if (s->producer != NULL && cleanup_lo(s) != NULL && s->next_cleanup < until)
@@ -1505,7 +1584,7 @@ voutbox_stream_run(void)
 		if (busy)
 			continue;
 		if (s.head == NULL && s.producer != NULL && s.cursor.lo != NULL && !s.unsettled &&
-			s.lock_failures == 0)
+			s.lock_failures == 0 && XLogRecPtrIsInvalid(s.standby_lsn))
 			worker_state("idle", "waiting for events", false);
 		rc = wait_for_work(&s, sleep_ms(&s, wait_ms));
 		if (rc & (WL_LATCH_SET | WL_TIMEOUT))

@@ -27,11 +27,14 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 
+#include "utils/varlena.h"
+
 #include "voutbox.h"
 
 PG_MODULE_MAGIC;
 
 char	   *voutbox_database = NULL;
+char	   *voutbox_standby_names = NULL;
 char	   *voutbox_brokers = NULL;
 char	   *voutbox_topic_template = NULL;
 char	   *voutbox_key_template = NULL;
@@ -257,6 +260,21 @@ check_database(char **newval, void **extra pg_attribute_unused(), GucSource sour
 	return ok;
 }
 
+/* A list of names, as synchronous_standby_names' list of standbys. */
+static bool
+check_standby_names(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	char	   *copy = pstrdup(*newval);
+	List	   *names = NIL;
+	bool		ok = SplitIdentifierString(copy, ',', &names);
+
+	if (!ok)
+		GUC_check_errdetail("List syntax is invalid: give application_name values of standbys, separated by commas.");
+	list_free(names);
+	pfree(copy);
+	return ok;
+}
+
 static bool
 check_topic_config(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
 {
@@ -295,6 +313,11 @@ define_gucs(void)
 							   "Empty: no worker runs.",
 							   &voutbox_database, "",
 							   PGC_SIGHUP, 0, check_database, NULL, NULL);
+	DefineCustomStringVariable("voutbox.standby_names",
+							   "Standbys (application_name, comma-separated) that must have flushed a commit before its events are delivered.",
+							   "Empty: a commit's events go once it is flushed locally.  For asynchronous standbys; synchronous replication needs none.",
+							   &voutbox_standby_names, "",
+							   PGC_SIGHUP, GUC_LIST_INPUT, check_standby_names, NULL, NULL);
 	DefineCustomStringVariable("voutbox.brokers",
 							   "Kafka bootstrap servers (host:port, comma-separated).",
 							   NULL,

@@ -23,6 +23,7 @@
 #include <limits.h>
 #include <signal.h>
 
+#include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
 #include "port/atomics.h"
@@ -56,6 +57,7 @@
 
 /* GUCs (voutbox.c) */
 extern char *voutbox_database;
+extern char *voutbox_standby_names;
 extern char *voutbox_brokers;
 extern char *voutbox_topic_template;
 extern char *voutbox_key_template;
@@ -85,7 +87,7 @@ extern char *voutbox_topic_config;
 #define VOUTBOX_LOCK_TIMEOUT	"2s"
 
 /* The version of the SQL objects this library works with. */
-#define VOUTBOX_SQL_VERSION		"0.6.1"
+#define VOUTBOX_SQL_VERSION		"0.7.0"
 
 /*
  * Shared memory: one slot per database the launcher serves (at most
@@ -326,8 +328,12 @@ extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleD
 
 typedef struct VoutboxProducer VoutboxProducer;
 
-/* Where delivery reports go; called inside librdkafka: record only. */
-typedef void (*VoutboxReportFn) (void *arg, uint64 ticket, int err);
+/*
+ * Where delivery reports go; called inside librdkafka: record only.  The
+ * partition and offset are Kafka's receipt for an acknowledged event (-1
+ * when unknown).
+ */
+typedef void (*VoutboxReportFn) (void *arg, uint64 ticket, int err, int32 partition, int64 offset);
 
 extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint);
 extern void voutbox_producer_init(void);
@@ -393,6 +399,7 @@ typedef struct VoutboxCursor
 	int64		consumed;		/* rows of the cursor taken so far */
 	bool		stale;			/* a read failed: load it again from the table */
 	bool		params_valid;	/* params are those of (lo, hi] */
+	XLogRecPtr	hi_lsn;			/* the WAL written when hi was taken: its commits' */
 	Datum		params[4];		/* xmax(lo), xmax(hi), xip(lo), hi (storage.c) */
 } VoutboxCursor;
 
@@ -401,6 +408,13 @@ typedef struct VoutboxCursor
  * chunk of the window), sent, and settled together or with the rounds in
  * flight with it.
  */
+/* Where Kafka put an acknowledged event: its delivery receipt. */
+typedef struct VoutboxReceipt
+{
+	int32		partition;
+	int64		offset;
+} VoutboxReceipt;
+
 typedef struct VoutboxRound
 {
 	MemoryContext cxt;			/* holds the round and its events */
@@ -414,11 +428,15 @@ typedef struct VoutboxRound
 	VoutboxEvent *events;
 	VoutboxAction *actions;
 	int		   *errs;			/* delivery outcome per event */
+	VoutboxReceipt *receipts;	/* where an acknowledged event landed */
 	int64		bytes;			/* what the events took as read */
 	bool		window_done;	/* the chunk ends the window */
 	bool		alone;			/* one deferred event that goes alone */
 	bool		late;			/* events left in flight by rounds settled before (settle.c) */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
+	/* the window waits for this standby to flush up to standby_lsn, or NULL */
+	char	   *standby_behind;
+	XLogRecPtr	standby_lsn;
 	/* in flight (stream.c) */
 	TimestampTz read_at;
 	uint64		first_ticket;	/* events[i] is sent with ticket first_ticket + i */
@@ -509,6 +527,10 @@ extern void voutbox_stream_run(void);
 
 /* Worker status (worker.c) */
 extern bool voutbox_is_worker;
+
+/* Standbys that must confirm what is delivered (standbys.c) */
+extern bool voutbox_standbys_named(void);
+extern bool voutbox_standbys_confirmed(XLogRecPtr lsn, const char **behind);
 extern void voutbox_report_activity(const char *what);
 
 /* Statistics in shared memory (stats.c) */
