@@ -97,6 +97,8 @@ END
 }
 
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
+  kafka_cluster_start kafka_cluster_stop kafka_node_stop kafka_node_start
+  kafka_active_controller kafka_partition_leader
   voutbox_node consume_events consume_all worker_pid wait_for_delivered save_sql
   by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
   mock_start mock_cmd mock_stop);
@@ -133,6 +135,78 @@ sub kafka_stop
 	  or die "could not stop kafka $kafka->{name}";
 	delete $started{ $kafka->{dir} };
 	return;
+}
+
+# Start a cluster of $n KRaft nodes (each a broker and a controller) on
+# loopback: replication factor $n, min.insync.replicas $n - 1.  Node $i
+# (1..$n) is stopped and started again on its own.
+sub kafka_cluster_start
+{
+	my ($name, $n, @props) = @_;
+	my $dir = "$PostgreSQL::Test::Utils::tmp_check/kafka_$name";
+	my $out = `$root/test/kafka/start-cluster.sh '$dir' $n @props`;
+	die "could not start kafka cluster $name" if $? != 0;
+	chomp $out;
+	my @nodes = map { "$dir/node$_" } 1 .. $n;
+	$started{$_} = 1 for @nodes;
+	return { name => $name, dir => $dir, brokers => $out, nodes => \@nodes };
+}
+
+sub kafka_cluster_stop
+{
+	my ($cluster) = @_;
+	kafka_node_stop($cluster, $_) for 1 .. scalar @{ $cluster->{nodes} };
+	return;
+}
+
+# Stop node $i of a cluster: 'term' (default) or 'kill' (kill -9).
+sub kafka_node_stop
+{
+	my ($cluster, $i, $mode) = @_;
+	my $dir = $cluster->{nodes}[ $i - 1 ];
+	system("$root/test/kafka/stop.sh", $dir, $mode // 'term') == 0
+	  or die "could not stop kafka node $i";
+	delete $started{$dir};
+	return;
+}
+
+# Start node $i of a cluster again; returns once it answers.
+sub kafka_node_start
+{
+	my ($cluster, $i) = @_;
+	my $dir = $cluster->{nodes}[ $i - 1 ];
+	system("$root/test/kafka/start.sh '$dir' >/dev/null") == 0
+	  or die "could not start kafka node $i";
+	$started{$dir} = 1;
+	return;
+}
+
+# The node that is the active controller: the leader of the newest epoch
+# in the nodes' KRaft quorum state.
+sub kafka_active_controller
+{
+	my ($cluster) = @_;
+	my ($leader, $epoch) = (undef, -1);
+	for my $dir (@{ $cluster->{nodes} })
+	{
+		my $file = "$dir/data/__cluster_metadata-0/quorum-state";
+		next unless -f $file;
+		my $q = eval { decode_json(slurp_file($file)) } or next;
+		($leader, $epoch) = ($q->{leaderId}, $q->{leaderEpoch})
+		  if $q->{leaderEpoch} > $epoch && $q->{leaderId} > 0;
+	}
+	die 'no active controller known' unless defined $leader;
+	return $leader;
+}
+
+# The node that leads partition $p of $topic, as the cluster's metadata says.
+sub kafka_partition_leader
+{
+	my ($cluster, $topic, $p) = @_;
+	my $md = decode_json(scalar `kcat -b '$cluster->{brokers}' -L -t '$topic' -J -m 10`);
+	my ($part) = grep { $_->{partition} == $p } @{ $md->{topics}[0]{partitions} };
+	die "no partition $p of $topic" unless $part;
+	return $part->{leader};
 }
 
 sub kafka_create_topic

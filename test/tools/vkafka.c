@@ -15,6 +15,7 @@
  *       the rate; with -r, one message at a time at RATE per second, and
  *       prints the produce-to-acknowledgement latency percentiles.
  *   vkafka create-topic -b BROKERS -t TOPIC [-p PARTITIONS] [-c name=value ...]
+ *       (replication factor: the broker's default.replication.factor)
  *   vkafka alter-topic -b BROKERS -t TOPIC -c name=value [-c name=value ...]
  *   vkafka describe-topic -b BROKERS -t TOPIC
  *       Print the topic as JSON: {"partitions": N, "replication_factor": R,
@@ -430,7 +431,7 @@ create_topic(void)
 	rd_kafka_t *rk = admin_client();
 	rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
 	char		errstr[512];
-	rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topics, partitions, 1, errstr, sizeof(errstr));
+	rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topics, partitions, -1, errstr, sizeof(errstr));
 	const rd_kafka_topic_result_t **res;
 	size_t		n;
 	rd_kafka_event_t *ev;
