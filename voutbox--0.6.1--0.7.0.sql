@@ -25,23 +25,70 @@ ALTER TABLE voutbox.deferred
 	ADD COLUMN kafka_partition integer,
 	ADD COLUMN kafka_offset bigint;
 
+/* ---------------------------------------------------------------------
+ * Commit order.  Events of one window (transactions that committed between
+ * two snapshots of the worker) went out in save order, which is not commit
+ * order when a transaction that saved first commits last.  Now each
+ * transaction that saves events takes a number from voutbox.commit_seq as
+ * it commits (at pre-commit, save.c) and appends it, with its transaction
+ * id, to the commit_order table of the ring slot its last event went to
+ * (truncated with it: a transaction's number lives as long as its newest
+ * event).  The worker reads a window in (commit position, seq) order and
+ * its cursor rows say how far with done_commit beside done_seq.  Events
+ * saved before this (no number) have position 0.
+ * ---------------------------------------------------------------------
+ */
+CREATE SEQUENCE voutbox.commit_seq AS bigint;
+COMMENT ON SEQUENCE voutbox.commit_seq IS 'commit order of the transactions that save events';
+CREATE TABLE voutbox.commit_order (
+	txid		xid8		NOT NULL,
+	commit_seq	bigint		NOT NULL
+);
+COMMENT ON TABLE voutbox.commit_order IS 'the commit position of each transaction that saved events (parent of commit_order_0..2)';
+CREATE TABLE voutbox.commit_order_0 () INHERITS (voutbox.commit_order);
+CREATE TABLE voutbox.commit_order_1 () INHERITS (voutbox.commit_order);
+CREATE TABLE voutbox.commit_order_2 () INHERITS (voutbox.commit_order);
+CREATE UNIQUE INDEX commit_order_0_txid ON voutbox.commit_order_0 (txid) INCLUDE (commit_seq);
+CREATE UNIQUE INDEX commit_order_1_txid ON voutbox.commit_order_1 (txid) INCLUDE (commit_seq);
+CREATE UNIQUE INDEX commit_order_2_txid ON voutbox.commit_order_2 (txid) INCLUDE (commit_seq);
+ALTER TABLE voutbox.batches ADD COLUMN done_commit bigint;
+COMMENT ON COLUMN voutbox.batches.done_commit IS
+	'with done_seq: the window is settled up to (done_commit, done_seq) in (commit position, seq) order; NULL: 0';
+/* (Orders a key's queue in the retry queue as the window did.) */
+ALTER TABLE voutbox.deferred ADD COLUMN commit_pos bigint NOT NULL DEFAULT 0;
+
+/*
+ * The commit position of a transaction that saved events: 0 if it has none.
+ * As the owner (the views' readers have no access to the storage), as
+ * published_at().
+ */
+CREATE FUNCTION voutbox.commit_pos(p_txid xid8)
+RETURNS bigint
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT coalesce((SELECT c.commit_seq FROM voutbox.commit_order c
+					  WHERE c.txid OPERATOR(pg_catalog.=) p_txid LIMIT 1), 0)
+$$;
+
 /*
  * The cursor row that settled an event of transaction p_txid with seq
  * p_seq (none while the event is pending): the one definition of "settled
  * by", for published_at() and receipt().
  */
 CREATE FUNCTION voutbox.settling_batch(p_txid xid8, p_seq bigint)
-RETURNS SETOF voutbox.batches
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 1
+RETURNS bigint
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT b.*
+	SELECT b.batch_id
 	  FROM voutbox.batches b
 	 WHERE b.reach > p_txid
 	   AND (pg_visible_in_snapshot(p_txid, b.lo)
 			OR (b.hi IS NOT NULL
 				AND pg_visible_in_snapshot(p_txid, b.hi)
-				AND p_seq <= b.done_seq))
+				AND (voutbox.commit_pos(p_txid), p_seq)
+					<= (coalesce(b.done_commit, 0), b.done_seq)))
 	 ORDER BY b.reach, b.batch_id
 	 LIMIT 1
 $$;
@@ -53,14 +100,19 @@ RETURNS timestamptz
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT b.settled_at FROM voutbox.settling_batch(p_txid, p_seq) b
+	SELECT b.settled_at FROM voutbox.batches b
+	 WHERE b.batch_id OPERATOR(pg_catalog.=) voutbox.settling_batch(p_txid, p_seq)
 $$;
 
 /*
  * The receipt of an event delivered with its window: read as the owner
  * (SECURITY DEFINER, as published_at()), since the view's readers have no
  * access to the storage.  NULLs for an event not delivered, or delivered
- * by a version before 0.7.0.
+ * by a version before 0.7.0 (or acknowledged without an offset).  Anyone
+ * may call it, as published_at(): given a transaction id and a seq, it
+ * tells a partition and an offset, nothing of the event (the outbox view
+ * shows only the rows of the tenants the caller acts for).  It costs a
+ * look at the round's arrays: select the columns for the rows you need.
  */
 CREATE FUNCTION voutbox.receipt(p_txid xid8, p_seq bigint,
 								OUT kafka_partition integer, OUT kafka_offset bigint)
@@ -68,9 +120,11 @@ RETURNS record
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT b.receipt_partitions[i.i], b.receipt_offsets[i.i]
-	  FROM voutbox.settling_batch(p_txid, p_seq) b
+	SELECT CASE WHEN o.o >= 0 THEN b.receipt_partitions[i.i] END, CASE WHEN o.o >= 0 THEN o.o END
+	  FROM voutbox.batches b
 	 CROSS JOIN LATERAL array_position(b.receipt_seqs, p_seq) AS i(i)
+	 CROSS JOIN LATERAL (SELECT b.receipt_offsets[i.i]) AS o(o)
+	 WHERE b.batch_id OPERATOR(pg_catalog.=) voutbox.settling_batch(p_txid, p_seq)
 $$;
 
 /* The outbox view gains the receipt's columns (at its end: CREATE OR REPLACE VIEW keeps the others). */
@@ -109,14 +163,16 @@ SELECT e.id,
 				 AND EXISTS (SELECT 1 FROM voutbox.deferred h
 							  WHERE h.delivered_at IS NULL AND h.holds_key AND h.dead_reason IS NULL
 								AND h.topic = d.topic AND h.msg_key = d.msg_key
-								AND (h.batch_id, h.seq) < (d.batch_id, d.seq)) THEN 'held'
+								AND (h.batch_id, h.commit_pos, h.seq)
+									< (d.batch_id, d.commit_pos, d.seq)) THEN 'held'
 			WHEN d.id IS NOT NULL AND d.due_at = 'infinity' THEN 'pending'
 			WHEN d.id IS NOT NULL AND d.due_at > now() AND d.scheduled_for > now() THEN 'scheduled'
 			WHEN d.id IS NOT NULL AND d.due_at > now() THEN 'held'
 			WHEN d.id IS NOT NULL THEN 'pending'
 			WHEN pg_visible_in_snapshot(e.txid, c.lo)
 				 OR (c.hi IS NOT NULL AND pg_visible_in_snapshot(e.txid, c.hi)
-					 AND e.seq <= c.done_seq) THEN 'delivered'
+					 AND (voutbox.commit_pos(e.txid), e.seq)
+						 <= (coalesce(c.done_commit, 0), c.done_seq)) THEN 'delivered'
 			ELSE 'pending' END AS status,
 	   CASE WHEN q.id IS NULL AND d.delivered_at IS NULL AND d.dead_reason IS NULL
 				 AND d.due_at > '-infinity' AND d.due_at < 'infinity'
@@ -130,12 +186,81 @@ SELECT e.id,
 			WHEN d.id IS NOT NULL THEN d.kafka_offset
 			ELSE (voutbox.receipt(e.txid, e.seq)).kafka_offset END AS kafka_offset
   FROM voutbox.retained_events e
- CROSS JOIN (SELECT lo, hi, done_seq FROM voutbox.batches
+ CROSS JOIN (SELECT lo, hi, done_seq, done_commit FROM voutbox.batches
 			  ORDER BY batch_id DESC LIMIT 1) c
   LEFT JOIN voutbox.deferred d ON d.id = e.id
   LEFT JOIN voutbox.dlq q ON q.id = e.id
   LEFT JOIN voutbox.discarded x ON x.id = e.id
  WHERE voutbox.acts_for(e.tenant_id);
+
+/* Its pending count follows the cursor's commit order too. */
+CREATE OR REPLACE VIEW @extschema@.outbox_stats WITH (security_barrier) AS
+WITH cursor AS (
+	SELECT lo, hi, done_seq, done_commit FROM voutbox.batches ORDER BY batch_id DESC LIMIT 1
+), waiting AS (
+	SELECT e.tenant_id, e.topic, e.created_at, e.scheduled_for, 'pending' AS state
+	  FROM voutbox.events e, cursor c
+	 WHERE (e.txid >= pg_snapshot_xmax(c.lo)
+			OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(c.lo))))
+	   AND NOT (c.hi IS NOT NULL AND pg_visible_in_snapshot(e.txid, c.hi)
+				AND (voutbox.commit_pos(e.txid), e.seq)
+					<= (coalesce(c.done_commit, 0), c.done_seq))
+	   AND (voutbox.acts_for(e.tenant_id) OR voutbox.monitors())
+	UNION ALL
+	SELECT d.tenant_id, d.topic, d.created_at, d.scheduled_for,
+		   CASE WHEN d.attempts > 0 THEN 'retrying'
+				WHEN d.holds_key
+					 AND EXISTS (SELECT 1 FROM voutbox.deferred h
+								  WHERE h.delivered_at IS NULL AND h.holds_key AND h.dead_reason IS NULL
+									AND h.topic = d.topic AND h.msg_key = d.msg_key
+									AND (h.batch_id, h.commit_pos, h.seq)
+										< (d.batch_id, d.commit_pos, d.seq)) THEN 'held'
+				WHEN d.due_at = 'infinity' THEN 'pending'
+				WHEN d.due_at > now() AND (d.scheduled_for IS NULL OR d.scheduled_for <= now())
+				THEN 'held'
+				ELSE 'pending' END
+	  FROM voutbox.deferred d
+	 WHERE d.delivered_at IS NULL AND d.dead_reason IS NULL
+	   AND (voutbox.acts_for(d.tenant_id) OR voutbox.monitors())
+), w AS (
+	SELECT tenant_id, topic,
+		   count(*) AS pending,
+		   min(created_at) FILTER (WHERE scheduled_for IS NULL OR scheduled_for <= now()) AS oldest,
+		   count(*) FILTER (WHERE state = 'retrying') AS retrying,
+		   count(*) FILTER (WHERE state = 'held') AS held,
+		   count(*) FILTER (WHERE scheduled_for > now()) AS scheduled
+	  FROM waiting GROUP BY tenant_id, topic
+), q AS (
+	SELECT tenant_id, topic, count(*) AS dead,
+		   max(moved_at) AS last_moved_at,
+		   (array_agg(last_error ORDER BY moved_at DESC))[1] AS last_dead_error
+	  FROM voutbox.dlq
+	 WHERE (voutbox.acts_for(tenant_id) OR voutbox.monitors())
+	 GROUP BY tenant_id, topic
+), k AS (
+	SELECT * FROM voutbox.topic_counters() t
+	 WHERE CASE WHEN t.tenant_id IS NULL THEN (voutbox.acts_for_all() OR voutbox.monitors())
+				ELSE (voutbox.acts_for(t.tenant_id) OR voutbox.monitors()) END
+)
+SELECT tenant_id,
+	   topic,
+	   coalesce(w.pending, 0) AS pending,
+	   now() - w.oldest AS oldest_pending_age,
+	   coalesce(w.retrying, 0) AS waiting_for_retry,
+	   coalesce(w.held, 0) AS held,
+	   coalesce(w.scheduled, 0) AS scheduled,
+	   coalesce(q.dead, 0) AS in_dlq,
+	   coalesce(k.delivered, 0) AS delivered_since_start,
+	   coalesce(k.failed_attempts, 0) AS failed_attempts_since_start,
+	   coalesce(k.dead, 0) AS dead_since_start,
+	   coalesce(k.last_error, q.last_dead_error) AS last_error,
+	   CASE WHEN k.last_error IS NOT NULL THEN k.last_error_at
+			ELSE q.last_moved_at END AS last_error_at,
+	   (SELECT s.state FROM voutbox.workers() s
+		 WHERE s.database = pg_catalog.current_database()) AS worker_state
+  FROM w
+  FULL JOIN q USING (tenant_id, topic)
+  FULL JOIN k USING (tenant_id, topic);
 
 /*
  * "Where is event X?": its status, and where Kafka has it.  No row when
@@ -157,4 +282,3 @@ AS $$
 $$;
 COMMENT ON FUNCTION @extschema@.outbox_locate(uuid) IS
 	'voutbox: where an event is: its status, topic, key, and the partition and offset Kafka gave it';
-GRANT EXECUTE ON FUNCTION @extschema@.outbox_locate(uuid) TO voutbox_admin;

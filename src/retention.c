@@ -124,7 +124,17 @@ truncate_slot(int slot, const char *lo)
 		locked_since[slot] = 0;
 		if (all_settled(relname, lo))
 		{
-			voutbox_spi_once(psprintf("TRUNCATE " VOUTBOX_SCHEMA ".%s", relname),
+			/*
+			 * The commit positions recorded with this table's events go
+			 * with them (save.c puts a transaction's in the table of its
+			 * newest event: none of its events is in a later table).
+			 * (0.6.1's objects have no commit_order.)
+			 */
+			bool		positions = OidIsValid(get_relname_relid(psprintf("commit_order_%d", slot),
+																 get_namespace_oid(VOUTBOX_SCHEMA, false)));
+
+			voutbox_spi_once(psprintf("TRUNCATE " VOUTBOX_SCHEMA ".%s%s", relname,
+									  positions ? psprintf(", " VOUTBOX_SCHEMA ".commit_order_%d", slot) : ""),
 						0, NULL, NULL, NULL, SPI_OK_UTILITY);
 			voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".ring r SET state = 'empty', since = pg_catalog.now(), "
 						"opened_at = NULL WHERE r.slot = $1",
@@ -263,6 +273,8 @@ voutbox_retention_run(const char *settled_lo)
 		 "DELETE FROM " VOUTBOX_SCHEMA ".deferred d WHERE d.id IN ("
 		 "  SELECT o.id FROM " VOUTBOX_SCHEMA ".deferred o "
 		 "   WHERE o.delivered_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) "
+		 /* (It holds the event's receipt: kept while the event is.) */
+		 "     AND NOT EXISTS (SELECT 1 FROM " VOUTBOX_SCHEMA ".events e WHERE e.id = o.id) "
 		 "   LIMIT $2 FOR UPDATE SKIP LOCKED)",
 		 voutbox_retention);
 	/* An event is kept at most 1.5 x retention; so is its tombstone. */

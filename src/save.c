@@ -108,6 +108,13 @@ static SPIPlanPtr plan_insert_routed[VOUTBOX_RING_SLOTS];
 static SPIPlanPtr plan_find_key = NULL;
 
 static bool xact_callback_registered = false;
+/*
+ * The ring slot of the transaction's newest event, -1 if it saved none, and
+ * the role that owns the storage (commit order, below).
+ */
+static int	commit_slot = -1;
+static Oid	commit_owner = InvalidOid;
+static SPIPlanPtr plan_commit_order[VOUTBOX_RING_SLOTS];
 static bool saved_in_xact = false;
 static bool requeued_in_xact = false;
 
@@ -548,6 +555,7 @@ insert_event(SaveRequest *req, Datum id)
 {
 	Datum		v[INSERT_NPARAMS];
 	char		n[INSERT_NPARAMS];
+	int			slot;
 
 	memset(n, ' ', sizeof(n));
 	v[0] = id;
@@ -583,9 +591,57 @@ insert_event(SaveRequest *req, Datum id)
 		n[23] = req->route_headers ? ' ' : 'n';
 	}
 
-	if (SPI_execute_plan(req->route_name ? plan_insert_routed[current_slot()] : plan_insert[current_slot()],
+	slot = current_slot();
+	if (SPI_execute_plan(req->route_name ? plan_insert_routed[slot] : plan_insert[slot],
 						 v, n, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "voutbox: could not insert the event");
+	/* (Runs as the storage's owner: see voutbox_outbox_save().) */
+	commit_slot = slot;
+	commit_owner = GetUserId();
+}
+
+/*
+ * The transaction's commit position: as it commits (at pre-commit, after
+ * deferred triggers), a transaction that saved events takes the next number
+ * of voutbox.commit_seq and appends it to the commit_order table of its
+ * newest event's ring slot.  A transaction whose commit completed before
+ * another's began has the lower number; the worker sends a window's events
+ * in this order (storage.c).  Transactions that commit at the same time get
+ * numbers in the order they reached this point, which no client can tell
+ * from their commit order.  Skipped while the SQL objects are older than the
+ * library (0.6.1's have no commit_order: their events have position 0).
+ */
+static void
+record_commit_position(void)
+{
+	int			slot = commit_slot;
+	Oid			nsp;
+	Oid			save_user;
+	int			save_sec;
+
+	commit_slot = -1;
+	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
+	if (!OidIsValid(nsp) ||
+		!OidIsValid(get_relname_relid(psprintf("commit_order_%d", slot), nsp)))
+		return;
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	SetUserIdAndSecContext(commit_owner,
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "voutbox: SPI_connect failed");
+	if (plan_commit_order[slot] == NULL)
+		plan_commit_order[slot] =
+			prepare_plan(psprintf("INSERT INTO " VOUTBOX_SCHEMA ".commit_order_%d (txid, commit_seq) "
+								  "VALUES (pg_catalog.pg_current_xact_id(), "
+								  "        pg_catalog.nextval('" VOUTBOX_SCHEMA ".commit_seq'))", slot),
+						 0, NULL);
+	/* (Portals are closed by now: no snapshot is active.) */
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute_plan(plan_commit_order[slot], NULL, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "voutbox: could not record the commit position");
+	PopActiveSnapshot();
+	SPI_finish();
+	SetUserIdAndSecContext(save_user, save_sec);
 }
 
 static void
@@ -593,6 +649,12 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 {
 	switch (event)
 	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			/* (A prepared transaction's position is that of its PREPARE.) */
+			if (commit_slot >= 0)
+				record_commit_position();
+			break;
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			/* (The worker looks at voutbox.deferred again: see stream.c.) */
@@ -601,12 +663,14 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			if (saved_in_xact || requeued_in_xact)
 				voutbox_wake_worker();
 			saved_in_xact = requeued_in_xact = false;
+			commit_slot = -1;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* COMMIT PREPARED fires no callback: the poll interval finds it. */
 			saved_in_xact = requeued_in_xact = false;
+			commit_slot = -1;
 			break;
 		default:
 			break;

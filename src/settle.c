@@ -497,7 +497,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 										 TYPALIGN_DOUBLE);
 		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET delivered_at = pg_catalog.now(), holds_key = false, alone = false, "
-					"    kafka_partition = x.kafka_partition, kafka_offset = x.kafka_offset "
+					"    kafka_partition = CASE WHEN x.kafka_offset >= 0 THEN x.kafka_partition END, "
+					"    kafka_offset = CASE WHEN x.kafka_offset >= 0 THEN x.kafka_offset END "
 					"FROM unnest($1::pg_catalog.uuid[], $2, $3) AS x(id, kafka_partition, kafka_offset) "
 					"WHERE d.id = x.id", 3, types, values, NULL, SPI_OK_UPDATE);
 	}
@@ -628,10 +629,12 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 	 */
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".deferred (" VOUTBOX_EVENT_COLUMNS ", "
 				"  holds_key, attempts, due_at, last_error, last_error_code, last_error_at, "
-				"  alone, dead_reason, batch_id) "
+				"  alone, dead_reason, batch_id, commit_pos) "
 				"SELECT " VOUTBOX_EVENT_COLUMNS ", x.holds, x.attempts, x.due, x.error, x.code, "
 				"       CASE WHEN x.error IS NULL THEN NULL ELSE pg_catalog.now() END, x.alone, "
-				"       x.dead, $9 "
+				"       x.dead, $9, "
+				"       coalesce((SELECT c.commit_seq FROM " VOUTBOX_SCHEMA ".commit_order c "
+				"                  WHERE c.txid = e.txid LIMIT 1), 0) "
 				"  FROM unnest($1::pg_catalog.uuid[], $2, $3, $4, $5, $6, $7, $8) "
 				"       AS x(xid, holds, attempts, due, error, code, alone, dead), "
 				"       LATERAL (SELECT * FROM " VOUTBOX_SCHEMA ".events e "

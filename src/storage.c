@@ -95,7 +95,8 @@
 /* A deferred event that still waits (not delivered, not dead). */
 #define WAITING(a)		a ".delivered_at IS NULL AND " a ".dead_reason IS NULL"
 /* Event h is before event e in their key's queue. */
-#define KEY_EARLIER(h, e) "(" h ".batch_id, " h ".seq) < (" e ".batch_id, " e ".seq)"
+#define KEY_EARLIER(h, e) \
+	"(" h ".batch_id, " h ".commit_pos, " h ".seq) < (" e ".batch_id, " e ".commit_pos, " e ".seq)"
 /*
  * An earlier event of deferred event e's key holds the key.  (Here and
  * below, OFFSET 0 keeps the EXISTS a probe of deferred_key for each row: as
@@ -466,8 +467,12 @@ read_event(TupleTableSlot *slot, VoutboxEvent *ev)
 		ts->config = ts->config ? pstrdup(ts->config) : NULL;
 		ev->topic_settings = ts;
 	}
+	/* a window's rows add the commit position */
+	ev->commit_pos = 0;
+	if (slot->tts_tupleDescriptor->natts == EVENT_SELECT_COLUMNS + 1)
+		ev->commit_pos = DatumGetInt64(slot_getattr(slot, EVENT_SELECT_COLUMNS + 1, &isnull));
 	/* voutbox.deferred rows add holds_key and attempts */
-	if (slot->tts_tupleDescriptor->natts > EVENT_SELECT_COLUMNS)
+	else if (slot->tts_tupleDescriptor->natts > EVENT_SELECT_COLUMNS)
 	{
 		ev->holds_key = DatumGetBool(slot_getattr(slot, EVENT_SELECT_COLUMNS + 1, &isnull));
 		ev->attempts = DatumGetInt32(slot_getattr(slot, EVENT_SELECT_COLUMNS + 2, &isnull));
@@ -619,7 +624,7 @@ load_cursor(VoutboxCursor *c)
 	bool		isnull;
 	Datum		d;
 
-	voutbox_spi("SELECT b.lo::text, b.hi::text, b.done_seq FROM " VOUTBOX_SCHEMA ".batches b "
+	voutbox_spi("SELECT b.lo::text, b.hi::text, b.done_seq, b.done_commit FROM " VOUTBOX_SCHEMA ".batches b "
 				"ORDER BY b.batch_id DESC LIMIT 1", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	if (SPI_processed != 1)
 		elog(ERROR, "voutbox: the table " VOUTBOX_SCHEMA ".batches is empty");
@@ -630,23 +635,32 @@ load_cursor(VoutboxCursor *c)
 	c->params_valid = false;
 	d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull);
 	c->read_seq = isnull ? PG_INT64_MIN : DatumGetInt64(d);
-	/* (An open window's commits were written before now.) */
-	c->hi_lsn = written_wal_end();
+	/* (Rows of 0.6.1 and before: save order, position 0.) */
+	d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 4, &isnull);
+	c->read_pos = isnull ? 0 : DatumGetInt64(d);
+	if (c->read_seq == PG_INT64_MIN)
+		c->read_pos = PG_INT64_MIN;
 }
 
 /*
- * The events of the window (lo, hi] after seq $5, in seq order: $1 is
- * xmax(lo), $2 xmax(hi), $3 xip(lo), $4 hi (window_params()).  Typed
- * parameters, so that a kept (generic) plan scans the txid indexes and
- * converts no snapshot per row.
+ * The events of the window (lo, hi] after position ($6, $5), in the order of
+ * their transactions' commits (voutbox.commit_order, 0 for none), then of
+ * seq: $1 is xmax(lo), $2 xmax(hi), $3 xip(lo), $4 hi (window_params()).
+ * Typed parameters, so that a kept (generic) plan scans the txid indexes and
+ * converts no snapshot per row; each event's commit position is probed by
+ * its txid (a LATERAL subquery that cannot be pulled up: a join would let
+ * the generic plan hash the whole commit_order table for each read).
  */
 #define WINDOW_QUERY \
-	"SELECT " EVENT_SELECT_LIST " FROM " VOUTBOX_SCHEMA ".events e " \
+	"SELECT " EVENT_SELECT_LIST ", o.pos FROM " VOUTBOX_SCHEMA ".events e " \
+	"  CROSS JOIN LATERAL (SELECT coalesce((SELECT c.commit_seq FROM " VOUTBOX_SCHEMA ".commit_order c " \
+	"                                        WHERE c.txid = e.txid LIMIT 1), 0) AS pos " \
+	"                       OFFSET 0) o " \
 	"WHERE ((e.txid >= $1 AND e.txid < $2) OR e.txid = ANY ($3)) " \
 	"  AND pg_catalog.pg_visible_in_snapshot(e.txid, $4) " \
-	"  AND e.seq > $5 " \
-	"ORDER BY e.seq"
-#define WINDOW_NPARAMS	5
+	"  AND (o.pos, e.seq) > ($6, $5) " \
+	"ORDER BY o.pos, e.seq"
+#define WINDOW_NPARAMS	6
 
 /*
  * Keep xmax(lo), xmax(hi), xip(lo) and hi, columns first..first+3 of the
@@ -677,7 +691,7 @@ keep_window_params(VoutboxCursor *c, HeapTuple tup, TupleDesc desc, int first)
 static void
 window_params(VoutboxCursor *c, Datum *values, Oid *types)
 {
-	static const Oid param_types[WINDOW_NPARAMS] = {XID8OID, XID8OID, XID8ARRAYOID, PG_SNAPSHOTOID, INT8OID};
+	static const Oid param_types[WINDOW_NPARAMS] = {XID8OID, XID8OID, XID8ARRAYOID, PG_SNAPSHOTOID, INT8OID, INT8OID};
 
 	if (!c->params_valid)
 	{
@@ -694,6 +708,7 @@ window_params(VoutboxCursor *c, Datum *values, Oid *types)
 	for (int i = 0; i < 4; i++)
 		values[i] = c->params[i];
 	values[4] = Int64GetDatum(c->read_seq);
+	values[5] = Int64GetDatum(c->read_pos);
 	memcpy(types, param_types, sizeof(param_types));
 }
 
@@ -734,9 +749,8 @@ look(VoutboxCursor *c, bool want_deferred)
 	if (strcmp(hi, c->lo) == 0)
 		return deferred;
 	set_snapshot(&c->hi, hi, c->cxt);
-	/* (Its commits' records were written before the snapshot was taken.) */
-	c->hi_lsn = written_wal_end();
 	c->read_seq = PG_INT64_MIN;
+	c->read_pos = PG_INT64_MIN;
 	c->fresh = true;
 	keep_window_params(c, tup, desc, 3);
 	return deferred;
@@ -765,7 +779,7 @@ read_small_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
 	 * every transaction that hi sees (the transaction's first snapshot was
 	 * taken before hi, and may not).
 	 */
-	over = read_rows(r, WINDOW_QUERY " LIMIT $6", WINDOW_NPARAMS + 1, types, values,
+	over = read_rows(r, WINDOW_QUERY " LIMIT $7", WINDOW_NPARAMS + 1, types, values,
 					 limit, budget, false);
 	c->consumed = 0;
 	return over == 0;
@@ -828,7 +842,7 @@ read_alone_deferred(VoutboxRound *r, int64 budget)
 					   "  FROM " VOUTBOX_SCHEMA ".deferred e "
 					   " WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
 					   "   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") "
-					   " ORDER BY e.batch_id, e.seq LIMIT 1",
+					   " ORDER BY e.batch_id, e.commit_pos, e.seq LIMIT 1",
 					   0, NULL, NULL, 1, budget, true);
 	r->ndeferred = r->nevents;
 	if (r->nevents == 0)
@@ -883,26 +897,27 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 	 */
 	read_rows(r,
 			  "WITH heads AS MATERIALIZED ("
-			  "  SELECT c.topic, c.msg_key, c.batch_id, c.seq, c.attempts "
+			  "  SELECT c.topic, c.msg_key, c.batch_id, c.commit_pos, c.seq, c.attempts "
 			  "    FROM (SELECT * FROM " VOUTBOX_SCHEMA ".deferred d "
 			  "           WHERE " WAITING("d") " AND d.due_at <= pg_catalog.now() OFFSET 0) c "
 			  "   WHERE c.holds_key AND NOT " HELD_BEHIND_EARLIER("c") ") "
-			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id, e.commit_pos "
 			  "  FROM " VOUTBOX_SCHEMA ".deferred e "
 			  " WHERE " WAITING("e") " AND NOT e.holds_key AND NOT e.alone "
 			  "   AND e.due_at <= pg_catalog.now() "
 			  "UNION ALL "
-			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id, e.commit_pos "
 			  "  FROM heads h, "
 			  "       LATERAL (SELECT * FROM " VOUTBOX_SCHEMA ".deferred q "
 			  "                 WHERE " WAITING("q") " AND q.holds_key "
 			  "                   AND q.topic = h.topic AND q.msg_key = h.msg_key "
-			  "                   AND ((q.batch_id, q.seq) = (h.batch_id, h.seq) "
-			  "                        OR (h.attempts = 0 AND (q.batch_id, q.seq) > (h.batch_id, h.seq))) "
+			  "                   AND ((q.batch_id, q.commit_pos, q.seq) = (h.batch_id, h.commit_pos, h.seq) "
+			  "                        OR (h.attempts = 0 "
+			  "                            AND (q.batch_id, q.commit_pos, q.seq) > (h.batch_id, h.commit_pos, h.seq))) "
 			  "                OFFSET 0) e "
 			  " WHERE NOT e.alone AND e.due_at < 'infinity' "
 			  "   AND NOT " IN_FLIGHT_BEFORE("e") " "
-			  " ORDER BY batch_id, seq LIMIT $1",
+			  " ORDER BY batch_id, commit_pos, seq LIMIT $1",
 			  1, &type, &limit, max_events, budget, true);
 	r->ndeferred = r->nevents;
 	r->next_due = voutbox_next_due();
@@ -1042,9 +1057,13 @@ read_window(VoutboxCursor *c, VoutboxRound *r, int limit, int64 budget)
 		set_snapshot(&c->hi, NULL, NULL);
 		c->params_valid = false;
 		c->read_seq = PG_INT64_MIN;
+		c->read_pos = PG_INT64_MIN;
 	}
 	else if (r->nevents > first)
+	{
 		c->read_seq = r->events[r->nevents - 1].seq;
+		c->read_pos = r->events[r->nevents - 1].commit_pos;
+	}
 }
 
 /* Decide what to do with each event of the window read into the round. */
@@ -1077,10 +1096,13 @@ choose_actions(VoutboxRound *r, HTAB *held, HTAB *held_in_flight)
  * snapshot taken before had its commit record written before: this makes it
  * durable.
  */
-static void
+static XLogRecPtr
 flush_written_wal(void)
 {
-	XLogFlush(written_wal_end());
+	XLogRecPtr	upto = written_wal_end();
+
+	XLogFlush(upto);
+	return upto;
 }
 
 /*
@@ -1103,8 +1125,6 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	bool		recreated = false;
 	bool		deferred_wait;
 	VoutboxStorageStatus status;
-	const char *behind = NULL;
-
 	memset(r, 0, sizeof(*r));
 	r->cxt = round_cxt;
 	if (GetDatabaseEncoding() == PG_SQL_ASCII)
@@ -1160,19 +1180,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	}
 	if (!r->alone)
 	{
-		/*
-		 * A window goes only once the standbys named in
-		 * voutbox.standby_names have its commits (standbys.c); they get
-		 * them once they are flushed here.
-		 */
-		if (c->hi != NULL && voutbox_standbys_named() &&
-			!voutbox_standbys_confirmed(c->hi_lsn, &behind))
-		{
-			XLogFlush(c->hi_lsn);
-			r->standby_lsn = c->hi_lsn;
-			r->standby_behind = MemoryContextStrdup(round_cxt, behind);
-		}
-		else if (r->nevents < opt->limit && r->bytes < opt->budget)
+		if (r->nevents < opt->limit && r->bytes < opt->budget)
 			read_window(c, r, opt->limit, opt->budget);
 		/* (Keys are held only while deferred events wait.) */
 		if (deferred_wait)
@@ -1180,9 +1188,13 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 		choose_actions(r, held, opt->held_in_flight);
 	}
 
-	/* Deliver nothing whose commit a crash could still erase. */
+	/*
+	 * Deliver nothing whose commit a crash could still erase: every commit
+	 * the reads could see was written before now.  The standbys get it once
+	 * it is flushed here; the round waits for them (stream.c).
+	 */
 	if (r->nevents > 0)
-		flush_written_wal();
+		r->wal_end = flush_written_wal();
 	voutbox_xact_end();
 	in_flight_reset = true;
 
@@ -1217,9 +1229,10 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 static int64
 append_batch_row(VoutboxRound *r)
 {
-	Oid			types[7] = {TEXTOID, TEXTOID, INT8OID, INT4OID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
-	Datum		values[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			types[8] = {TEXTOID, TEXTOID, INT8OID, INT4OID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
+	INT8OID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
 	int			n = 0;
 	Datum	   *seqs = palloc(sizeof(Datum) * (r->nevents - r->ndeferred + 1));
@@ -1241,22 +1254,23 @@ append_batch_row(VoutboxRound *r)
 	if (r->window_done)
 	{
 		values[0] = CStringGetTextDatum(r->hi);
-		nulls[1] = nulls[2] = 'n';
+		nulls[1] = nulls[2] = nulls[7] = 'n';
 	}
 	else
 	{
 		values[0] = CStringGetTextDatum(r->lo);
 		values[1] = CStringGetTextDatum(r->hi);
 		values[2] = Int64GetDatum(r->events[r->nevents - 1].seq);
+		values[7] = Int64GetDatum(r->events[r->nevents - 1].commit_pos);
 	}
 	values[3] = Int32GetDatum(r->nevents - r->ndeferred);
 	voutbox_spi("INSERT INTO " VOUTBOX_SCHEMA ".batches (lo, hi, done_seq, reach, events, "
-				"       receipt_seqs, receipt_partitions, receipt_offsets) "
+				"       receipt_seqs, receipt_partitions, receipt_offsets, done_commit) "
 				"VALUES ($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot, $3, "
 				"        pg_catalog.pg_snapshot_xmax(coalesce($2, $1)::pg_catalog.pg_snapshot), $4, "
-				"        $5, $6, $7) "
+				"        $5, $6, $7, $8) "
 				"RETURNING batch_id",
-				7, types, values, nulls, SPI_OK_INSERT_RETURNING);
+				8, types, values, nulls, SPI_OK_INSERT_RETURNING);
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 

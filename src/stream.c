@@ -49,6 +49,8 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "storage/latch.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
@@ -123,9 +125,13 @@ typedef struct Stream
 	 */
 	bool		deferred_dry;
 	TimestampTz next_due;		/* when a deferred event is due, or 0 */
-	/* the open window waits for a standby to flush up to standby_lsn */
+	/*
+	 * A round read and not sent: it waits for the standbys to flush the WAL
+	 * up to standby_lsn (standbys.c).
+	 */
+	struct VoutboxRound *held_round;
 	XLogRecPtr	standby_lsn;
-	char		standby_behind[NAMEDATALEN];
+	char		standby_behind[2 * NAMEDATALEN];
 	int			standby_poll_ms;
 	TimestampTz standby_check_at;
 	TimestampTz last_deferred_read;
@@ -677,23 +683,26 @@ standby_poll_later(Stream *s, TimestampTz now, long *wait_ms)
 	s->more = true;
 	if (s->head == NULL)
 		worker_state("waiting for standbys",
-					 psprintf("standby \"%s\" has not flushed the WAL up to %X/%X",
+					 psprintf("waiting for %s to flush the WAL up to %X/%X",
 							  s->standby_behind, LSN_FORMAT_ARGS(s->standby_lsn)),
 					 false);
 }
 
+static void launch_round(Stream *s, VoutboxRound *r);
+
 /*
- * Whether the open window may be read: the standbys of
- * voutbox.standby_names have flushed its commits (storage.c found they had
- * not when it last read).
+ * Send the round that waits for the standbys once they have what it read,
+ * looking after a growing delay.  Returns whether it still waits.
  */
 static bool
-standbys_caught_up(Stream *s, TimestampTz now, long *wait_ms)
+release_held(Stream *s, long *wait_ms)
 {
+	TimestampTz now = GetCurrentTimestamp();
 	const char *behind;
+	VoutboxRound *r;
 
-	if (XLogRecPtrIsInvalid(s->standby_lsn))
-		return true;
+	if (s->held_round == NULL)
+		return false;
 	if (now < s->standby_check_at)
 	{
 		long		secs;
@@ -701,17 +710,23 @@ standbys_caught_up(Stream *s, TimestampTz now, long *wait_ms)
 
 		TimestampDifference(now, s->standby_check_at, &secs, &usecs);
 		*wait_ms = Min(*wait_ms, secs * 1000 + (usecs + 999) / 1000);
-		return false;
+		return true;
 	}
 	if (!voutbox_standbys_confirmed(s->standby_lsn, &behind))
 	{
-		strlcpy(s->standby_behind, behind, NAMEDATALEN);
+		strlcpy(s->standby_behind, behind, sizeof(s->standby_behind));
 		standby_poll_later(s, now, wait_ms);
-		return false;
+		return true;
 	}
+	/* (A producer rebuilt meanwhile: the round goes with the next one.) */
+	if (s->producer == NULL || voutbox_producer_is_broken(s->producer))
+		return true;
+	r = s->held_round;
+	s->held_round = NULL;
 	s->standby_lsn = InvalidXLogRecPtr;
 	s->standby_poll_ms = 0;
-	return true;
+	launch_round(s, r);
+	return false;
 }
 
 /* Whether the worker may read another round now; sets *wait_ms if it will soon. */
@@ -722,7 +737,8 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 		return false;
 	if (now < s->lock_retry_at)
 		return false;
-	if (!standbys_caught_up(s, now, wait_ms))
+	/* (One round at a time waits for the standbys.) */
+	if (s->held_round != NULL)
 		return false;
 	if (s->head == NULL)
 		return true;
@@ -774,7 +790,7 @@ read_round(Stream *s)
 	VoutboxReadOptions opt;
 	VoutboxStorageStatus status;
 	char	   *version = NULL;
-	int			nsend = 0;
+	const char *behind;
 
 	opt.limit = Min(share, voutbox_batch_size - s->nevents);
 	opt.budget = Max(voutbox_batch_bytes / ROUND_SHARE, 1);
@@ -835,15 +851,6 @@ read_round(Stream *s)
 	/* The window goes on, or deferred events are or may be due: read again. */
 	s->more = (r->nevents > r->ndeferred && !r->window_done) || r->ndeferred > 0 ||
 		(opt.check_due && s->due_waiting);
-	/* The window waits for a standby: look again soon. */
-	if (r->standby_behind != NULL)
-	{
-		long		wait_ms = STANDBY_POLL_MAX_MS;
-
-		s->standby_lsn = r->standby_lsn;
-		strlcpy(s->standby_behind, r->standby_behind, NAMEDATALEN);
-		standby_poll_later(s, s->last_read, &wait_ms);
-	}
 	if (r->nevents == 0 || ShutdownRequestPending)
 	{
 		MemoryContextDelete(cxt);
@@ -852,6 +859,36 @@ read_round(Stream *s)
 
 	r->cxt = cxt;
 	r->read_at = s->last_read;
+	/*
+	 * Nothing goes before the standbys a failover may promote have every
+	 * commit the read could see: else it could be published and then lost
+	 * with the primary.  The round waits, read but not sent, and nothing
+	 * more is read meanwhile.
+	 */
+	if (voutbox_standbys_gate() && !voutbox_standbys_confirmed(r->wal_end, &behind))
+	{
+		long		wait_ms = STANDBY_POLL_MAX_MS;
+
+		s->held_round = r;
+		s->standby_lsn = r->wal_end;
+		s->standby_poll_ms = 0;
+		strlcpy(s->standby_behind, behind, sizeof(s->standby_behind));
+		standby_poll_later(s, s->last_read, &wait_ms);
+		return true;
+	}
+	launch_round(s, r);
+	return true;
+}
+
+/* Put a round read into the stream, and send it. */
+static void
+launch_round(Stream *s, VoutboxRound *r)
+{
+	int			nsend = 0;
+
+	/* (A worker whose postmaster died sends nothing more.) */
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 	if (s->tail != NULL)
 		s->tail->next = r;
 	else
@@ -870,7 +907,6 @@ read_round(Stream *s)
 				 true);
 	voutbox_producer_set_stragglers(s->producer, s->nlate);
 	send_round(s, r);
-	return true;
 }
 
 /* ---------------------------------------------------------------------
@@ -1396,7 +1432,9 @@ read_or_clean(Stream *s, long *wait_ms)
 
 	PG_TRY();
 	{
-		if (may_read(s, GetCurrentTimestamp(), wait_ms) &&
+		if (release_held(s, wait_ms))
+			busy = false;
+		else if (may_read(s, GetCurrentTimestamp(), wait_ms) &&
 			(s->producer != NULL ? !voutbox_producer_is_broken(s->producer) :
 			 s->head == NULL && ensure_producer(s)))
 			busy = read_round(s);

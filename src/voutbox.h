@@ -164,6 +164,7 @@ typedef struct VoutboxEvent
 {
 	char	   *id;
 	int64		seq;
+	int64		commit_pos;		/* its transaction's commit position; 0 if none */
 	char	   *tenant_id;
 	char	   *tenant_id_utf8;
 	char	   *aggregate_type;
@@ -392,14 +393,14 @@ typedef struct VoutboxCursor
 	MemoryContext cxt;			/* holds lo and hi */
 	char	   *lo;				/* pg_snapshot: read all that it sees */
 	char	   *hi;				/* pg_snapshot of the open window, or NULL */
-	int64		read_seq;		/* window read up to this seq */
+	int64		read_seq;		/* window read up to (read_pos, read_seq) */
+	int64		read_pos;		/* (commit position, seq: see WINDOW_QUERY) */
 	bool		fresh;			/* nothing of the window read yet */
 	bool		large_windows;	/* the last window needed the cursor */
 	bool		portal_open;	/* the window's holdable cursor exists */
 	int64		consumed;		/* rows of the cursor taken so far */
 	bool		stale;			/* a read failed: load it again from the table */
 	bool		params_valid;	/* params are those of (lo, hi] */
-	XLogRecPtr	hi_lsn;			/* the WAL written when hi was taken: its commits' */
 	Datum		params[4];		/* xmax(lo), xmax(hi), xip(lo), hi (storage.c) */
 } VoutboxCursor;
 
@@ -434,9 +435,8 @@ typedef struct VoutboxRound
 	bool		alone;			/* one deferred event that goes alone */
 	bool		late;			/* events left in flight by rounds settled before (settle.c) */
 	TimestampTz next_due;		/* when the next deferred event is due, or 0 */
-	/* the window waits for this standby to flush up to standby_lsn, or NULL */
-	char	   *standby_behind;
-	XLogRecPtr	standby_lsn;
+	/* the WAL written when it was read: the standbys must have it (standbys.c) */
+	XLogRecPtr	wal_end;
 	/* in flight (stream.c) */
 	TimestampTz read_at;
 	uint64		first_ticket;	/* events[i] is sent with ticket first_ticket + i */
@@ -529,7 +529,7 @@ extern void voutbox_stream_run(void);
 extern bool voutbox_is_worker;
 
 /* Standbys that must confirm what is delivered (standbys.c) */
-extern bool voutbox_standbys_named(void);
+extern bool voutbox_standbys_gate(void);
 extern bool voutbox_standbys_confirmed(XLogRecPtr lsn, const char **behind);
 extern void voutbox_report_activity(const char *what);
 

@@ -144,11 +144,12 @@ sub kafka_cluster_start
 {
 	my ($name, $n, @props) = @_;
 	my $dir = "$PostgreSQL::Test::Utils::tmp_check/kafka_$name";
+	my @nodes = map { "$dir/node$_" } 1 .. $n;
+	# (Killed at exit even if the cluster never came up whole.)
+	$started{$_} = 1 for @nodes;
 	my $out = `$root/test/kafka/start-cluster.sh '$dir' $n @props`;
 	die "could not start kafka cluster $name" if $? != 0;
 	chomp $out;
-	my @nodes = map { "$dir/node$_" } 1 .. $n;
-	$started{$_} = 1 for @nodes;
 	return { name => $name, dir => $dir, brokers => $out, nodes => \@nodes };
 }
 

@@ -6,8 +6,9 @@
 #  - asynchronous replication with voutbox.standby_names: the worker waits
 #    for the standby, even while it is down (the primary's later commits,
 #    lost with it, never reach Kafka);
-#  - synchronous replication: a commit is visible only once the standby
-#    has it, with no setting.
+#  - synchronous replication, with no setting: the worker waits for what
+#    the synchronous standby confirmed, also for a session that commits
+#    with synchronous_commit = local while the standby is down.
 use strict;
 use warnings;
 
@@ -117,7 +118,7 @@ sub check_topic
 		"SELECT count(*) FROM outbox WHERE status = 'delivered'");
 	cmp_ok($delivered, '<=', $at_stop, 'async: nothing committed after the standby left was delivered');
 	like($primary->safe_psql('postgres', 'SELECT detail FROM outbox_worker'),
-		qr/standby "async_standby" has not flushed/, 'async: the worker says which standby it waits for');
+		qr/waiting for standby "async_standby" to flush/, 'async: the worker says which standby it waits for');
 
 	# Under load, the primary dies; the standby (which missed its last commits) takes over.
 	$primary->kill9;
@@ -139,11 +140,41 @@ sub check_topic
 	my $script = counter_script($primary, $keys);
 	my $load = start_pgbench($primary, $script, '-c', '2', '-T', '120', '-R', '400');
 	wait_for_delivered($primary, 500);
+
+	# The standby goes away: commits wait for it (the worker's settles too,
+	# so the load pauses here to let the worker settle first), but a session
+	# may commit without waiting.  Its events must not go out.
+	$load->{h}->kill_kill;
+	$primary->poll_query_until('postgres', "SELECT state = 'idle' FROM outbox_worker")
+	  or die 'the worker did not settle';
+	kafka_create_topic($kafka, 'sync.acme.local.saved.v1', 1);
+	$standby->stop('fast');
+	$primary->safe_psql('postgres', q{
+		SET synchronous_commit = local;
+		SELECT outbox_save('acme', 'local', i::text, 'local.saved.v1', '{}') FROM generate_series(1, 50) i;
+	});
+	ok( $primary->poll_query_until('postgres',
+			"SELECT state = 'waiting for standbys' FROM outbox_worker"),
+		'sync: the worker waits for the synchronous standby');
+	like($primary->safe_psql('postgres', 'SELECT detail FROM outbox_worker'),
+		qr/waiting for the synchronous standbys/, 'sync: and says so');
+	is( $primary->safe_psql('postgres',
+			"SELECT count(*) FROM outbox WHERE event_type = 'local.saved.v1' AND status = 'delivered'"),
+		'0', 'sync: the events committed with synchronous_commit = local are not delivered');
+
+	# Under load again (its commits wait for the standby), the primary dies.
+	$load = start_pgbench($primary, $script, '-c', '2', '-T', '120', '-R', '400');
+	$primary->poll_query_until('postgres',
+		"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+	  or die 'the load does not wait for the standby';
 	$primary->kill9;
 	finish_pgbench($load);
+	$standby->start;
 	my $resume = promote_and_drain($standby);
 	my $kept = $standby->safe_psql('postgres', 'SELECT count(*) FROM outbox');
 	my ($dups, $n) = check_topic($standby, 'sync.acme.counter.bumped.v1', 'sync failover');
+	my @local = consume_all($kafka, 'sync.acme.local.saved.v1');
+	is(scalar(@local), 0, 'sync: none of the locally committed events reached Kafka');
 	note("sync failover: $kept events, $n messages, $dups duplicates, all delivered "
 		  . sprintf('%.1f s', $resume) . ' after the promotion');
 	$standby->stop;
