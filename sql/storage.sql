@@ -29,3 +29,43 @@ SELECT c.relname, n.nspname, c.relkind
 -- DROP EXTENSION removes it all.
 DROP EXTENSION voutbox;
 SELECT count(*) AS voutbox_schemas FROM pg_namespace WHERE nspname = 'voutbox';
+
+-- Commit positions: one per committed transaction that saved an event; a
+-- savepoint rolled back takes its events' position with it.
+CREATE EXTENSION voutbox;
+BEGIN;
+SAVEPOINT s;
+SELECT outbox_save('acme', 'lead', 'sp', 'lead.created.v1', '{}') IS NOT NULL AS saved;
+ROLLBACK TO s;
+COMMIT;
+SELECT count(*) AS positions FROM voutbox.commit_order;
+BEGIN;
+SELECT outbox_save('acme', 'lead', 'sp', 'lead.created.v1', '{}') IS NOT NULL AS saved;
+SAVEPOINT s;
+SELECT outbox_save('acme', 'lead', 'sp', 'lead.created.v1', '{}') IS NOT NULL AS saved;
+ROLLBACK TO s;
+COMMIT;
+SELECT count(*) AS positions, count(*) FILTER (WHERE e.txid IS NOT NULL) AS of_saved_events
+  FROM voutbox.commit_order c
+  LEFT JOIN LATERAL (SELECT e.txid FROM voutbox.events e WHERE e.txid = c.txid LIMIT 1) e ON true;
+
+-- The position is written as the extension's owner, into the extension's
+-- own table only: look-alikes made in the same transaction after a DROP
+-- EXTENSION are never written to (their trigger would say so).
+BEGIN;
+SELECT outbox_save('acme', 'lead', 'x', 'lead.created.v1', '{}') IS NOT NULL AS saved;
+DROP EXTENSION voutbox;
+CREATE SCHEMA voutbox;
+CREATE TABLE voutbox.commit_order_0 (txid xid8, commit_seq bigint);
+CREATE TABLE voutbox.commit_order_1 (txid xid8, commit_seq bigint);
+CREATE TABLE voutbox.commit_order_2 (txid xid8, commit_seq bigint);
+CREATE SEQUENCE voutbox.commit_seq;
+CREATE FUNCTION voutbox.hijacked() RETURNS trigger LANGUAGE plpgsql
+	AS $$ BEGIN RAISE NOTICE 'look-alike written to as %', current_user; RETURN NEW; END $$;
+CREATE TRIGGER t BEFORE INSERT ON voutbox.commit_order_0 FOR EACH ROW EXECUTE FUNCTION voutbox.hijacked();
+CREATE TRIGGER t BEFORE INSERT ON voutbox.commit_order_1 FOR EACH ROW EXECUTE FUNCTION voutbox.hijacked();
+CREATE TRIGGER t BEFORE INSERT ON voutbox.commit_order_2 FOR EACH ROW EXECUTE FUNCTION voutbox.hijacked();
+COMMIT;
+SELECT (SELECT count(*) FROM voutbox.commit_order_0) + (SELECT count(*) FROM voutbox.commit_order_1)
+	   + (SELECT count(*) FROM voutbox.commit_order_2) AS look_alike_rows;
+DROP SCHEMA voutbox CASCADE;

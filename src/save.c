@@ -30,6 +30,8 @@
 #include <sys/time.h>
 
 #include "access/xact.h"
+#include "catalog/dependency.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -41,6 +43,7 @@
 #include "utils/jsonb.h"
 #include "catalog/namespace.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -109,10 +112,20 @@ static SPIPlanPtr plan_find_key = NULL;
 
 static bool xact_callback_registered = false;
 /*
- * The ring slot of the transaction's newest event, -1 if it saved none, and
+ * The ring slot of the transaction's newest event that is still to commit,
+ * and the (sub)transaction that saved it: a rolled-back savepoint takes its
+ * events, and the slot goes back to the one of the newest event saved
+ * before it (SavedSlot entries in TopTransactionContext, newest last).  And
  * the role that owns the storage (commit order, below).
  */
-static int	commit_slot = -1;
+typedef struct SavedSlot
+{
+	SubTransactionId subid;
+	int			slot;
+} SavedSlot;
+
+static List *saved_slots = NIL;
+static bool subxact_callback_registered = false;
 static Oid	commit_owner = InvalidOid;
 static SPIPlanPtr plan_commit_order[VOUTBOX_RING_SLOTS];
 static bool saved_in_xact = false;
@@ -596,8 +609,44 @@ insert_event(SaveRequest *req, Datum id)
 						 v, n, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "voutbox: could not insert the event");
 	/* (Runs as the storage's owner: see voutbox_outbox_save().) */
-	commit_slot = slot;
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
+		SavedSlot  *saved = palloc(sizeof(SavedSlot));
+
+		saved->subid = GetCurrentSubTransactionId();
+		saved->slot = slot;
+		saved_slots = lappend(saved_slots, saved);
+		MemoryContextSwitchTo(old);
+	}
 	commit_owner = GetUserId();
+}
+
+/*
+ * A savepoint rolled back takes its events; one released hands them to its
+ * parent.
+ */
+static void
+voutbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						 SubTransactionId parentSubid, void *arg pg_attribute_unused())
+{
+	ListCell   *lc;
+
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		foreach(lc, saved_slots)
+		{
+			if (((SavedSlot *) lfirst(lc))->subid == mySubid)
+				saved_slots = foreach_delete_current(saved_slots, lc);
+		}
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		foreach(lc, saved_slots)
+		{
+			if (((SavedSlot *) lfirst(lc))->subid == mySubid)
+				((SavedSlot *) lfirst(lc))->subid = parentSubid;
+		}
+	}
 }
 
 /*
@@ -614,15 +663,26 @@ insert_event(SaveRequest *req, Datum id)
 static void
 record_commit_position(void)
 {
-	int			slot = commit_slot;
+	int			slot = ((SavedSlot *) llast(saved_slots))->slot;
 	Oid			nsp;
+	Oid			relid;
+	Oid			extension;
 	Oid			save_user;
 	int			save_sec;
 
-	commit_slot = -1;
+	saved_slots = NIL;
+	/*
+	 * Only into the extension's own table, the extension locked: whoever
+	 * could drop it in this transaction (after a savepoint released its
+	 * locks) and create look-alikes must not have them run as the owner.
+	 * (0.6.1's objects have no commit_order.)
+	 */
+	extension = voutbox_lock_extension();
 	nsp = get_namespace_oid(VOUTBOX_SCHEMA, true);
-	if (!OidIsValid(nsp) ||
-		!OidIsValid(get_relname_relid(psprintf("commit_order_%d", slot), nsp)))
+	if (!OidIsValid(extension) || !OidIsValid(nsp))
+		return;
+	relid = get_relname_relid(psprintf("commit_order_%d", slot), nsp);
+	if (!OidIsValid(relid) || getExtensionOfObject(RelationRelationId, relid) != extension)
 		return;
 	GetUserIdAndSecContext(&save_user, &save_sec);
 	SetUserIdAndSecContext(commit_owner,
@@ -652,7 +712,7 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 		case XACT_EVENT_PRE_COMMIT:
 		case XACT_EVENT_PRE_PREPARE:
 			/* (A prepared transaction's position is that of its PREPARE.) */
-			if (commit_slot >= 0)
+			if (saved_slots != NIL)
 				record_commit_position();
 			break;
 		case XACT_EVENT_COMMIT:
@@ -663,14 +723,14 @@ voutbox_xact_callback(XactEvent event, void *arg pg_attribute_unused())
 			if (saved_in_xact || requeued_in_xact)
 				voutbox_wake_worker();
 			saved_in_xact = requeued_in_xact = false;
-			commit_slot = -1;
+			saved_slots = NIL;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* COMMIT PREPARED fires no callback: the poll interval finds it. */
 			saved_in_xact = requeued_in_xact = false;
-			commit_slot = -1;
+			saved_slots = NIL;
 			break;
 		default:
 			break;
@@ -684,6 +744,11 @@ wake_worker_at_commit(bool requeued)
 	{
 		RegisterXactCallback(voutbox_xact_callback, NULL);
 		xact_callback_registered = true;
+	}
+	if (!subxact_callback_registered)
+	{
+		RegisterSubXactCallback(voutbox_subxact_callback, NULL);
+		subxact_callback_registered = true;
 	}
 	if (requeued)
 		requeued_in_xact = true;

@@ -130,6 +130,7 @@ typedef struct Stream
 	 * up to standby_lsn (standbys.c).
 	 */
 	struct VoutboxRound *held_round;
+	bool		held_stale;		/* rounds were settled since it was read */
 	XLogRecPtr	standby_lsn;
 	char		standby_behind[2 * NAMEDATALEN];
 	int			standby_poll_ms;
@@ -703,6 +704,14 @@ release_held(Stream *s, long *wait_ms)
 
 	if (s->held_round == NULL)
 		return false;
+	/* A stop: it is dropped, as a round read when a stop comes is. */
+	if (ShutdownRequestPending || s->stop_after_drain)
+	{
+		MemoryContextDelete(s->held_round->cxt);
+		s->held_round = NULL;
+		s->standby_lsn = InvalidXLogRecPtr;
+		return false;
+	}
 	if (now < s->standby_check_at)
 	{
 		long		secs;
@@ -718,10 +727,38 @@ release_held(Stream *s, long *wait_ms)
 		standby_poll_later(s, now, wait_ms);
 		return true;
 	}
-	/* (A producer rebuilt meanwhile: the round goes with the next one.) */
-	if (s->producer == NULL || voutbox_producer_is_broken(s->producer))
+	/*
+	 * Not while rounds in flight fail or their outcome is not recorded: it
+	 * goes after them, as a round read after them would.
+	 */
+	if (s->failing || s->unsettled || s->late_reported_at != 0)
+	{
+		*wait_ms = Min(*wait_ms, STANDBY_POLL_MAX_MS);
+		s->standby_check_at = TimestampTzPlusMilliseconds(now, STANDBY_POLL_MIN_MS);
 		return true;
+	}
+	/* (A producer retired meanwhile: a new one, or wait for it.) */
+	if (s->producer == NULL && !ensure_producer(s))
+	{
+		s->standby_check_at = Max(s->producer_retry_at,
+								  TimestampTzPlusMilliseconds(now, STANDBY_POLL_MAX_MS));
+		*wait_ms = Min(*wait_ms, STANDBY_POLL_MAX_MS);
+		return true;
+	}
+	if (voutbox_producer_is_broken(s->producer))
+	{
+		s->standby_check_at = TimestampTzPlusMilliseconds(now, STANDBY_POLL_MAX_MS);
+		*wait_ms = Min(*wait_ms, STANDBY_POLL_MAX_MS);
+		return true;
+	}
 	r = s->held_round;
+	/*
+	 * Rounds settled since it was read may have deferred events whose keys
+	 * it sends: it looks at the keys held again, as a round read now would.
+	 */
+	if (s->held_stale)
+		voutbox_storage_recheck_round(r, hash_get_num_entries(s->held) > 0 ? s->held : NULL);
+	s->held_stale = false;
 	s->held_round = NULL;
 	s->standby_lsn = InvalidXLogRecPtr;
 	s->standby_poll_ms = 0;
@@ -870,6 +907,7 @@ read_round(Stream *s)
 		long		wait_ms = STANDBY_POLL_MAX_MS;
 
 		s->held_round = r;
+		s->held_stale = false;
 		s->standby_lsn = r->wal_end;
 		s->standby_poll_ms = 0;
 		strlcpy(s->standby_behind, behind, sizeof(s->standby_behind));
@@ -1403,6 +1441,9 @@ cleanup_lo(Stream *s)
 {
 	if (s->unsettled)
 		return NULL;
+	/* (The cursor has moved past the round that waits for the standbys.) */
+	if (s->held_round != NULL)
+		return s->settled_lo;
 	return s->head == NULL && !s->cursor.stale ? s->cursor.lo : s->settled_lo;
 }
 
@@ -1614,6 +1655,8 @@ voutbox_stream_run(void)
 
 		serve_producer(&s);
 		busy = settle_ready(&s);
+		if (busy && s.held_round != NULL)
+			s.held_stale = true;
 		if ((ShutdownRequestPending || s.stop_after_drain) && (s.head == NULL || s.unsettled))
 			break;
 		busy |= read_or_clean(&s, &wait_ms);

@@ -270,10 +270,16 @@ check_standby_names(char **newval, void **extra pg_attribute_unused(), GucSource
 
 	if (!ok)
 		GUC_check_errdetail("List syntax is invalid: give application_name values of standbys, separated by commas.");
-	else if (list_length(names) == 1 && strcmp((char *) linitial(names), "*") == 0)
+	else
 	{
-		GUC_check_errdetail("\"*\" is not a standby's name: name each standby a failover may promote.");
-		ok = false;
+		ListCell   *lc;
+
+		foreach(lc, names)
+			if (strcmp((char *) lfirst(lc), "*") == 0)
+			{
+				GUC_check_errdetail("\"*\" is not a standby's name: name each standby a failover may promote.");
+				ok = false;
+			}
 	}
 	list_free(names);
 	pfree(copy);

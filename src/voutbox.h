@@ -471,6 +471,7 @@ typedef enum VoutboxStorageStatus
 } VoutboxStorageStatus;
 
 extern Oid	voutbox_lock_extension(void);
+extern void voutbox_storage_recheck_round(VoutboxRound *r, struct HTAB *held_in_flight);
 extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
 													   const VoutboxReadOptions *opt,
 													   char **version);
