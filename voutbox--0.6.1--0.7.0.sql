@@ -58,20 +58,11 @@ COMMENT ON COLUMN voutbox.batches.done_commit IS
 ALTER TABLE voutbox.deferred ADD COLUMN commit_pos bigint NOT NULL DEFAULT 0;
 
 /*
- * The commit position of a transaction that saved events: 0 if it has none.
- * As the owner (readers of the views have no access to the storage), as
- * published_at().  The views and settling_batch() probe commit_order
- * themselves: a call of this function per row cost tens of microseconds,
- * which made the outbox view of a large open window slow.
+ * (The views and settling_batch() find a transaction's commit position by
+ * a probe of commit_order of their own, as the worker does (storage.c): a
+ * function called per row cost tens of microseconds each, which made the
+ * outbox view of a large open window slow.)
  */
-CREATE FUNCTION voutbox.commit_pos(p_txid xid8)
-RETURNS bigint
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-	SELECT coalesce((SELECT c.commit_seq FROM voutbox.commit_order c
-					  WHERE c.txid OPERATOR(pg_catalog.=) p_txid LIMIT 1), 0)
-$$;
 
 /*
  * The cursor row that settled an event of transaction p_txid with seq

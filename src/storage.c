@@ -656,9 +656,7 @@ load_cursor(VoutboxCursor *c)
  */
 #define WINDOW_QUERY \
 	"SELECT " EVENT_SELECT_LIST ", o.pos FROM " VOUTBOX_SCHEMA ".events e " \
-	"  CROSS JOIN LATERAL (SELECT coalesce((SELECT c.commit_seq FROM " VOUTBOX_SCHEMA ".commit_order c " \
-	"                                        WHERE c.txid = e.txid LIMIT 1), 0) AS pos " \
-	"                       OFFSET 0) o " \
+	"  CROSS JOIN LATERAL (SELECT " VOUTBOX_COMMIT_POS("e.txid") " AS pos OFFSET 0) o " \
 	"WHERE ((e.txid >= $1 AND e.txid < $2) OR e.txid = ANY ($3)) " \
 	"  AND pg_catalog.pg_visible_in_snapshot(e.txid, $4) " \
 	"  AND (o.pos, e.seq) > ($6, $5) " \
@@ -1109,6 +1107,30 @@ flush_written_wal(void)
 }
 
 /*
+ * The outcome each event of the round from "from" on starts with: awaited
+ * if it is sent, none if not.  Text without an equivalent in UTF-8 is not
+ * sent: a permanent error, for the dead-letter queue (said in the log if
+ * "tell").
+ */
+static void
+set_outcomes(VoutboxRound *r, int from, bool tell)
+{
+	for (int i = from; i < r->nevents; i++)
+	{
+		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
+			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
+		if (r->events[i].unconvertible && r->actions[i] == VOUTBOX_SEND)
+		{
+			r->errs[i] = RD_KAFKA_RESP_ERR__BAD_MSG;
+			if (tell)
+				ereport(LOG,
+						(errmsg("voutbox: event %s holds text that cannot be converted from %s to UTF-8; it is not sent",
+								r->events[i].id, GetDatabaseEncodingName())));
+		}
+	}
+}
+
+/*
  * Read the next round in one short transaction, in CurrentMemoryContext: at
  * most "limit" events and "budget" bytes of them (at least one).  With
  * "deferred", the deferred events that are due come first (the caller has
@@ -1201,19 +1223,7 @@ voutbox_storage_read_round(VoutboxCursor *c, VoutboxRound *r, const VoutboxReadO
 	voutbox_xact_end();
 	in_flight_reset = true;
 
-	for (int i = 0; i < r->nevents; i++)
-	{
-		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
-			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
-		/* Not sent: a permanent error, for the dead-letter queue. */
-		if (r->events[i].unconvertible && r->actions[i] == VOUTBOX_SEND)
-		{
-			r->errs[i] = RD_KAFKA_RESP_ERR__BAD_MSG;
-			ereport(LOG,
-					(errmsg("voutbox: event %s holds text that cannot be converted from %s to UTF-8; it is not sent",
-							r->events[i].id, GetDatabaseEncodingName())));
-		}
-	}
+	set_outcomes(r, 0, true);
 	return VOUTBOX_STORAGE_READY;
 }
 
@@ -1237,13 +1247,8 @@ voutbox_storage_recheck_round(VoutboxRound *r, HTAB *held_in_flight)
 	}
 	voutbox_xact_end();
 	MemoryContextSwitchTo(old);
-	for (int i = r->ndeferred; i < r->nevents; i++)
-	{
-		r->errs[i] = r->actions[i] == VOUTBOX_SEND ?
-			VOUTBOX_DELIVERY_PENDING : VOUTBOX_DELIVERY_SKIPPED;
-		if (r->events[i].unconvertible && r->actions[i] == VOUTBOX_SEND)
-			r->errs[i] = RD_KAFKA_RESP_ERR__BAD_MSG;
-	}
+	/* (The log told of unconvertible ones when the round was read.) */
+	set_outcomes(r, r->ndeferred, false);
 }
 
 /* ---------------------------------------------------------------------

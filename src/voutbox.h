@@ -34,6 +34,13 @@
 /* Names of the storage; the install script is the other place they appear. */
 #define VOUTBOX_EXTENSION		"voutbox"
 #define VOUTBOX_SCHEMA			"voutbox"
+/*
+ * SQL: the commit position of the transaction whose txid is the expression
+ * "txid" (voutbox.commit_order, save.c), 0 if it has none.
+ */
+#define VOUTBOX_COMMIT_POS(txid) \
+	"coalesce((SELECT c.commit_seq FROM " VOUTBOX_SCHEMA ".commit_order c " \
+	"          WHERE c.txid = " txid " LIMIT 1), 0)"
 #define VOUTBOX_RING_SLOTS		3
 /* The role that acts for every tenant (README, "Security"). */
 #define VOUTBOX_ADMIN_ROLE		"voutbox_admin"
