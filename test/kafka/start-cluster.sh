@@ -18,10 +18,7 @@ shift 2
 mkdir -p "$state"
 state=$(cd "$state" && pwd)
 lib=$("$here/fetch.sh")
-
-free_port() {
-	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+. "$here/lib.sh"
 
 if [ ! -f "$state/node1/server.properties" ]; then
 	voters=
@@ -31,7 +28,7 @@ if [ ! -f "$state/node1/server.properties" ]; then
 		free_port >"$state/node$i/cport"
 		voters="$voters${voters:+,}$i@127.0.0.1:$(cat "$state/node$i/cport")"
 	done
-	cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+	cluster_id=$(new_cluster_id)
 	for i in $(seq 1 "$n"); do
 		d=$state/node$i
 		port=$(cat "$d/port")
@@ -60,20 +57,8 @@ group.initial.rebalance.delay.ms=0
 unclean.leader.election.enable=false
 PROPS
 		for kv in "$@"; do echo "$kv" >>"$d/server.properties"; done
-		cat >"$d/log4j2.properties" <<'LOG'
-rootLogger.level=WARN
-rootLogger.appenderRef.stdout.ref=STDOUT
-appender.stdout.type=Console
-appender.stdout.name=STDOUT
-appender.stdout.layout.type=PatternLayout
-appender.stdout.layout.pattern=[%d] %p %m (%c)%n
-logger.kafka.name=kafka
-logger.kafka.level=INFO
-LOG
-		java -cp "$lib/*" -Dlog4j2.configurationFile="$d/log4j2.properties" \
-			kafka.tools.StorageTool format --cluster-id="$cluster_id" \
-			-c "$d/server.properties" >"$d/format.log" 2>&1 ||
-			{ cat "$d/format.log" >&2; exit 1; }
+		write_log4j2 "$d"
+		format_storage "$d" "$cluster_id" || exit 1
 	done
 fi
 

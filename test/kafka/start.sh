@@ -15,10 +15,7 @@ shift
 mkdir -p "$state"
 state=$(cd "$state" && pwd)
 lib=$("$here/fetch.sh")
-
-free_port() {
-	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+. "$here/lib.sh"
 
 if [ ! -f "$state/server.properties" ]; then
 	port=$(free_port)
@@ -46,23 +43,8 @@ log.flush.interval.messages=9223372036854775807
 PROPS
 	for kv in "$@"; do echo "$kv" >>"$state/server.properties"; done
 	echo "$port" >"$state/port"
-	cat >"$state/log4j2.properties" <<'LOG'
-rootLogger.level=WARN
-rootLogger.appenderRef.stdout.ref=STDOUT
-appender.stdout.type=Console
-appender.stdout.name=STDOUT
-appender.stdout.layout.type=PatternLayout
-appender.stdout.layout.pattern=[%d] %p %m (%c)%n
-logger.kafka.name=kafka
-logger.kafka.level=INFO
-LOG
-	# A cluster id may begin with "-": pass it as --cluster-id=ID, never as
-	# a separate argument that would read as an option.
-	java -cp "$lib/*" -Dlog4j2.configurationFile="$state/log4j2.properties" \
-		kafka.tools.StorageTool format --standalone \
-		--cluster-id="$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
-		-c "$state/server.properties" >"$state/format.log" 2>&1 ||
-		{ cat "$state/format.log" >&2; exit 1; }
+	write_log4j2 "$state"
+	format_storage "$state" "$(new_cluster_id)" --standalone || exit 1
 fi
 port=$(cat "$state/port")
 
