@@ -207,3 +207,42 @@ voutbox_value_new(const VoutboxEvent *ev, VoutboxFormat format)
 	}
 	return voutbox_envelope_new(ev);
 }
+
+/* ---------------------------------------------------------------------
+ * exactly_once's checkpoint records (eos.c)
+ * ---------------------------------------------------------------------
+ */
+
+/* The checkpoint record of a settle, JSON. */
+char *
+voutbox_checkpoint_value(const char *gid, int nevents)
+{
+	struct json_object *o = json_object_new_object();
+	char		ts[64];
+	char	   *value;
+
+	voutbox_format_timestamp(GetCurrentTimestamp(), ts, sizeof(ts));
+	json_object_object_add(o, "gid", json_object_new_string(gid));
+	json_object_object_add(o, "database", json_object_new_string(voutbox_worker_dbname));
+	json_object_object_add(o, "events", json_object_new_int(nevents));
+	json_object_object_add(o, "committed_at", json_object_new_string(ts));
+	value = pstrdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+	json_object_put(o);
+	return value;
+}
+
+/* The gid a checkpoint record names, or NULL. */
+char *
+voutbox_checkpoint_gid(const char *value)
+{
+	struct json_object *o = json_tokener_parse(value);
+	struct json_object *gid;
+	char	   *result = NULL;
+
+	if (o == NULL)
+		return NULL;
+	if (json_object_object_get_ex(o, "gid", &gid) && json_object_is_type(gid, json_type_string))
+		result = pstrdup(json_object_get_string(gid));
+	json_object_put(o);
+	return result;
+}

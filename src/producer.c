@@ -60,6 +60,11 @@
 
 #include "voutbox.h"
 
+/* exactly_once: how long init_transactions(), commit and abort may take at one call. */
+#define TXN_CALL_TIMEOUT_MS	10000
+/* The ticket of the checkpoint record (stream.c's tickets count from 0). */
+#define CHECKPOINT_TICKET	((void *) UINTPTR_MAX)
+
 /* How long a shutdown waits for outstanding delivery reports. */
 #define SHUTDOWN_GRACE_MS	5000
 /* How long purged events' reports are waited for. */
@@ -104,6 +109,11 @@ struct VoutboxProducer
 	bool		purged;
 	TimestampTz purged_at;
 	bool		delivered_any;	/* the broker acknowledged an event */
+	/* exactly_once (eos.c): a transactional producer */
+	bool		transactional;
+	bool		in_txn;			/* a Kafka transaction is open */
+	bool		fenced;			/* another producer of its transactional.id took over */
+	bool		checkpoint_ready;	/* the checkpoint topic exists */
 	int			reserved_fds;	/* reserved with ReserveExternalFD() */
 	/* librdkafka log lines and errors, written by callbacks, logged later */
 	int			nlogs;
@@ -271,6 +281,8 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	if (p->timed_out && (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
 						 err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT))
 		err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
+	if (msg->_private == CHECKPOINT_TICKET)
+		return;
 	if (p->report != NULL)
 		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err,
 				  msg->partition, msg->offset);
@@ -390,9 +402,10 @@ voutbox_producer_init(void)
 static char *
 current_config(void)
 {
-	return psprintf("%s\n%s\n%s\n%s\n%d\n%d", voutbox_brokers, voutbox_kafka_properties,
+	return psprintf("%s\n%s\n%s\n%s\n%d\n%d\n%d\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
 					secrets ? secrets : "", secrets_error ? secrets_error : "",
-					voutbox_batch_size, (int) voutbox_create_topics);
+					voutbox_batch_size, (int) voutbox_create_topics, voutbox_delivery,
+					voutbox_checkpoint_topic, voutbox_delivery_timeout);
 }
 
 /* Whether the settings changed since the producer was built. */
@@ -449,7 +462,7 @@ reserve_fds(VoutboxProducer *p)
 }
 
 VoutboxProducer *
-voutbox_producer_create(char **error)
+voutbox_producer_create(bool transactional, char **error)
 {
 	VoutboxProducer *p = MemoryContextAllocZero(TopMemoryContext, sizeof(VoutboxProducer));
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -463,8 +476,27 @@ voutbox_producer_create(char **error)
 	conf_set(conf, "enable.idempotence", "true");
 	conf_set(conf, "acks", "all");
 	conf_set(conf, "partitioner", "murmur2_random");
-	conf_set(conf, "message.timeout.ms", "0");
-	conf_set(conf, "enable.gapless.guarantee", "true");
+	if (transactional)
+	{
+		/*
+		 * exactly_once (eos.c): a failed message fails its transaction, which
+		 * is aborted and sent again; librdkafka's own deadline is then the
+		 * delivery timeout (a transaction must end within
+		 * transaction.timeout.ms, at most the broker's 15 min by default).
+		 */
+		int			txn_ms = Min(Max(2 * voutbox_delivery_timeout, 60000), 900000);
+		char		buf[32];
+
+		snprintf(buf, sizeof(buf), "%d", txn_ms);
+		conf_set(conf, "transaction.timeout.ms", buf);
+		snprintf(buf, sizeof(buf), "%d", Min(voutbox_delivery_timeout, txn_ms));
+		conf_set(conf, "message.timeout.ms", buf);
+	}
+	else
+	{
+		conf_set(conf, "message.timeout.ms", "0");
+		conf_set(conf, "enable.gapless.guarantee", "true");
+	}
 	conf_set(conf, "log.queue", "true");
 	conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0");
 	/*
@@ -497,6 +529,9 @@ voutbox_producer_create(char **error)
 	conf_set(p->admin_conf, "log.queue", "false");
 	conf_set(p->admin_conf, "log_level", "3");
 	conf_set(p->admin_conf, "client.id", "voutbox-admin");
+	/* (Not the provisioning client's: it must not fence the producer.) */
+	if (transactional)
+		conf_set(conf, "transactional.id", voutbox_transactional_id());
 	rd_kafka_conf_set_opaque(conf, p);
 	rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
 	rd_kafka_conf_set_error_cb(conf, on_error);
@@ -516,6 +551,30 @@ voutbox_producer_create(char **error)
 		return NULL;
 	}
 	rd_kafka_set_log_queue(p->rk, NULL);
+	p->transactional = transactional;
+	if (transactional)
+	{
+		/*
+		 * Fences any older producer of this transactional.id (a worker that
+		 * died, or a server that was failed over), and ends the transaction
+		 * it left open: committed if it had asked to commit, else aborted.
+		 */
+		rd_kafka_error_t *txn_error = rd_kafka_init_transactions(p->rk, TXN_CALL_TIMEOUT_MS);
+
+		if (txn_error != NULL)
+		{
+			*error = psprintf("could not initialize Kafka transactions for transactional.id \"%s\": %s",
+							  voutbox_transactional_id(), rd_kafka_error_string(txn_error));
+			rd_kafka_error_destroy(txn_error);
+			rd_kafka_destroy(p->rk);
+			rd_kafka_conf_destroy(p->admin_conf);
+			emit_logs(p);
+			for (int i = 0; i < p->reserved_fds; i++)
+				ReleaseExternalFD();
+			pfree(p);
+			return NULL;
+		}
+	}
 	if (voutbox_create_topics)
 		build_admin(p);
 	p->config = MemoryContextStrdup(TopMemoryContext, current_config());
@@ -542,6 +601,7 @@ void
 voutbox_producer_destroy(VoutboxProducer *p)
 {
 	p->report = NULL;
+	/* (An open transaction is aborted by the next producer's init_transactions().) */
 	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_flush(p->rk, 1000);
 	rd_kafka_destroy(p->rk);
@@ -596,6 +656,14 @@ purge(VoutboxProducer *p)
 	p->purged_at = GetCurrentTimestamp();
 }
 
+/* Whether a fatal error says another producer of the transactional.id took over. */
+static bool
+is_fencing(rd_kafka_resp_err_t err)
+{
+	return err == RD_KAFKA_RESP_ERR__FENCED || err == RD_KAFKA_RESP_ERR_PRODUCER_FENCED ||
+		err == RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH;
+}
+
 /* Serve librdkafka's main queue: delivery reports, errors, logs. */
 void
 voutbox_producer_serve(VoutboxProducer *p)
@@ -623,6 +691,8 @@ voutbox_producer_serve(VoutboxProducer *p)
 		char		reason[512];
 		rd_kafka_resp_err_t err = rd_kafka_fatal_error(p->rk, reason, sizeof(reason));
 
+		if (is_fencing(err))
+			p->fenced = true;
 		ereport(LOG,
 				(errmsg("voutbox: the Kafka producer failed: %s: %s",
 						rd_kafka_err2name(err), reason),
@@ -925,6 +995,301 @@ release_values(VoutboxEvent *ev)
 	ev->payload = ev->metadata = ev->consent = NULL;
 }
 
+/* ---------------------------------------------------------------------
+ * Kafka transactions (exactly_once, eos.c)
+ *
+ * The events of the rounds settled together go in one Kafka transaction,
+ * begun when the first of them is handed over.  It ends with a commit that
+ * also carries the checkpoint record (voutbox_producer_commit()), or an
+ * abort.  An error of a transactional call that is neither retriable nor
+ * abortable breaks the producer (it is rebuilt; its successor's
+ * init_transactions() ends what it left open).
+ * ---------------------------------------------------------------------
+ */
+
+/* A transactional call failed beyond repair: the producer is rebuilt. */
+static void
+txn_broke(VoutboxProducer *p, const char *what, rd_kafka_error_t *error)
+{
+	rd_kafka_resp_err_t err = rd_kafka_error_code(error);
+	char		reason[256];
+
+	if (rd_kafka_error_is_fatal(error))
+		err = rd_kafka_fatal_error(p->rk, reason, sizeof(reason));
+	if (is_fencing(err) || is_fencing(rd_kafka_error_code(error)))
+		p->fenced = true;
+	ereport(LOG,
+			(errmsg("voutbox: could not %s the Kafka transaction: %s", what,
+					rd_kafka_error_string(error)),
+			 p->fenced ?
+			 errdetail("Another producer with transactional.id \"%s\" has taken over.",
+					   voutbox_transactional_id()) : 0));
+	p->fatal = true;
+	p->in_txn = false;
+	if (!p->purged)
+		purge(p);
+}
+
+static bool
+begin_transaction(VoutboxProducer *p)
+{
+	rd_kafka_error_t *error = rd_kafka_begin_transaction(p->rk);
+
+	if (error == NULL)
+	{
+		p->in_txn = true;
+		return true;
+	}
+	txn_broke(p, "begin", error);
+	rd_kafka_error_destroy(error);
+	return false;
+}
+
+/* Whether the producer is transactional, and has a transaction open. */
+bool
+voutbox_producer_in_transaction(VoutboxProducer *p)
+{
+	return p->transactional && p->in_txn;
+}
+
+/* Whether another producer of the transactional.id fenced this one. */
+bool
+voutbox_producer_fenced(VoutboxProducer *p)
+{
+	return p->fenced;
+}
+
+/*
+ * Abort the open transaction, if any: nothing of it is ever seen by a
+ * read_committed consumer.  If the abort itself fails, the producer is
+ * broken, and its successor's init_transactions() aborts it.
+ */
+void
+voutbox_producer_abort(VoutboxProducer *p)
+{
+	TimestampTz start = GetCurrentTimestamp();
+
+	if (!p->transactional || !p->in_txn)
+		return;
+	for (;;)
+	{
+		rd_kafka_error_t *error = rd_kafka_abort_transaction(p->rk, TXN_CALL_TIMEOUT_MS);
+
+		if (error == NULL)
+		{
+			p->in_txn = false;
+			break;
+		}
+		if (rd_kafka_error_is_retriable(error) &&
+			!TimestampDifferenceExceeds(start, GetCurrentTimestamp(), 3 * TXN_CALL_TIMEOUT_MS))
+		{
+			rd_kafka_error_destroy(error);
+			continue;
+		}
+		txn_broke(p, "abort", error);
+		rd_kafka_error_destroy(error);
+		break;
+	}
+	emit_logs(p);
+}
+
+/*
+ * Commit the open transaction with the checkpoint record (key, value) added
+ * to partition 0 of the checkpoint topic.  Every event of the transaction
+ * has been acknowledged (the caller waited for their reports).
+ */
+VoutboxTxnResult
+voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
+{
+	rd_kafka_resp_err_t err;
+	TimestampTz start = GetCurrentTimestamp();
+	char	   *why;
+
+	Assert(p->transactional && p->in_txn);
+	if (!p->checkpoint_ready)
+	{
+		if (p->admin == NULL)
+			build_admin(p);
+		why = voutbox_checkpoint_topic_ensure(p->admin != NULL ? p->admin : p->rk,
+											  voutbox_checkpoint_topic);
+		if (why != NULL)
+		{
+			ereport(LOG,
+					(errmsg("voutbox: could not make sure of the checkpoint topic \"%s\": %s",
+							voutbox_checkpoint_topic, why),
+					 errdetail("The transaction is aborted; its events go again.")));
+			voutbox_producer_abort(p);
+			return VOUTBOX_TXN_ABORTED;
+		}
+		p->checkpoint_ready = true;
+	}
+	err = rd_kafka_producev(p->rk,
+							RD_KAFKA_V_TOPIC(voutbox_checkpoint_topic),
+							RD_KAFKA_V_PARTITION(0),
+							RD_KAFKA_V_KEY(key, strlen(key)),
+							RD_KAFKA_V_VALUE(unconstify(char *, value), strlen(value)),
+							RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+							RD_KAFKA_V_OPAQUE(CHECKPOINT_TICKET),
+							RD_KAFKA_V_END);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		ereport(LOG,
+				(errmsg("voutbox: could not produce the checkpoint record: %s", rd_kafka_err2str(err)),
+				 errdetail("The transaction is aborted; its events go again.")));
+		voutbox_producer_abort(p);
+		return p->fenced ? VOUTBOX_TXN_FENCED : VOUTBOX_TXN_ABORTED;
+	}
+	p->pending++;
+	for (;;)
+	{
+		rd_kafka_error_t *error = rd_kafka_commit_transaction(p->rk, TXN_CALL_TIMEOUT_MS);
+
+		emit_logs(p);
+		if (error == NULL)
+		{
+			p->in_txn = false;
+			p->delivered_any = true;
+			return VOUTBOX_TXN_COMMITTED;
+		}
+		if (rd_kafka_error_is_retriable(error) &&
+			!TimestampDifferenceExceeds(start, GetCurrentTimestamp(),
+										Max(voutbox_delivery_timeout, 3 * TXN_CALL_TIMEOUT_MS)))
+		{
+			rd_kafka_error_destroy(error);
+			continue;
+		}
+		if (rd_kafka_error_txn_requires_abort(error))
+		{
+			ereport(LOG,
+					(errmsg("voutbox: could not commit the Kafka transaction: %s",
+							rd_kafka_error_string(error)),
+					 errdetail("The transaction is aborted; its events go again.")));
+			rd_kafka_error_destroy(error);
+			voutbox_producer_abort(p);
+			return p->fenced ? VOUTBOX_TXN_FENCED : VOUTBOX_TXN_ABORTED;
+		}
+		/* Fatal, or retriable for too long: whether it committed is not known here. */
+		txn_broke(p, "commit", error);
+		rd_kafka_error_destroy(error);
+		return p->fenced ? VOUTBOX_TXN_FENCED : VOUTBOX_TXN_IN_DOUBT;
+	}
+}
+
+/*
+ * The gids of the settles whose checkpoint records, of key, Kafka holds
+ * committed: a read_committed consumer reads the checkpoint topic's one
+ * partition to its end (the last stable offset).  Called by recovery after
+ * init_transactions(), so that the transaction a dead worker left is
+ * either committed or aborted by then.  Returns false, with *error, if the
+ * topic could not be read; a topic that does not exist holds nothing.
+ */
+bool
+voutbox_checkpoint_gids(const char *key, List **gids, char **error)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_t *rk;
+	rd_kafka_topic_t *rkt = NULL;
+	char		errstr[512];
+	int64_t		lo,
+				hi;
+	rd_kafka_resp_err_t err;
+	TimestampTz start = GetCurrentTimestamp();
+	bool		ok = false;
+
+	*gids = NIL;
+	conf_set(conf, "bootstrap.servers", voutbox_brokers);
+	conf_set(conf, "client.id", "voutbox-recovery");
+	conf_set(conf, "log_level", "3");
+	if (secrets_error != NULL)
+	{
+		*error = pstrdup(secrets_error);
+		rd_kafka_conf_destroy(conf);
+		return false;
+	}
+	/* (The producer's properties: security settings are needed here too.) */
+	if (!apply_properties(conf, voutbox_kafka_properties, false, error, NULL) ||
+		!apply_properties(conf, secrets, true, error, NULL))
+	{
+		rd_kafka_conf_destroy(conf);
+		return false;
+	}
+	conf_set(conf, "isolation.level", "read_committed");
+	conf_set(conf, "enable.partition.eof", "true");
+	conf_set(conf, "enable.auto.commit", "false");
+	conf_set(conf, "enable.auto.offset.store", "false");
+	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
+	if (rk == NULL)
+	{
+		rd_kafka_conf_destroy(conf);
+		*error = pstrdup(errstr);
+		return false;
+	}
+	for (int i = 0; i < 8; i++)
+		ReserveExternalFD();
+	err = rd_kafka_query_watermark_offsets(rk, voutbox_checkpoint_topic, 0, &lo, &hi,
+										   TXN_CALL_TIMEOUT_MS);
+	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ||
+		err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
+		ok = true;
+	else if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		*error = psprintf("could not read the offsets of topic \"%s\": %s", voutbox_checkpoint_topic,
+						  rd_kafka_err2str(err));
+	else if (hi <= lo)
+		ok = true;
+	else
+	{
+		rkt = rd_kafka_topic_new(rk, voutbox_checkpoint_topic, NULL);
+		if (rd_kafka_consume_start(rkt, 0, lo) != 0)
+			*error = psprintf("could not read topic \"%s\": %s", voutbox_checkpoint_topic,
+							  rd_kafka_err2str(rd_kafka_last_error()));
+		else
+		{
+			for (;;)
+			{
+				rd_kafka_message_t *m = rd_kafka_consume(rkt, 0, 1000);
+
+				CHECK_FOR_INTERRUPTS();
+				if (m == NULL)
+				{
+					if (TimestampDifferenceExceeds(start, GetCurrentTimestamp(), 3 * TXN_CALL_TIMEOUT_MS))
+					{
+						*error = psprintf("reading topic \"%s\" timed out", voutbox_checkpoint_topic);
+						break;
+					}
+					continue;
+				}
+				if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+				{
+					rd_kafka_message_destroy(m);
+					ok = true;
+					break;
+				}
+				if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				{
+					*error = psprintf("could not read topic \"%s\": %s", voutbox_checkpoint_topic,
+									  rd_kafka_message_errstr(m));
+					rd_kafka_message_destroy(m);
+					break;
+				}
+				if (m->key_len == strlen(key) && memcmp(m->key, key, m->key_len) == 0 && m->len > 0)
+				{
+					char	   *gid = voutbox_checkpoint_gid(pnstrdup(m->payload, m->len));
+
+					if (gid != NULL)
+						*gids = lappend(*gids, gid);
+				}
+				rd_kafka_message_destroy(m);
+			}
+			rd_kafka_consume_stop(rkt, 0);
+		}
+		rd_kafka_topic_destroy(rkt);
+	}
+	rd_kafka_destroy(rk);
+	for (int i = 0; i < 8; i++)
+		ReleaseExternalFD();
+	return ok;
+}
+
 /*
  * Hand an event to librdkafka; its report will carry the ticket.  Returns 0,
  * or the error that made librdkafka refuse it at once (a broken producer or a
@@ -943,6 +1308,8 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 	if (p->admin != NULL &&
 		!voutbox_topic_ensure(p->admin, p->rk, ev->topic, ev->topic_settings, !outage(p)))
 		return VOUTBOX_DELIVERY_NO_TOPIC;
+	if (p->transactional && !p->in_txn && !begin_transaction(p))
+		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	for (;;)
 	{
 		if (p->purged || p->fatal || ShutdownRequestPending)

@@ -13,6 +13,7 @@
  */
 #include "postgres.h"
 
+#include "access/twophase.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -30,6 +31,8 @@ volatile sig_atomic_t voutbox_in_xact = false;
 
 /* The caller's memory context: CommitTransactionCommand leaves TopMemoryContext. */
 static MemoryContext xact_caller_cxt = NULL;
+/* The transaction is a block (to be prepared). */
+static bool xact_in_block = false;
 
 void
 voutbox_xact_begin(const char *activity)
@@ -42,6 +45,65 @@ voutbox_xact_begin(const char *activity)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "voutbox: SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+/*
+ * Begin a transaction block, for a transaction to be prepared
+ * (voutbox_xact_prepare(): PREPARE TRANSACTION needs a block).
+ */
+void
+voutbox_xact_begin_block(const char *activity)
+{
+	xact_caller_cxt = CurrentMemoryContext;
+	voutbox_report_activity(activity);
+	SetCurrentStatementStartTimestamp();
+	voutbox_in_xact = true;
+	xact_in_block = true;
+	StartTransactionCommand();
+	BeginTransactionBlock();
+	CommitTransactionCommand();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "voutbox: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+/*
+ * PREPARE TRANSACTION gid, and set *prepared (if given) the moment it is
+ * done: the transaction is then out of this process, in the server's
+ * care, until voutbox_xact_finish_prepared().
+ */
+void
+voutbox_xact_prepare(const char *gid, bool *prepared)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	if (!PrepareTransactionBlock(gid))
+		elog(ERROR, "voutbox: could not prepare the transaction");
+	CommitTransactionCommand();
+	if (prepared != NULL)
+		*prepared = true;
+	voutbox_in_xact = false;
+	xact_in_block = false;
+	QueryCancelPending = false;
+	MemoryContextSwitchTo(xact_caller_cxt);
+	xact_caller_cxt = NULL;
+	pgstat_report_stat(false);
+}
+
+/* COMMIT PREPARED or ROLLBACK PREPARED gid. */
+void
+voutbox_xact_finish_prepared(const char *gid, bool commit)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	voutbox_report_activity(commit ? "committing a prepared settle" : "rolling back a prepared settle");
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	FinishPreparedTransaction(gid, commit);
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_stat(false);
 }
 
 void
@@ -74,7 +136,12 @@ voutbox_xact_commit(bool *committed)
 void
 voutbox_xact_abort(void)
 {
-	AbortCurrentTransaction();
+	/* (A transaction block is left at once: no ROLLBACK is coming.) */
+	if (xact_in_block)
+		AbortOutOfAnyTransaction();
+	else
+		AbortCurrentTransaction();
+	xact_in_block = false;
 	voutbox_in_xact = false;
 	QueryCancelPending = false;
 	if (xact_caller_cxt != NULL)

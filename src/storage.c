@@ -1320,7 +1320,8 @@ append_batch_row(VoutboxRound *r)
  * installation that is gone record nothing.
  */
 TimestampTz
-voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_now)
+voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_now,
+					   const char *gid)
 {
 	bool		deferred = false;
 	TimestampTz next_due = 0;
@@ -1329,7 +1330,10 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_
 
 	for (int i = 0; i < n; i++)
 		voutbox_settle_count(settlement, rounds[i]);
-	voutbox_xact_begin("settling a batch");
+	if (gid != NULL)
+		voutbox_xact_begin_block("settling a batch");
+	else
+		voutbox_xact_begin("settling a batch");
 	extension = voutbox_lock_extension();
 	for (int i = 0; i < n; i++)
 	{
@@ -1352,7 +1356,11 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_
 	if (deferred)
 		next_due = voutbox_next_due();
 	*due_now = voutbox_settle_made_due(settlement);
-	voutbox_xact_commit(committed);
+	/* exactly_once: prepared, and committed once Kafka's transaction is (eos.c). */
+	if (gid != NULL)
+		voutbox_xact_prepare(gid, committed);
+	else
+		voutbox_xact_commit(committed);
 	voutbox_settle_end(settlement);
 	return next_due;
 }

@@ -45,6 +45,7 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "access/twophase.h"
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -52,6 +53,7 @@
 #include "storage/ipc.h"
 #include "storage/pmsignal.h"
 #include "storage/latch.h"
+#include "storage/spin.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -77,6 +79,11 @@
  * one WAL flush) for many rounds costs little more than for one.
  */
 #define SETTLE_DELAY_MS			10
+/*
+ * exactly_once: how long a Kafka transaction takes new rounds, in ms, while
+ * a backlog is read (it is committed as soon as nothing more waits).
+ */
+#define EOS_TXN_MS				100
 /* Least time between two reads while a round is in flight, in ms. */
 #define READ_COALESCE_MS		1
 /* How often deferred events are looked for while rounds are in flight. */
@@ -170,6 +177,11 @@ typedef struct Stream
 	bool		late_given_up;	/* the producer was purged for their deadline */
 	/* an ERROR while reading: stop once the rounds in flight are settled */
 	bool		stop_after_drain;
+	/* exactly_once (eos.c) */
+	bool		eos;			/* the producer is transactional */
+	bool		recovered;		/* no settle left prepared by a dead worker */
+	TimestampTz recover_at;		/* next try of the recovery */
+	char	   *recover_error;	/* why the last one failed */
 	/* settling */
 	bool		unsettled;		/* a settle failed: try again, read nothing */
 	int			settle_failures;
@@ -366,6 +378,97 @@ expire_late(Stream *s)
 }
 
 /*
+ * exactly_once: another producer of the transactional.id took over (a
+ * second server with this database's system identifier, after a failover).
+ * Nothing more is delivered until the configuration is reloaded: taking the
+ * transactional.id back would fence the other in turn (eos.c).  The slot
+ * keeps it across restarts of the worker.
+ */
+static void
+fence(Stream *s)
+{
+	SpinLockAcquire(&voutbox_shared->mutex);
+	voutbox_my_slot->fenced = true;
+	SpinLockRelease(&voutbox_shared->mutex);
+	ereport(LOG,
+			(errmsg("voutbox: another Kafka producer with transactional.id \"%s\" took over; this worker delivers nothing more",
+					voutbox_transactional_id()),
+			 errdetail("Another server with this database's system identifier (a failed-over primary, or a copy) delivers its outbox."),
+			 errhint("Stop the other server's worker, then reload this server's configuration (pg_reload_conf()) to deliver from here again.")));
+	s->recovered = false;
+}
+
+/* A reload ends the fence (see fence()). */
+static void
+unfence(Stream *s)
+{
+	bool		was;
+
+	SpinLockAcquire(&voutbox_shared->mutex);
+	was = voutbox_my_slot->fenced;
+	voutbox_my_slot->fenced = false;
+	SpinLockRelease(&voutbox_shared->mutex);
+	if (was)
+	{
+		s->recovered = false;
+		s->recover_at = 0;
+		ereport(LOG,
+				(errmsg("voutbox: the configuration was reloaded: the worker takes the transactional.id \"%s\" back",
+						voutbox_transactional_id())));
+	}
+}
+
+/*
+ * Before anything is read: not fenced, and no settle left prepared by a
+ * dead worker (eos.c).  Returns whether the worker may read.
+ */
+static bool
+eos_ready(Stream *s, long *wait_ms)
+{
+	char	   *error = NULL;
+	bool		fenced;
+	TimestampTz now = GetCurrentTimestamp();
+
+	SpinLockAcquire(&voutbox_shared->mutex);
+	fenced = voutbox_my_slot->fenced;
+	SpinLockRelease(&voutbox_shared->mutex);
+	if (fenced)
+	{
+		worker_state("fenced",
+					 "another producer took the transactional.id over; reload the configuration to take it back",
+					 false);
+		return false;
+	}
+	if (s->recovered)
+		return true;
+	if (now < s->recover_at)
+	{
+		*wait_ms = Min(*wait_ms, (s->recover_at - now) / 1000 + 1);
+		return false;
+	}
+	if (voutbox_eos_recover(&error))
+	{
+		s->recovered = true;
+		if (s->recover_error != NULL)
+			pfree(s->recover_error);
+		s->recover_error = NULL;
+		return true;
+	}
+	if (s->recover_error == NULL || strcmp(s->recover_error, error) != 0)
+		ereport(LOG,
+				(errmsg("voutbox: recovery: could not tell whether Kafka committed the settle a worker left prepared: %s",
+						error),
+				 errdetail("Nothing is read until it can; the worker tries again every %d ms.", RECHECK_MS)));
+	if (s->recover_error != NULL)
+		pfree(s->recover_error);
+	s->recover_error = MemoryContextStrdup(TopMemoryContext, error);
+	worker_state("recovering", "waiting for Kafka to tell whether a prepared settle was committed", false);
+	s->recover_at = TimestampTzPlusMilliseconds(now, RECHECK_MS);
+	*wait_ms = Min(*wait_ms, RECHECK_MS);
+	return false;
+}
+
+/*
  * Destroy a producer that broke or whose settings changed.  One that failed
  * fatally before it delivered anything counts as a failure in a row: the
  * next is built after a growing delay, so that a producer that cannot work
@@ -379,6 +482,8 @@ retire_producer(Stream *s)
 	bool		failed = voutbox_producer_failed(s->producer) &&
 		!voutbox_producer_delivered_any(s->producer);
 
+	if (voutbox_producer_fenced(s->producer))
+		fence(s);
 	voutbox_producer_destroy(s->producer);
 	s->producer = NULL;
 	/* Purged for stragglers: the next one is built at once. */
@@ -436,9 +541,13 @@ ensure_producer(Stream *s)
 									s->producer_error ? RECHECK_MS : 1000))
 		return false;
 	s->producer_built_at = now;
-	s->producer = voutbox_producer_create(&error);
+	if (voutbox_delivery == VOUTBOX_EXACTLY_ONCE && max_prepared_xacts == 0)
+		error = pstrdup("voutbox.delivery = exactly_once needs max_prepared_transactions > 0");
+	else
+		s->producer = voutbox_producer_create(voutbox_delivery == VOUTBOX_EXACTLY_ONCE, &error);
 	if (s->producer != NULL)
 	{
+		s->eos = voutbox_delivery == VOUTBOX_EXACTLY_ONCE;
 		voutbox_producer_set_reporter(s->producer, record_report, s);
 		if (s->producer_error != NULL)
 			pfree(s->producer_error);
@@ -448,7 +557,7 @@ ensure_producer(Stream *s)
 	if (s->producer_error == NULL || strcmp(s->producer_error, error) != 0)
 		ereport(LOG,
 				(errmsg("voutbox: could not create the Kafka producer: %s", error),
-				 errhint("Fix voutbox.brokers, voutbox.kafka_properties or voutbox.kafka_secrets_file and reload the configuration.")));
+				 errhint("Fix voutbox.brokers, voutbox.kafka_properties, voutbox.kafka_secrets_file or voutbox.delivery and reload the configuration.")));
 	if (s->producer_error != NULL)
 		pfree(s->producer_error);
 	s->producer_error = MemoryContextStrdup(TopMemoryContext, error);
@@ -789,6 +898,9 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 	if (s->cursor.stale || s->alone_waiting)
 		return false;
 	if (stream_full(s))
+		return false;
+	/* exactly_once: the transaction is closed, to be committed with what it holds. */
+	if (s->eos && TimestampDifferenceExceeds(s->head->read_at, now, EOS_TXN_MS))
 		return false;
 	if (!TimestampDifferenceExceeds(s->last_read, now, READ_COALESCE_MS))
 	{
@@ -1229,7 +1341,8 @@ drop_rounds(Stream *s, int n)
 static TimestampTz
 straggles_at(Stream *s, VoutboxRound *r, TimestampTz now)
 {
-	if (r->alone)
+	/* (exactly_once: a transaction commits only when every event is acknowledged.) */
+	if (r->alone || s->eos)
 		return 0;
 	if (r->overtaken_at == 0)
 	{
@@ -1265,6 +1378,25 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 	int			n = 0;
 	TimestampTz now = GetCurrentTimestamp();
 
+	/*
+	 * exactly_once: the rounds of a Kafka transaction are settled together,
+	 * once all have their reports, and once the transaction is closed to new
+	 * rounds (may_read()).
+	 */
+	if (s->eos)
+	{
+		for (VoutboxRound *r = s->head; r != NULL; r = r->next)
+		{
+			if (r->pending > 0)
+				return 0;
+			rounds[n++] = r;
+		}
+		if (n > 0 && (s->failing || s->unsettled || ShutdownRequestPending || stream_full(s) ||
+					  s->stop_after_drain || !s->more || s->held_round != NULL ||
+					  TimestampDifferenceExceeds(s->head->read_at, now, EOS_TXN_MS)))
+			return n;
+		return 0;
+	}
 	/* Every round overtaken starts its wait now, not once those before it settled. */
 	if (s->last_acked > 0)
 		for (VoutboxRound *r = s->head; r != NULL; r = r->next)
@@ -1288,6 +1420,63 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 }
 
 /*
+ * exactly_once: the Kafka transaction of the rounds was aborted (or never
+ * committed): what was acknowledged in it goes again, in order, uncharged,
+ * as after a purge.
+ */
+static void
+undeliver(VoutboxRound **rounds, int n)
+{
+	for (int k = 0; k < n; k++)
+		for (int i = 0; i < rounds[k]->nevents; i++)
+			if (rounds[k]->errs[i] == 0)
+			{
+				rounds[k]->errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+				rounds[k]->receipts[i].partition = -1;
+				rounds[k]->receipts[i].offset = -1;
+				rounds[k]->failed = true;
+			}
+}
+
+/*
+ * exactly_once: the settle of the rounds is prepared as gid; commit the
+ * Kafka transaction with its checkpoint, then the settle (eos.c).  Returns
+ * whether the settle is committed; if not, the rounds are to be settled
+ * again as not delivered.  When whether Kafka committed is not known, the
+ * worker exits: the next one's recovery finds out.
+ */
+static bool
+commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid, int nevents)
+{
+	VoutboxTxnResult result;
+
+	voutbox_fault_point("after_prepare");
+	result = voutbox_producer_commit(s->producer, voutbox_transactional_id(),
+									 voutbox_checkpoint_value(gid, nevents));
+	if (result == VOUTBOX_TXN_COMMITTED)
+	{
+		voutbox_fault_point("after_kafka_commit");
+		voutbox_xact_finish_prepared(gid, true);
+		voutbox_fault_point("after_commit_prepared");
+		return true;
+	}
+	if (result == VOUTBOX_TXN_ABORTED)
+	{
+		voutbox_xact_finish_prepared(gid, false);
+		undeliver(rounds, n);
+		return false;
+	}
+	if (result == VOUTBOX_TXN_FENCED)
+		fence(s);
+	ereport(LOG,
+			(errmsg("voutbox: whether Kafka committed the transaction of %d events is not known; the worker restarts to find out",
+					nevents),
+			 errdetail("The settle \"%s\" stays prepared until the next worker reads the checkpoint topic.", gid)));
+	proc_exit(1);
+	return false;				/* keep the compiler quiet */
+}
+
+/*
  * Settle the rounds ready for it; on an ERROR, keep them for another try
  * after a growing delay.  Returns whether it settled any.
  */
@@ -1304,6 +1493,7 @@ settle_ready(Stream *s)
 	ErrorData  *volatile edata = NULL;
 	volatile TimestampTz next_due = 0;
 	volatile bool due_now = false;
+	char	   *volatile gid = NULL;
 
 	if (s->unsettled && GetCurrentTimestamp() < s->settle_retry_at)
 		return false;
@@ -1320,11 +1510,29 @@ settle_ready(Stream *s)
 		released |= rounds[i]->failed || rounds[i]->ndeferred > 0;
 	}
 
+	/*
+	 * exactly_once: a transaction whose events were all acknowledged is
+	 * committed with its settle; any other is aborted, and what was
+	 * acknowledged in it was not delivered.
+	 */
+	if (s->eos && s->producer != NULL && voutbox_producer_in_transaction(s->producer) &&
+		!s->failing && !s->unsettled && !voutbox_producer_is_broken(s->producer))
+	{
+		voutbox_fault_point("before_prepare");
+		gid = voutbox_eos_new_gid();
+	}
+	else if (s->eos)
+	{
+		if (s->producer != NULL)
+			voutbox_producer_abort(s->producer);
+		undeliver(rounds, n + (late != NULL));
+	}
+
 	voutbox_settle_keys_in_flight(s->late_keys);
 	PG_TRY();
 	{
 		next_due = voutbox_storage_settle(rounds, n + (late != NULL), (bool *) &committed,
-										  (bool *) &due_now);
+										  (bool *) &due_now, gid);
 	}
 	PG_CATCH();
 	{
@@ -1341,6 +1549,24 @@ settle_ready(Stream *s)
 	}
 	PG_END_TRY();
 
+	/* exactly_once: the settle failed before it was prepared: abort the transaction. */
+	if (gid != NULL && !committed)
+	{
+		voutbox_producer_abort(s->producer);
+		undeliver(rounds, n + (late != NULL));
+		gid = NULL;
+	}
+	/* Prepared: now Kafka's commit, then the settle's. */
+	if (gid != NULL && !commit_prepared_settle(s, rounds, n, gid, nevents))
+	{
+		if (edata != NULL)
+			FreeErrorData(edata);
+		/* Settled again at once, as not delivered. */
+		s->failing = true;
+		s->unsettled = true;
+		s->settle_retry_at = 0;
+		return false;
+	}
 	/* An ERROR after the commit (the statistics, the log): the outcome is recorded. */
 	if (edata != NULL && committed)
 	{
@@ -1475,7 +1701,7 @@ read_or_clean(Stream *s, long *wait_ms)
 	{
 		if (release_held(s, wait_ms))
 			busy = false;
-		else if (may_read(s, GetCurrentTimestamp(), wait_ms) &&
+		else if (may_read(s, GetCurrentTimestamp(), wait_ms) && eos_ready(s, wait_ms) &&
 			(s->producer != NULL ? !voutbox_producer_is_broken(s->producer) :
 			 s->head == NULL && ensure_producer(s)))
 			busy = read_round(s);
@@ -1573,6 +1799,9 @@ sleep_ms(Stream *s, long wait_ms)
 	/* Acknowledged rounds are settled after a while (failing: when all are). */
 	if (s->head != NULL && s->head->pending == 0 && !s->failing && !s->unsettled)
 		until = Min(until, TimestampTzPlusMilliseconds(s->head->read_at, SETTLE_DELAY_MS));
+	/* exactly_once: the transaction closes after a while. */
+	if (s->eos && s->head != NULL && !s->unsettled)
+		until = Min(until, TimestampTzPlusMilliseconds(s->head->read_at, EOS_TXN_MS));
 	return until <= now ? 0 : (long) ((until - now + 999) / 1000);
 }
 
@@ -1649,7 +1878,10 @@ voutbox_stream_run(void)
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
+		{
 			voutbox_reload_config();
+			unfence(&s);
+		}
 		MemoryContextSwitchTo(loop_cxt);
 		MemoryContextReset(loop_cxt);
 

@@ -430,3 +430,33 @@ voutbox_topic_missing(const char *topic)
 	if (t != NULL)
 		t->ready = false;
 }
+
+/*
+ * The exactly_once worker's checkpoint topic (eos.c): made sure of with the
+ * producer's instance rk, created if missing with one partition and log
+ * compaction (only the last record of each key is needed; small segments
+ * keep what recovery reads short).  Returns NULL once it exists, else why
+ * not.  Asked once per producer: a new producer asks again.
+ */
+char *
+voutbox_checkpoint_topic_ensure(rd_kafka_t *rk, const char *topic)
+{
+	TopicState	t;
+	VoutboxTopicSettings ts;
+	rd_kafka_resp_err_t err;
+
+	memset(&t, 0, sizeof(t));
+	strlcpy(t.name, topic, sizeof(t.name));
+	err = describe(rk, topic);
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
+		return NULL;
+	if (err != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+		return psprintf("%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
+	memset(&ts, 0, sizeof(ts));
+	ts.has_partitions = true;
+	ts.partitions = 1;
+	ts.config = "cleanup.policy=compact;segment.bytes=1048576;min.cleanable.dirty.ratio=0.1";
+	if (create(rk, &t, &ts))
+		return NULL;
+	return pstrdup(t.error);
+}

@@ -56,6 +56,15 @@ int			voutbox_delivery_timeout = 60000;
 int			voutbox_stats_max_topics = 1000;
 bool		voutbox_create_topics = false;
 int			voutbox_format = VOUTBOX_FORMAT_VOUTBOX;
+int			voutbox_delivery = VOUTBOX_AT_LEAST_ONCE;
+char	   *voutbox_checkpoint_topic = NULL;
+bool		voutbox_fault_injection = false;
+
+static const struct config_enum_entry delivery_options[] = {
+	{"at_least_once", VOUTBOX_AT_LEAST_ONCE, false},
+	{"exactly_once", VOUTBOX_EXACTLY_ONCE, false},
+	{NULL, 0, false}
+};
 
 static const struct config_enum_entry format_options[] = {
 	{"voutbox", VOUTBOX_FORMAT_VOUTBOX, false},
@@ -307,6 +316,18 @@ check_topic_count(int *newval, void **extra pg_attribute_unused(), GucSource sou
 	return false;
 }
 
+/* The checkpoint topic: a valid Kafka topic name. */
+static bool
+check_checkpoint_topic(char **newval, void **extra pg_attribute_unused(), GucSource source pg_attribute_unused())
+{
+	const char *detail;
+
+	if (*newval != NULL && voutbox_topic_is_valid(*newval, &detail))
+		return true;
+	GUC_check_errdetail("%s", *newval == NULL ? "A topic name is needed." : detail);
+	return false;
+}
+
 static void
 define_gucs(void)
 {
@@ -419,6 +440,21 @@ define_gucs(void)
 							 "Applies to the events the worker sends from then on.",
 							 &voutbox_format, VOUTBOX_FORMAT_VOUTBOX, format_options,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("voutbox.delivery",
+							 "Delivery guarantee: at_least_once, or exactly_once (Kafka transactions).",
+							 "exactly_once needs max_prepared_transactions > 0; consumers must read with isolation.level=read_committed.",
+							 &voutbox_delivery, VOUTBOX_AT_LEAST_ONCE, delivery_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("voutbox.checkpoint_topic",
+							   "Compacted topic where the exactly_once worker records its progress, in the transactions of the events.",
+							   NULL,
+							   &voutbox_checkpoint_topic, "voutbox.checkpoints",
+							   PGC_SIGHUP, 0, check_checkpoint_topic, NULL, NULL);
+	DefineCustomBoolVariable("voutbox.fault_injection",
+							 "Tests only: let the file voutbox.fault in the data directory kill the worker at the step it names.",
+							 NULL,
+							 &voutbox_fault_injection, false,
+							 PGC_SIGHUP, GUC_NOT_IN_SAMPLE | GUC_NO_SHOW_ALL, NULL, NULL, NULL);
 	DefineCustomBoolVariable("voutbox.create_topics",
 							 "Create a topic with Kafka's admin API before its first event is produced.",
 							 "Off: topics must exist, or the broker must create them.",

@@ -86,6 +86,15 @@ extern int	voutbox_delivery_timeout;	/* ms */
 extern int	voutbox_stats_max_topics;
 extern bool voutbox_create_topics;
 extern int	voutbox_format;
+extern int	voutbox_delivery;	/* VoutboxDelivery */
+extern char *voutbox_checkpoint_topic;
+extern bool voutbox_fault_injection;
+
+typedef enum VoutboxDelivery
+{
+	VOUTBOX_AT_LEAST_ONCE,
+	VOUTBOX_EXACTLY_ONCE
+} VoutboxDelivery;
 extern int	voutbox_topic_partitions;
 extern int	voutbox_topic_replication_factor;
 extern char *voutbox_topic_config;
@@ -121,6 +130,7 @@ typedef struct VoutboxWorkerSlot
 	int			pgprocno;		/* -1 when no worker runs */
 	pid_t		pid;
 	pg_atomic_uint32 requeued;	/* events were made due by SQL (outbox_dlq_requeue) */
+	bool		fenced;			/* exactly_once: another producer took over (eos.c) */
 	/* what the worker does, and its counters since the slot was claimed */
 	char		state[VOUTBOX_STATE_LEN];
 	TimestampTz state_since;
@@ -346,7 +356,30 @@ typedef void (*VoutboxReportFn) (void *arg, uint64 ticket, int err, int32 partit
 extern bool voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint);
 extern void voutbox_producer_init(void);
 extern void voutbox_reload_config(void);
-extern VoutboxProducer *voutbox_producer_create(char **error);
+extern VoutboxProducer *voutbox_producer_create(bool transactional, char **error);
+
+/* How a Kafka transaction ended (exactly_once). */
+typedef enum VoutboxTxnResult
+{
+	VOUTBOX_TXN_COMMITTED,
+	VOUTBOX_TXN_ABORTED,		/* nothing of it is visible to read_committed consumers */
+	VOUTBOX_TXN_IN_DOUBT,		/* not known: recovery reads the checkpoint */
+	VOUTBOX_TXN_FENCED			/* another producer of the transactional.id took over: not known either */
+} VoutboxTxnResult;
+
+extern bool voutbox_producer_in_transaction(VoutboxProducer *p);
+extern bool voutbox_producer_fenced(VoutboxProducer *p);
+extern void voutbox_producer_abort(VoutboxProducer *p);
+extern VoutboxTxnResult voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value);
+extern bool voutbox_checkpoint_gids(const char *key, List **gids, char **error);
+
+/* Exactly-once delivery (eos.c) */
+extern const char *voutbox_transactional_id(void);
+extern char *voutbox_eos_new_gid(void);
+extern char *voutbox_checkpoint_value(const char *gid, int nevents);
+extern char *voutbox_checkpoint_gid(const char *value);
+extern bool voutbox_eos_recover(char **error);
+extern void voutbox_fault_point(const char *point);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);
 extern bool voutbox_producer_give_up(VoutboxProducer *p);
@@ -483,7 +516,7 @@ extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, Vo
 													   const VoutboxReadOptions *opt,
 													   char **version);
 extern TimestampTz voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed,
-										  bool *due_now);
+										  bool *due_now, const char *gid);
 extern void voutbox_forget_cursor(VoutboxCursor *cursor);
 extern TimestampTz voutbox_next_due(void);
 extern uint64 voutbox_key_hash(const char *topic, const char *key);
@@ -495,6 +528,9 @@ extern void voutbox_xact_begin(const char *activity);
 extern void voutbox_xact_end(void);
 extern void voutbox_xact_commit(bool *committed);
 extern void voutbox_xact_abort(void);
+extern void voutbox_xact_begin_block(const char *activity);
+extern void voutbox_xact_prepare(const char *gid, bool *prepared);
+extern void voutbox_xact_finish_prepared(const char *gid, bool commit);
 struct _SPI_plan;
 extern struct _SPI_plan *voutbox_plan(const char *sql, int nargs, Oid *types);
 extern uint64 voutbox_spi(const char *sql, int nargs, Oid *types, Datum *values,
@@ -526,6 +562,7 @@ extern bool voutbox_topic_ensure(struct rd_kafka_s *rk, struct rd_kafka_s *produ
 extern const char *voutbox_topic_error(const char *topic, const char **code);
 extern TimestampTz voutbox_topic_retry_at(const char *topic);
 extern void voutbox_topic_missing(const char *topic);
+extern char *voutbox_checkpoint_topic_ensure(struct rd_kafka_s *rk, const char *topic);
 
 /* Retention (retention.c) */
 extern void voutbox_retention_run(const char *settled_lo);

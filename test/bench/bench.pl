@@ -22,6 +22,11 @@
 #      does not exist on a broker that creates none: librdkafka waits for
 #      it), with voutbox.delivery_timeout at 2 s so that its events time out
 #      over and over; beside b's figures
+#   f. exactly_once: the drain of a's backlog (N events committed at once)
+#      in voutbox.delivery = exactly_once beside at_least_once, alternated
+#      twice in one run, timed from the commit until the outbox shows every
+#      event delivered (settled: in exactly_once, after Kafka's commit), with
+#      the worker's CPU
 #
 # Run by test/bench/run.sh (as an unprivileged user).  Writes Markdown to
 # $BENCH_REPORT and, if gnuplot is there, a chart to $BENCH_CHART.
@@ -48,7 +53,7 @@ my $BULK = $ENV{BENCH_BULK} // 5000;
 # linger.ms of every producer: voutbox's default
 my $LINGER = $ENV{BENCH_LINGER} // 1;
 # Which parts to run (all by default).
-my %PART = map { $_ => 1 } split /,/, ($ENV{BENCH_PARTS} // 'save,drain,latency,silent,debezium');
+my %PART = map { $_ => 1 } split /,/, ($ENV{BENCH_PARTS} // 'save,drain,latency,silent,debezium,eos');
 my $vkafka = 'test/tools/vkafka';
 my $dir = $PostgreSQL::Test::Utils::tmp_check;
 
@@ -68,6 +73,8 @@ my $node = voutbox_node('bench', $kafka,
 	wal_level => 'logical',
 	max_wal_senders => '4',
 	max_replication_slots => '4',
+	# for part f (exactly_once prepares its settles)
+	max_prepared_transactions => '4',
 	listen_addresses => '127.0.0.1');
 $node->append_conf('pg_hba.conf',
 	"host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n");
@@ -370,6 +377,54 @@ if ($PART{drain} || $PART{latency})
 	push @report, sprintf('| c. peak RSS, MB (voutbox: worker, VmHWM, with the shared buffers it touched; private now %.1f) | %.1f | | %s | | |',
 		proc_mb($wpid, 'smaps_rollup', 'Private_(?:Clean|Dirty)'), proc_mb($wpid, 'status', 'VmHWM'),
 		$drain{drss} ? sprintf('%.1f (JVM, VmHWM)', $drain{drss}) : '-');
+}
+
+# --- f. exactly_once beside at_least_once
+if ($PART{eos})
+{
+	my $type = 'order.eos.v1';
+	my %f;
+	new_topic("acme.$type");
+	# (Made here as the worker would make it, so that it can be read before the first checkpoint.)
+	kafka_create_topic($kafka, 'voutbox.checkpoints', 1, 'cleanup.policy=compact');
+	for my $mode (qw(at_least_once exactly_once at_least_once exactly_once))
+	{
+		$node->safe_psql('postgres', "ALTER SYSTEM SET voutbox.delivery = '$mode'; SELECT pg_reload_conf()");
+		# (The worker rebuilds its producer for the new mode before it sends the next round.)
+		$node->safe_psql('postgres', "SELECT outbox_save('acme', 'order', 'warm', '$type', '{}')");
+		$node->poll_query_until('postgres', "SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered'", 't')
+		  or die 'warm-up event not delivered';
+		my $checkpoints = () = consume_all($kafka, 'voutbox.checkpoints', 10);
+		my $cpu0 = proc_cpu_ms($wpid);
+		my $t0 = $node->safe_psql('postgres', "BEGIN; SELECT count(outbox_save('acme', 'order', (n % 1000)::text, '$type', "
+			  . ($payload =~ s/:n/n/gr) . ")) FROM generate_series(1, $N) n; COMMIT; "
+			  . "SELECT extract(epoch FROM clock_timestamp())");
+		$t0 = (split /\n/, $t0)[-1];
+		my $deadline = time() + 600;
+		while ($node->safe_psql('postgres', "SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered'") ne 't')
+		{
+			die "the $mode backlog was not drained" if time() > $deadline;
+			Time::HiRes::sleep(0.01);
+		}
+		my $t1 = time();
+		my $cpu = proc_cpu_ms($wpid) - $cpu0;
+		my $more = (() = consume_all($kafka, 'voutbox.checkpoints', 10)) - $checkpoints;
+		# (A check that the mode took: only exactly_once writes checkpoints.)
+		die "$mode: $more checkpoint records" if ($mode eq 'exactly_once') != ($more > 0);
+		push @{ $f{$mode} }, { rate => $N / ($t1 - $t0), cpu => 1000 * $cpu / $N, txns => $more };
+	}
+	$node->safe_psql('postgres', "ALTER SYSTEM RESET voutbox.delivery; SELECT pg_reload_conf()");
+	my ($alo) = sort { $b->{rate} <=> $a->{rate} } @{ $f{at_least_once} };
+	my ($eos) = sort { $b->{rate} <=> $a->{rate} } @{ $f{exactly_once} };
+	push @report, sprintf('| f. exactly_once drain: %d events committed at once, commit to all settled, events/s (best of 2; at_least_once beside it: %s; exactly_once runs: %s; Kafka transactions: %s) | %.0f | %.0f (at_least_once) | | %.2f | |',
+		$N, join(', ', map { sprintf('%.0f', $_->{rate}) } @{ $f{at_least_once} }),
+		join(', ', map { sprintf('%.0f', $_->{rate}) } @{ $f{exactly_once} }),
+		join(', ', map { $_->{txns} } @{ $f{exactly_once} }),
+		$eos->{rate}, $alo->{rate}, $eos->{rate} / $alo->{rate});
+	push @report, sprintf('| f. exactly_once drain: worker CPU, ms per 1000 events (runs: %s; at_least_once: %s) | %.1f | %.1f (at_least_once) | | %.2f | |',
+		join(', ', map { sprintf('%.1f', $_->{cpu}) } @{ $f{exactly_once} }),
+		join(', ', map { sprintf('%.1f', $_->{cpu}) } @{ $f{at_least_once} }),
+		$eos->{cpu}, $alo->{cpu}, $eos->{cpu} / $alo->{cpu});
 }
 
 # --- d. save path, in a database the worker does not serve

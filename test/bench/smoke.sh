@@ -11,7 +11,8 @@ fail=0
 for row in 'a. drain: 2000 events' 'a. drain: first event' 'c. drain: CPU' \
 	'b. latency at 50 events/s' 'b. latency at 100 events/s' 'c. CPU at 50 events/s' 'c. CPU at 100 events/s' \
 	'c. peak RSS' "e. other topics' latency at 50 events/s" 'd. save path, no keys' 'd. save path with idempotency keys' \
-	'd. save path in bulk, no keys' 'd. save path in bulk, with idempotency keys' 'd. save path with 20 routes'; do
+	'd. save path in bulk, no keys' 'd. save path in bulk, with idempotency keys' 'd. save path with 20 routes' \
+	'f. exactly_once drain: 2000 events' 'f. exactly_once drain: worker CPU'; do
 	line=$(grep -F "| $row" "$out/report.md" || true)
 	# every figure column filled: no '-' where Debezium's or a ratio belongs, no nan
 	if [ -z "$line" ] || echo "$line" | grep -qiE 'nan|inf\b'; then

@@ -272,9 +272,10 @@ sub consume_events
 # Everything in the (existing) $topics, read to the end of every partition.
 sub consume_all
 {
-	my ($kafka, $topics, $timeout) = @_;
+	my ($kafka, $topics, $timeout, $options) = @_;
 	$timeout //= $PostgreSQL::Test::Utils::timeout_default;
-	my @lines = `$vkafka consume -b '$kafka->{brokers}' -t '$topics' -e -T $timeout`;
+	$options //= '';
+	my @lines = `$vkafka consume -b '$kafka->{brokers}' -t '$topics' -e -T $timeout $options`;
 	is($? >> 8, 0, "read $topics to the end");
 	return map {
 		my $m = decode_json($_);

@@ -1,7 +1,7 @@
 /*
  * vkafka: the small librdkafka client that voutbox's tests and demo use.
  *
- *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-e] [-T SECONDS] [-g GROUP]
+ *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-e] [-T SECONDS] [-g GROUP] [-c name=value ...]
  *       Read the topics from the beginning with a new consumer group until
  *       COUNT messages arrived or SECONDS passed (default 60); with -e, go on
  *       until the end of every partition of the (existing) topics.  Prints one
@@ -248,6 +248,18 @@ consume(void)
 	set(conf, "log_level", "3");
 	if (to_end)
 		set(conf, "enable.partition.eof", "true");
+	/* (-c name=value: isolation.level=read_uncommitted, for one) */
+	for (int i = 0; i < nconfigs; i++)
+	{
+		char	   *name = strdup(configs[i]);
+		char	   *eq = strchr(name, '=');
+
+		if (eq == NULL)
+			die("-c %s: name=value expected", configs[i]);
+		*eq = '\0';
+		set(conf, name, eq + 1);
+		free(name);
+	}
 	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
 	if (rk == NULL)
 		die("%s", errstr);

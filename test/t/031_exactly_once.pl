@@ -1,0 +1,118 @@
+# Exactly-once delivery (voutbox.delivery = exactly_once).  A read_committed
+# consumer sees every committed event once, in order per key, whatever kills
+# the worker at each step of a settle (fault injection: the worker kills
+# itself with SIGKILL, as kill -9 would, and the server restarts) and across
+# an immediate stop under load.  A read_uncommitted consumer sees the
+# aborted transactions' copies too: that is what the mode documents.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use VoutboxTest;
+
+my $kafka = kafka_start('eos');
+my $node = voutbox_node('eos', $kafka,
+	'voutbox.delivery' => 'exactly_once',
+	'max_prepared_transactions' => '10',
+	'voutbox.fault_injection' => 'on',
+	'voutbox.delivery_timeout' => '10s');
+my $topic = 'acme.order.placed.v1';
+kafka_create_topic($kafka, $topic, 3);
+$node->safe_psql('postgres', q{
+	CREATE ROLE app LOGIN;
+	SELECT outbox_tenant_grant('acme', 'app');
+});
+
+my $saved = 0;
+
+# Save $n events over 10 keys as the application's role, in one transaction.
+sub save_events
+{
+	my ($n) = @_;
+	my $from = $saved + 1;
+	$saved += $n;
+	$node->safe_psql('postgres', qq{
+		SET ROLE app;
+		SELECT count(outbox_save('acme', 'order', (i % 10)::text, 'order.placed.v1',
+		                         jsonb_build_object('n', i)))
+		  FROM generate_series($from, $saved) i;
+	});
+	return;
+}
+
+sub wait_all_delivered
+{
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = $saved FROM outbox WHERE status = 'delivered'")
+	  or die "timed out waiting for $saved delivered events";
+	return;
+}
+
+# --- steady delivery
+$node->poll_query_until('postgres', "SELECT state = 'idle' FROM outbox_worker")
+  or die 'the worker did not come up';
+save_events(300);
+wait_all_delivered();
+my @msgs = consume_all($kafka, $topic);
+is(check_same_events($node, \@msgs, 'true', 'exactly_once'), 0, 'no duplicate');
+my @checkpoints = consume_all($kafka, 'voutbox.checkpoints');
+ok(@checkpoints > 0, 'the worker wrote checkpoint records');
+like($checkpoints[-1]{key}, qr/^voutbox-\d+-\d+$/, 'keyed by the transactional.id');
+
+# --- the worker killed at every step of a settle
+my %resolution = (
+	before_prepare => undef,
+	after_prepare => 'rolled back',
+	after_kafka_commit => 'committed',
+	after_commit_prepared => undef);
+for my $point (qw(before_prepare after_prepare after_kafka_commit after_commit_prepared))
+{
+	my $offset = -s $node->logfile;
+	PostgreSQL::Test::Utils::append_to_file($node->data_dir . '/voutbox.fault', "$point\n");
+	save_events(100);
+	$node->wait_for_log(qr/kills itself at "$point"/, $offset);
+	wait_all_delivered();
+	pass("killed at $point: every event delivered after the restart");
+	my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset);
+	if (defined $resolution{$point})
+	{
+		like($log, qr/recovery: $resolution{$point} the settle "voutbox:\d+:\w+"/,
+			"killed at $point: recovery $resolution{$point} the prepared settle");
+	}
+	else
+	{
+		unlike($log, qr/recovery: \w+ \w* ?the settle/, "killed at $point: nothing left prepared");
+	}
+}
+is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
+	'no prepared transaction left');
+
+# --- an immediate stop under load
+my $script = counter_script($node, 20);
+my $bench = start_pgbench($node, $script, '-c', '2', '-j', '2', '-R', '300', '-T', '6');
+$node->poll_query_until('postgres',
+	"SELECT count(*) > 200 FROM outbox WHERE status = 'delivered' AND key IS NOT NULL AND event_type = 'counter.bumped.v1'")
+  or die 'no load delivered';
+$node->stop('immediate');
+finish_pgbench($bench);
+$node->start;
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered'")
+  or die 'the backlog was not delivered after the immediate stop';
+pass('delivered everything after an immediate stop');
+
+# --- what consumers see
+@msgs = consume_all($kafka, "$topic,acme.counter.bumped.v1");
+is(check_same_events($node, \@msgs, 'true', 'read_committed'), 0,
+	'read_committed: no duplicate across the kills and the immediate stop');
+check_key_order([ grep { $_->{topic} eq $topic } @msgs ], 'n', 'read_committed: per key in order');
+check_key_order([ grep { $_->{topic} ne $topic } @msgs ], 'n', 'read_committed: load per key in order');
+my @uncommitted = consume_all($kafka, "$topic", undef, '-c isolation.level=read_uncommitted');
+ok(scalar(@uncommitted) > scalar(grep { $_->{topic} eq $topic } @msgs),
+	'read_uncommitted sees copies from aborted transactions (' . scalar(@uncommitted) . ' messages)');
+
+$node->stop;
+kafka_stop($kafka);
+done_testing();
