@@ -283,6 +283,16 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 		err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
 	if (msg->_private == CHECKPOINT_TICKET)
 		return;
+	/*
+	 * exactly_once: librdkafka times messages out itself (message.timeout.ms);
+	 * one that timed out around an outage costs no retry, as the worker's own
+	 * deadline does not count an outage either.
+	 */
+	if (p->transactional && err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT &&
+		(p->brokers_down || p->down_sign ||
+		 (p->last_down_sign != 0 &&
+		  !TimestampDifferenceExceeds(p->last_down_sign, GetCurrentTimestamp(), voutbox_delivery_timeout))))
+		err = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	if (p->report != NULL)
 		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err,
 				  msg->partition, msg->offset);

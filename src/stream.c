@@ -47,6 +47,7 @@
 
 #include "access/twophase.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
@@ -1451,6 +1452,38 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 	VoutboxTxnResult result;
 
 	voutbox_fault_point("after_prepare");
+	/*
+	 * The standbys a failover may promote must have the prepared settle
+	 * before Kafka commits: a promoted standby without it would send the
+	 * events again.  (Synchronous standbys had it before PREPARE returned,
+	 * unless the wait was cut short.)  A standby that does not catch up
+	 * within delivery_timeout costs the transaction: it is aborted, and the
+	 * events go again.
+	 */
+	if (voutbox_standbys_gate())
+	{
+		XLogRecPtr	lsn = GetXLogInsertRecPtr();
+		TimestampTz start = GetCurrentTimestamp();
+		const char *behind;
+
+		while (!voutbox_standbys_confirmed(lsn, &behind))
+		{
+			if (TimestampDifferenceExceeds(start, GetCurrentTimestamp(), voutbox_delivery_timeout))
+			{
+				ereport(LOG,
+						(errmsg("voutbox: %s did not flush a prepared settle within voutbox.delivery_timeout; its Kafka transaction is aborted",
+								behind)));
+				voutbox_producer_abort(s->producer);
+				voutbox_xact_finish_prepared(gid, false);
+				undeliver(rounds, n);
+				return false;
+			}
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 STANDBY_POLL_MAX_MS / 10, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
 	result = voutbox_producer_commit(s->producer, voutbox_transactional_id(),
 									 voutbox_checkpoint_value(gid, nevents));
 	if (result == VOUTBOX_TXN_COMMITTED)

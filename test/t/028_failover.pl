@@ -8,7 +8,12 @@
 #    lost with it, never reach Kafka);
 #  - synchronous replication, with no setting: the worker waits for what
 #    the synchronous standby confirmed, also for a session that commits
-#    with synchronous_commit = local while the standby is down.
+#    with synchronous_commit = local while the standby is down;
+#  - exactly_once with voutbox.standby_names: the primary dies after Kafka
+#    committed a transaction and before its settle was committed (the
+#    worker kills itself there, with restart_after_crash off); the standby
+#    has the settle prepared, and its worker commits it after the
+#    promotion: a read_committed consumer sees no duplicate.
 use strict;
 use warnings;
 
@@ -176,6 +181,34 @@ sub check_topic
 	my @local = consume_all($kafka, 'sync.acme.local.saved.v1');
 	is(scalar(@local), 0, 'sync: none of the locally committed events reached Kafka');
 	note("sync failover: $kept events, $n messages, $dups duplicates, all delivered "
+		  . sprintf('%.1f s', $resume) . ' after the promotion');
+	$standby->stop;
+}
+
+# --- exactly_once, voutbox.standby_names: the primary dies between Kafka's
+# commit and its settle's
+{
+	my ($primary, $standby) = pair('eos', 'voutbox.standby_names' => 'eos_standby',
+		'voutbox.delivery' => 'exactly_once', max_prepared_transactions => '4',
+		'voutbox.fault_injection' => 'on', restart_after_crash => 'off');
+	my $script = counter_script($primary, $keys);
+	my $load = start_pgbench($primary, $script, '-c', '2', '-T', '120', '-R', '400');
+	wait_for_delivered($primary, 300);
+	my $offset = -s $primary->logfile;
+	PostgreSQL::Test::Utils::append_to_file($primary->data_dir . '/voutbox.fault', "after_kafka_commit\n");
+	$primary->wait_for_log(qr/kills itself at "after_kafka_commit"/, $offset);
+	# (restart_after_crash is off: the whole primary is down.)
+	finish_pgbench($load);
+	$primary->kill9;
+	my $standby_offset = -s $standby->logfile;
+	my $resume = promote_and_drain($standby);
+	like(PostgreSQL::Test::Utils::slurp_file($standby->logfile, $standby_offset),
+		qr/recovery: committed the settle "voutbox:\d+:\w+"/,
+		'eos: the promoted standby had the settle prepared, and committed it');
+	my $kept = $standby->safe_psql('postgres', 'SELECT count(*) FROM outbox');
+	my ($dups, $n) = check_topic($standby, 'eos.acme.counter.bumped.v1', 'eos failover');
+	is($dups, 0, 'eos: a read_committed consumer sees no duplicate');
+	note("eos failover: $kept events, $n messages, $dups duplicates, all delivered "
 		  . sprintf('%.1f s', $resume) . ' after the promotion');
 	$standby->stop;
 }

@@ -1,9 +1,14 @@
 # Exactly-once delivery (voutbox.delivery = exactly_once).  A read_committed
 # consumer sees every committed event once, in order per key, whatever kills
 # the worker at each step of a settle (fault injection: the worker kills
-# itself with SIGKILL, as kill -9 would, and the server restarts) and across
-# an immediate stop under load.  A read_uncommitted consumer sees the
-# aborted transactions' copies too: that is what the mode documents.
+# itself with SIGKILL, as kill -9 would, and the server restarts), across an
+# immediate stop under load, and across a kill -9 of the broker.  A
+# permanent error in a transaction aborts it: the others go again, the
+# event goes to the DLQ, the retry queue keeps its key's order.  A copy of
+# the server (same system identifier: a failed-over primary) fences the
+# worker, which delivers nothing until its configuration is reloaded.  A
+# read_uncommitted consumer sees the aborted transactions' copies too: that
+# is what the mode documents.
 use strict;
 use warnings;
 
@@ -17,9 +22,13 @@ my $node = voutbox_node('eos', $kafka,
 	'voutbox.delivery' => 'exactly_once',
 	'max_prepared_transactions' => '10',
 	'voutbox.fault_injection' => 'on',
-	'voutbox.delivery_timeout' => '10s');
+	'voutbox.delivery_timeout' => '10s',
+	# (for the copy of the server below)
+	max_wal_senders => '2',
+	wal_level => 'replica');
 my $topic = 'acme.order.placed.v1';
 kafka_create_topic($kafka, $topic, 3);
+kafka_create_topic($kafka, 'acme.order.shipped.v1', 1, 'max.message.bytes=4000');
 $node->safe_psql('postgres', q{
 	CREATE ROLE app LOGIN;
 	SELECT outbox_tenant_grant('acme', 'app');
@@ -45,7 +54,7 @@ sub save_events
 sub wait_all_delivered
 {
 	$node->poll_query_until('postgres',
-		"SELECT count(*) = $saved FROM outbox WHERE status = 'delivered'")
+		"SELECT count(*) = $saved FROM outbox WHERE status = 'delivered' AND event_type = 'order.placed.v1'")
 	  or die "timed out waiting for $saved delivered events";
 	return;
 }
@@ -103,15 +112,76 @@ $node->poll_query_until('postgres',
   or die 'the backlog was not delivered after the immediate stop';
 pass('delivered everything after an immediate stop');
 
+# --- a permanent error in a transaction: aborted; the event dies alone,
+# the rest (its key's later events behind it) are delivered once
+{
+	my $big = "jsonb_build_object('n', 2, 'pad', repeat('x', 5000))";
+	my $sql = 'BEGIN; SET LOCAL ROLE app; '
+	  . save_sql('acme', 'order.shipped.v1', 'S', { n => 1 }) . '; '
+	  . "SELECT outbox_save('acme', 'order', 'S', 'order.shipped.v1', $big); "
+	  . save_sql('acme', 'order.shipped.v1', 'S', { n => 3 }) . '; ';
+	$sql .= save_sql('acme', 'order.shipped.v1', "T$_", { n => $_ }) . '; ' for 1 .. 5;
+	$node->safe_psql('postgres', "$sql COMMIT");
+	$node->poll_query_until('postgres',
+		"SELECT pending = 0 AND in_dlq = 1 FROM outbox_stats WHERE topic = 'acme.order.shipped.v1'")
+	  or die 'the topic did not settle';
+	is($node->safe_psql('postgres', "SELECT (payload->>'n') || ' ' || reason || ' ' || error_code FROM outbox_dlq"),
+		'2 permanent_error MSG_SIZE_TOO_LARGE', 'the large event is dead');
+	my @shipped = consume_all($kafka, 'acme.order.shipped.v1');
+	is(scalar(@shipped), 7, 'read_committed: the 7 others once each');
+	is_deeply([ map { $_->{event}{payload}{n} } grep { $_->{key} eq 'S' } @shipped ], [ 1, 3 ],
+		"the dead event's key: the others, in order");
+}
+
+# --- kill -9 of the broker while a backlog is in a transaction
+save_events(20000);
+$node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM outbox WHERE status = 'delivered' AND event_type = 'order.placed.v1' "
+	  . "AND (payload->>'n')::int > $saved - 20000")
+  or die 'the backlog did not start';
+kafka_stop($kafka, 'kill');
+ok($node->safe_psql('postgres', "SELECT count(*) > 0 FROM outbox WHERE status <> 'delivered'") eq 't',
+	'the broker was killed with events still to deliver');
+$kafka = kafka_start('eos');
+wait_all_delivered();
+pass('the backlog was delivered after the broker came back');
+is($node->safe_psql('postgres', "SELECT count(*) FROM outbox WHERE retry_count > 0 AND event_type = 'order.placed.v1'"),
+	'0', 'the outage cost no event a retry');
+
 # --- what consumers see
 @msgs = consume_all($kafka, "$topic,acme.counter.bumped.v1");
-is(check_same_events($node, \@msgs, 'true', 'read_committed'), 0,
+is(check_same_events($node, \@msgs, "event_type <> 'order.shipped.v1'", 'read_committed'), 0,
 	'read_committed: no duplicate across the kills and the immediate stop');
 check_key_order([ grep { $_->{topic} eq $topic } @msgs ], 'n', 'read_committed: per key in order');
 check_key_order([ grep { $_->{topic} ne $topic } @msgs ], 'n', 'read_committed: load per key in order');
 my @uncommitted = consume_all($kafka, "$topic", undef, '-c isolation.level=read_uncommitted');
 ok(scalar(@uncommitted) > scalar(grep { $_->{topic} eq $topic } @msgs),
 	'read_uncommitted sees copies from aborted transactions (' . scalar(@uncommitted) . ' messages)');
+
+# --- fencing: a copy of the server, with the same system identifier and
+# database (a failed-over primary), takes the transactional.id over
+$node->backup('twin');
+my $twin = PostgreSQL::Test::Cluster->new('twin');
+$twin->init_from_backup($node, 'twin');
+$twin->start;
+my $twin_id = $twin->safe_psql('postgres', "SET ROLE app; " . save_sql('acme', 'order.placed.v1', 'twin', { n => 1 }));
+$twin->poll_query_until('postgres', "SELECT status = 'delivered' FROM outbox WHERE id = '$twin_id'")
+  or die "the twin's worker did not deliver: "
+  . $twin->safe_psql('postgres', 'SELECT state, detail, last_error FROM outbox_worker');
+my $id = $node->safe_psql('postgres', "SET ROLE app; " . save_sql('acme', 'order.placed.v1', 'fenced', { n => 1 }));
+$node->poll_query_until('postgres', "SELECT state = 'fenced' FROM outbox_worker")
+  or die 'the worker was not fenced';
+pass('the first worker is fenced');
+is($node->safe_psql('postgres', "SELECT status FROM outbox WHERE id = '$id'"), 'pending',
+	"the fenced worker's event is not delivered");
+ok(!grep({ $_->{event}{id} eq $id } consume_all($kafka, $topic, undef, '-c isolation.level=read_uncommitted')),
+	"the fenced worker's event is not in Kafka, even uncommitted");
+$twin->stop;
+$node->reload;
+$node->poll_query_until('postgres', "SELECT status = 'delivered' FROM outbox WHERE id = '$id'")
+  or die 'the worker did not deliver after the reload';
+is(scalar(grep { $_->{event}{id} eq $id } consume_all($kafka, $topic)), 1,
+	'after the reload, the worker takes over: the event delivered once');
 
 $node->stop;
 kafka_stop($kafka);
