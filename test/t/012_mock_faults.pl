@@ -95,8 +95,9 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM outbox_dlq'), '0', 'retria
 
 # --- Permanent errors: the next two Produce requests are refused with
 # TOPIC_AUTHORIZATION_FAILED.  The first fails a batch of three events: each
-# key's head goes again alone; the second fails D1 alone, which is dead at
-# once.  E1 and the rest of D go on.
+# key's head goes again alone; the second fails one of them sent alone (D1
+# as a rule: which one depends on how librdkafka grouped the requests, which
+# this test does not control), and it is dead at once.  The rest goes on.
 mock_cmd($mock, 'push-errors 0 TOPIC_AUTHORIZATION_FAILED TOPIC_AUTHORIZATION_FAILED');
 $node->safe_psql('postgres',
 	'BEGIN; '
@@ -106,14 +107,16 @@ $node->safe_psql('postgres',
 $node->poll_query_until('postgres',
 	"SELECT pending = 0 FROM outbox_stats WHERE topic = 'acme.order.denied.v1'")
   or die 'permanent errors: the topic did not settle';
-is( $node->safe_psql('postgres',
-		"SELECT string_agg(aggregate_id || (payload->>'n') || ' ' || reason || ' ' || error_code || ' ' || retry_count, ';') "
-		  . 'FROM outbox_dlq'),
-	'D1 permanent_error TOPIC_AUTHORIZATION_FAILED 2',
-	'permanent errors: exactly the event refused alone is dead, with reason and error');
+my $dead = $node->safe_psql('postgres',
+	"SELECT string_agg(aggregate_id || (payload->>'n') || ' ' || reason || ' ' || error_code || ' ' || retry_count, ';') "
+	  . 'FROM outbox_dlq');
+like($dead, qr/\A[DE]1 permanent_error TOPIC_AUTHORIZATION_FAILED 2\z/,
+	'permanent errors: exactly one event is dead, refused alone, with reason and error');
+my ($dead_event) = $dead =~ /\A(\w\d)/;
 @msgs = consume_events($mock, 'acme.order.denied.v1', 2);
-is_deeply([ sort map { $_->{key} . $_->{event}{payload}{n} } @msgs ], [ 'D2', 'E1' ],
-	'permanent errors: the rest is delivered');
+is_deeply([ sort map { $_->{key} . $_->{event}{payload}{n} } @msgs ],
+	[ sort grep { $_ ne $dead_event } qw(D1 D2 E1) ],
+	"permanent errors: the rest is delivered (dead: $dead_event)");
 check_same_events($node, \@msgs, "topic = 'acme.order.denied.v1' AND status <> 'dead'", 'permanent errors');
 is( $node->safe_psql('postgres',
 		"SELECT in_dlq || ' ' || dead_since_start FROM outbox_stats WHERE topic = 'acme.order.denied.v1'"),
