@@ -79,6 +79,28 @@ voutbox_transactional_id(void)
 	return id;
 }
 
+/*
+ * This worker's checkpoint topic: <voutbox.checkpoint_topic_prefix>.<system
+ * identifier>.<database OID>.  Its own, so that no other producer's open
+ * transaction holds back what a read_committed consumer of it sees (its
+ * last stable offset) once init_transactions() has ended this one's.
+ */
+char *
+voutbox_checkpoint_topic(void)
+{
+	return psprintf("%s." UINT64_FORMAT ".%u", voutbox_checkpoint_topic_prefix,
+					GetSystemIdentifier(), MyDatabaseId);
+}
+
+/* Whether an event's topic is a checkpoint topic: no event may go there. */
+bool
+voutbox_is_checkpoint_topic(const char *topic)
+{
+	size_t		n = strlen(voutbox_checkpoint_topic_prefix);
+
+	return strncmp(topic, voutbox_checkpoint_topic_prefix, n) == 0 && topic[n] == '.';
+}
+
 /* A gid for a settle: unique, and telling its database. */
 char *
 voutbox_eos_new_gid(void)
@@ -101,8 +123,15 @@ prepared_settles(void)
 	Datum		prefix = CStringGetTextDatum(psprintf("voutbox:%u:", MyDatabaseId));
 
 	voutbox_xact_begin("looking for prepared settles");
+	/*
+	 * (Only the worker's own: any role can prepare a transaction of any
+	 * name, in any database.)
+	 */
 	voutbox_spi("SELECT p.gid FROM pg_catalog.pg_prepared_xacts p "
-				" WHERE pg_catalog.starts_with(p.gid, $1) ORDER BY p.prepared",
+				" WHERE pg_catalog.starts_with(p.gid, $1) "
+				"   AND p.database = pg_catalog.current_database() "
+				"   AND p.owner = CURRENT_USER "
+				" ORDER BY p.prepared",
 				1, &type, &prefix, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{

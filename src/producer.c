@@ -112,6 +112,8 @@ struct VoutboxProducer
 	/* exactly_once (eos.c): a transactional producer */
 	bool		transactional;
 	bool		in_txn;			/* a Kafka transaction is open */
+	TimestampTz txn_started_at;
+	int			txn_timeout_ms;	/* transaction.timeout.ms */
 	bool		fenced;			/* another producer of its transactional.id took over */
 	bool		checkpoint_ready;	/* the checkpoint topic exists */
 	int			reserved_fds;	/* reserved with ReserveExternalFD() */
@@ -273,7 +275,12 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	VoutboxProducer *p = opaque;
 	int			err = msg->err;
 
-	p->progress = true;
+	/*
+	 * (A broker answered; not a local error, such as a message that timed
+	 * out inside librdkafka during an outage, which must not end it.)
+	 */
+	if (err >= 0)
+		p->progress = true;
 	p->pending--;
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		p->delivered_any = true;
@@ -288,10 +295,7 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	 * one that timed out around an outage costs no retry, as the worker's own
 	 * deadline does not count an outage either.
 	 */
-	if (p->transactional && err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT &&
-		(p->brokers_down || p->down_sign ||
-		 (p->last_down_sign != 0 &&
-		  !TimestampDifferenceExceeds(p->last_down_sign, GetCurrentTimestamp(), voutbox_delivery_timeout))))
+	if (p->transactional && err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT && p->brokers_down)
 		err = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	if (p->report != NULL)
 		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err,
@@ -305,8 +309,12 @@ on_error(rd_kafka_t *rk pg_attribute_unused(), int err, const char *reason, void
 
 	if (err == RD_KAFKA_RESP_ERR__FATAL)
 		p->fatal = true;
+	/* (Reports served before it in the same poll do not end it: see serve.) */
 	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+	{
 		p->brokers_down = true;
+		p->progress = false;
+	}
 	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || err == RD_KAFKA_RESP_ERR__TRANSPORT)
 		p->down_sign = true;
 	if (p->nlogs < MAX_PENDING_LOGS)
@@ -415,7 +423,7 @@ current_config(void)
 	return psprintf("%s\n%s\n%s\n%s\n%d\n%d\n%d\n%s\n%d", voutbox_brokers, voutbox_kafka_properties,
 					secrets ? secrets : "", secrets_error ? secrets_error : "",
 					voutbox_batch_size, (int) voutbox_create_topics, voutbox_delivery,
-					voutbox_checkpoint_topic, voutbox_delivery_timeout);
+					voutbox_checkpoint_topic_prefix, voutbox_delivery_timeout);
 }
 
 /* Whether the settings changed since the producer was built. */
@@ -471,6 +479,21 @@ reserve_fds(VoutboxProducer *p)
 		ReserveExternalFD();
 }
 
+/*
+ * exactly_once: transaction.timeout.ms.  A transaction lasts until its events
+ * are acknowledged or time out (message.timeout.ms = delivery_timeout), then
+ * the standbys may be waited for (delivery_timeout at most) and the commit
+ * retried (see voutbox_producer_commit()); one that the coordinator times
+ * out first is aborted with a new producer epoch, which librdkafka reports
+ * as fencing.  So four times the delivery timeout, at least a minute, and
+ * at most the broker's default transaction.max.timeout.ms (15 min).
+ */
+static int
+txn_timeout_ms(void)
+{
+	return (int) Min(Max(4 * (int64) voutbox_delivery_timeout, 60000), 900000);
+}
+
 VoutboxProducer *
 voutbox_producer_create(bool transactional, char **error)
 {
@@ -494,12 +517,12 @@ voutbox_producer_create(bool transactional, char **error)
 		 * delivery timeout (a transaction must end within
 		 * transaction.timeout.ms, at most the broker's 15 min by default).
 		 */
-		int			txn_ms = Min(Max(2 * voutbox_delivery_timeout, 60000), 900000);
+		int			txn_ms = txn_timeout_ms();
 		char		buf[32];
 
 		snprintf(buf, sizeof(buf), "%d", txn_ms);
 		conf_set(conf, "transaction.timeout.ms", buf);
-		snprintf(buf, sizeof(buf), "%d", Min(voutbox_delivery_timeout, txn_ms));
+		snprintf(buf, sizeof(buf), "%d", Min(voutbox_delivery_timeout, txn_ms / 4));
 		conf_set(conf, "message.timeout.ms", buf);
 	}
 	else
@@ -534,6 +557,8 @@ voutbox_producer_create(bool transactional, char **error)
 		return NULL;
 	}
 	p->admin_conf = rd_kafka_conf_dup(conf);
+	/* (Its metadata requests create no topic with the broker's defaults.) */
+	conf_set(p->admin_conf, "allow.auto.create.topics", "false");
 	conf_set(p->admin_conf, "enable.gapless.guarantee", "false");
 	conf_set(p->admin_conf, "enable.idempotence", "false");
 	conf_set(p->admin_conf, "log.queue", "false");
@@ -562,6 +587,7 @@ voutbox_producer_create(bool transactional, char **error)
 	}
 	rd_kafka_set_log_queue(p->rk, NULL);
 	p->transactional = transactional;
+	p->txn_timeout_ms = txn_timeout_ms();
 	if (transactional)
 	{
 		/*
@@ -1048,6 +1074,7 @@ begin_transaction(VoutboxProducer *p)
 	if (error == NULL)
 	{
 		p->in_txn = true;
+		p->txn_started_at = GetCurrentTimestamp();
 		return true;
 	}
 	txn_broke(p, "begin", error);
@@ -1062,6 +1089,27 @@ voutbox_producer_in_transaction(VoutboxProducer *p)
 	return p->transactional && p->in_txn;
 }
 
+/*
+ * Whether the open transaction is too old to be committed safely: older than
+ * two fifths of transaction.timeout.ms, the rest being what the standbys'
+ * wait and the commit's retries may take (a fifth each, and one call).  It
+ * is then aborted rather than risk the coordinator's timeout (see
+ * txn_timeout_ms()).
+ */
+bool
+voutbox_producer_txn_expiring(VoutboxProducer *p)
+{
+	return p->transactional && p->in_txn &&
+		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), 2 * (p->txn_timeout_ms / 5));
+}
+
+/* How long the standbys may be waited for before a commit, in ms. */
+int
+voutbox_producer_txn_wait_ms(VoutboxProducer *p)
+{
+	return Min(voutbox_delivery_timeout, p->txn_timeout_ms / 5);
+}
+
 /* Whether another producer of the transactional.id fenced this one. */
 bool
 voutbox_producer_fenced(VoutboxProducer *p)
@@ -1072,15 +1120,18 @@ voutbox_producer_fenced(VoutboxProducer *p)
 /*
  * Abort the open transaction, if any: nothing of it is ever seen by a
  * read_committed consumer.  If the abort itself fails, the producer is
- * broken, and its successor's init_transactions() aborts it.
+ * broken, and its successor's init_transactions() ends the transaction;
+ * returns false then (after a commit that failed, the commit may have gone
+ * through: see voutbox_producer_commit()).
  */
-void
+bool
 voutbox_producer_abort(VoutboxProducer *p)
 {
 	TimestampTz start = GetCurrentTimestamp();
+	bool		ok = true;
 
 	if (!p->transactional || !p->in_txn)
-		return;
+		return true;
 	for (;;)
 	{
 		rd_kafka_error_t *error = rd_kafka_abort_transaction(p->rk, TXN_CALL_TIMEOUT_MS);
@@ -1098,9 +1149,11 @@ voutbox_producer_abort(VoutboxProducer *p)
 		}
 		txn_broke(p, "abort", error);
 		rd_kafka_error_destroy(error);
+		ok = false;
 		break;
 	}
 	emit_logs(p);
+	return ok;
 }
 
 /*
@@ -1121,12 +1174,12 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 		if (p->admin == NULL)
 			build_admin(p);
 		why = voutbox_checkpoint_topic_ensure(p->admin != NULL ? p->admin : p->rk,
-											  voutbox_checkpoint_topic);
+											  voutbox_checkpoint_topic());
 		if (why != NULL)
 		{
 			ereport(LOG,
 					(errmsg("voutbox: could not make sure of the checkpoint topic \"%s\": %s",
-							voutbox_checkpoint_topic, why),
+							voutbox_checkpoint_topic(), why),
 					 errdetail("The transaction is aborted; its events go again.")));
 			voutbox_producer_abort(p);
 			return VOUTBOX_TXN_ABORTED;
@@ -1134,7 +1187,7 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 		p->checkpoint_ready = true;
 	}
 	err = rd_kafka_producev(p->rk,
-							RD_KAFKA_V_TOPIC(voutbox_checkpoint_topic),
+							RD_KAFKA_V_TOPIC(voutbox_checkpoint_topic()),
 							RD_KAFKA_V_PARTITION(0),
 							RD_KAFKA_V_KEY(key, strlen(key)),
 							RD_KAFKA_V_VALUE(unconstify(char *, value), strlen(value)),
@@ -1163,7 +1216,7 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 		}
 		if (rd_kafka_error_is_retriable(error) &&
 			!TimestampDifferenceExceeds(start, GetCurrentTimestamp(),
-										Max(voutbox_delivery_timeout, 3 * TXN_CALL_TIMEOUT_MS)))
+										p->txn_timeout_ms / 5 - TXN_CALL_TIMEOUT_MS))
 		{
 			rd_kafka_error_destroy(error);
 			continue;
@@ -1175,8 +1228,13 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 							rd_kafka_error_string(error)),
 					 errdetail("The transaction is aborted; its events go again.")));
 			rd_kafka_error_destroy(error);
-			voutbox_producer_abort(p);
-			return p->fenced ? VOUTBOX_TXN_FENCED : VOUTBOX_TXN_ABORTED;
+			/*
+			 * (The commit may have gone through all the same, its answer
+			 * lost: then the abort fails, and only the checkpoint can tell.)
+			 */
+			if (!voutbox_producer_abort(p))
+				return p->fenced ? VOUTBOX_TXN_FENCED : VOUTBOX_TXN_IN_DOUBT;
+			return VOUTBOX_TXN_ABORTED;
 		}
 		/* Fatal, or retriable for too long: whether it committed is not known here. */
 		txn_broke(p, "commit", error);
@@ -1203,8 +1261,9 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 	int64_t		lo,
 				hi;
 	rd_kafka_resp_err_t err;
-	TimestampTz start = GetCurrentTimestamp();
+	TimestampTz last_news = GetCurrentTimestamp();
 	bool		ok = false;
+	char	   *topic = voutbox_checkpoint_topic();
 
 	*gids = NIL;
 	conf_set(conf, "bootstrap.servers", voutbox_brokers);
@@ -1227,6 +1286,8 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 	conf_set(conf, "enable.partition.eof", "true");
 	conf_set(conf, "enable.auto.commit", "false");
 	conf_set(conf, "enable.auto.offset.store", "false");
+	/* (Compaction may move the log's start while it is read: from the start again.) */
+	conf_set(conf, "auto.offset.reset", "smallest");
 	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
 	if (rk == NULL)
 	{
@@ -1236,21 +1297,21 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 	}
 	for (int i = 0; i < 8; i++)
 		ReserveExternalFD();
-	err = rd_kafka_query_watermark_offsets(rk, voutbox_checkpoint_topic, 0, &lo, &hi,
+	err = rd_kafka_query_watermark_offsets(rk, topic, 0, &lo, &hi,
 										   TXN_CALL_TIMEOUT_MS);
 	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ||
 		err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
 		ok = true;
 	else if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-		*error = psprintf("could not read the offsets of topic \"%s\": %s", voutbox_checkpoint_topic,
+		*error = psprintf("could not read the offsets of topic \"%s\": %s", topic,
 						  rd_kafka_err2str(err));
 	else if (hi <= lo)
 		ok = true;
 	else
 	{
-		rkt = rd_kafka_topic_new(rk, voutbox_checkpoint_topic, NULL);
-		if (rd_kafka_consume_start(rkt, 0, lo) != 0)
-			*error = psprintf("could not read topic \"%s\": %s", voutbox_checkpoint_topic,
+		rkt = rd_kafka_topic_new(rk, topic, NULL);
+		if (rd_kafka_consume_start(rkt, 0, RD_KAFKA_OFFSET_BEGINNING) != 0)
+			*error = psprintf("could not read topic \"%s\": %s", topic,
 							  rd_kafka_err2str(rd_kafka_last_error()));
 		else
 		{
@@ -1261,13 +1322,14 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 				CHECK_FOR_INTERRUPTS();
 				if (m == NULL)
 				{
-					if (TimestampDifferenceExceeds(start, GetCurrentTimestamp(), 3 * TXN_CALL_TIMEOUT_MS))
+					if (TimestampDifferenceExceeds(last_news, GetCurrentTimestamp(), 3 * TXN_CALL_TIMEOUT_MS))
 					{
-						*error = psprintf("reading topic \"%s\" timed out", voutbox_checkpoint_topic);
+						*error = psprintf("reading topic \"%s\" timed out", topic);
 						break;
 					}
 					continue;
 				}
+				last_news = GetCurrentTimestamp();
 				if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
 				{
 					rd_kafka_message_destroy(m);
@@ -1276,7 +1338,7 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 				}
 				if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR)
 				{
-					*error = psprintf("could not read topic \"%s\": %s", voutbox_checkpoint_topic,
+					*error = psprintf("could not read topic \"%s\": %s", topic,
 									  rd_kafka_message_errstr(m));
 					rd_kafka_message_destroy(m);
 					break;
@@ -1313,6 +1375,9 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 
 	if (p->purged || p->fatal || ShutdownRequestPending)
 		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
+	/* (A route may name any topic: not a worker's checkpoint topic.) */
+	if (voutbox_is_checkpoint_topic(ev->topic))
+		return RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
 	if (voutbox_create_topics && p->admin == NULL)
 		build_admin(p);
 	if (p->admin != NULL &&
@@ -1335,6 +1400,14 @@ voutbox_producer_send(VoutboxProducer *p, VoutboxEvent *ev, uint64 ticket)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
+	/*
+	 * (A transactional producer refuses new messages once its transaction
+	 * failed: the producer's trouble, not the event's.)
+	 */
+	if (p->transactional &&
+		(err == RD_KAFKA_RESP_ERR__STATE || err == RD_KAFKA_RESP_ERR__FATAL ||
+		 err == RD_KAFKA_RESP_ERR__FENCED))
+		return RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return err;
 	if (p->pending++ <= p->stragglers)

@@ -182,6 +182,8 @@ typedef struct Stream
 	bool		eos;			/* the producer is transactional */
 	bool		recovered;		/* no settle left prepared by a dead worker */
 	TimestampTz recover_at;		/* next try of the recovery */
+	int			eos_failures;	/* transactions in a row that could not commit */
+	TimestampTz eos_retry_at;	/* nothing is sent before then */
 	char	   *recover_error;	/* why the last one failed */
 	/* settling */
 	bool		unsettled;		/* a settle failed: try again, read nothing */
@@ -444,7 +446,8 @@ eos_ready(Stream *s, long *wait_ms)
 		return true;
 	if (now < s->recover_at)
 	{
-		*wait_ms = Min(*wait_ms, (s->recover_at - now) / 1000 + 1);
+		if (wait_ms != NULL)
+			*wait_ms = Min(*wait_ms, (s->recover_at - now) / 1000 + 1);
 		return false;
 	}
 	if (voutbox_eos_recover(&error))
@@ -465,7 +468,8 @@ eos_ready(Stream *s, long *wait_ms)
 	s->recover_error = MemoryContextStrdup(TopMemoryContext, error);
 	worker_state("recovering", "waiting for Kafka to tell whether a prepared settle was committed", false);
 	s->recover_at = TimestampTzPlusMilliseconds(now, RECHECK_MS);
-	*wait_ms = Min(*wait_ms, RECHECK_MS);
+	if (wait_ms != NULL)
+		*wait_ms = Min(*wait_ms, RECHECK_MS);
 	return false;
 }
 
@@ -525,6 +529,8 @@ ensure_producer(Stream *s)
 
 	if (s->producer != NULL)
 		return true;
+	if (!eos_ready(s, NULL))
+		return false;
 	if (now < s->producer_retry_at)
 	{
 		worker_state("producer failing",
@@ -884,6 +890,12 @@ may_read(Stream *s, TimestampTz now, long *wait_ms)
 		return false;
 	if (now < s->lock_retry_at)
 		return false;
+	/* exactly_once: transactions that could not commit, in a row. */
+	if (now < s->eos_retry_at)
+	{
+		*wait_ms = Min(*wait_ms, (s->eos_retry_at - now) / 1000 + 1);
+		return false;
+	}
 	/* (One round at a time waits for the standbys.) */
 	if (s->held_round != NULL)
 		return false;
@@ -1428,8 +1440,12 @@ rounds_to_settle(Stream *s, VoutboxRound **rounds)
 static void
 undeliver(VoutboxRound **rounds, int n)
 {
+	/*
+	 * (A late round's stragglers were sent by a producer of at_least_once,
+	 * before a switch of mode: acknowledged is delivered.)
+	 */
 	for (int k = 0; k < n; k++)
-		for (int i = 0; i < rounds[k]->nevents; i++)
+		for (int i = 0; i < rounds[k]->nevents && !rounds[k]->late; i++)
 			if (rounds[k]->errs[i] == 0)
 			{
 				rounds[k]->errs[i] = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
@@ -1468,13 +1484,15 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 
 		while (!voutbox_standbys_confirmed(lsn, &behind))
 		{
-			if (TimestampDifferenceExceeds(start, GetCurrentTimestamp(), voutbox_delivery_timeout))
+			if (TimestampDifferenceExceeds(start, GetCurrentTimestamp(),
+										   voutbox_producer_txn_wait_ms(s->producer)))
 			{
 				ereport(LOG,
 						(errmsg("voutbox: %s did not flush a prepared settle within voutbox.delivery_timeout; its Kafka transaction is aborted",
 								behind)));
 				voutbox_producer_abort(s->producer);
 				voutbox_xact_finish_prepared(gid, false);
+				voutbox_forget_stalled_topics();
 				undeliver(rounds, n);
 				return false;
 			}
@@ -1496,6 +1514,8 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 	if (result == VOUTBOX_TXN_ABORTED)
 	{
 		voutbox_xact_finish_prepared(gid, false);
+		/* (What the rolled-back settle taught about silent topics may be wrong.) */
+		voutbox_forget_stalled_topics();
 		undeliver(rounds, n);
 		return false;
 	}
@@ -1507,6 +1527,24 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 			 errdetail("The settle \"%s\" stays prepared until the next worker reads the checkpoint topic.", gid)));
 	proc_exit(1);
 	return false;				/* keep the compiler quiet */
+}
+
+/*
+ * exactly_once: a transaction could not commit (its checkpoint refused, the
+ * settle not prepared, a standby too slow).  Sending again at once would
+ * fail the same way in a loop: the next one waits, longer each time in a
+ * row.
+ */
+static void
+eos_failed(Stream *s)
+{
+	long		delay = failing_delay_ms(++s->eos_failures);
+
+	s->eos_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
+	if (s->eos_failures > 1)
+		ereport(LOG,
+				(errmsg("voutbox: %d Kafka transactions in a row could not commit; the next is sent in %ld ms",
+						s->eos_failures, delay)));
 }
 
 /*
@@ -1549,7 +1587,8 @@ settle_ready(Stream *s)
 	 * acknowledged in it was not delivered.
 	 */
 	if (s->eos && s->producer != NULL && voutbox_producer_in_transaction(s->producer) &&
-		!s->failing && !s->unsettled && !voutbox_producer_is_broken(s->producer))
+		!s->failing && !s->unsettled && !voutbox_producer_is_broken(s->producer) &&
+		!voutbox_producer_txn_expiring(s->producer))
 	{
 		voutbox_fault_point("before_prepare");
 		gid = voutbox_eos_new_gid();
@@ -1588,18 +1627,22 @@ settle_ready(Stream *s)
 		voutbox_producer_abort(s->producer);
 		undeliver(rounds, n + (late != NULL));
 		gid = NULL;
+		eos_failed(s);
 	}
 	/* Prepared: now Kafka's commit, then the settle's. */
-	if (gid != NULL && !commit_prepared_settle(s, rounds, n, gid, nevents))
+	if (gid != NULL && !commit_prepared_settle(s, rounds, n + (late != NULL), gid, nevents))
 	{
 		if (edata != NULL)
 			FreeErrorData(edata);
-		/* Settled again at once, as not delivered. */
+		/* Settled again at once, as not delivered; sent again after a delay. */
+		eos_failed(s);
 		s->failing = true;
 		s->unsettled = true;
 		s->settle_retry_at = 0;
 		return false;
 	}
+	if (gid != NULL)
+		s->eos_failures = 0;
 	/* An ERROR after the commit (the statistics, the log): the outcome is recorded. */
 	if (edata != NULL && committed)
 	{

@@ -57,7 +57,7 @@ int			voutbox_stats_max_topics = 1000;
 bool		voutbox_create_topics = false;
 int			voutbox_format = VOUTBOX_FORMAT_VOUTBOX;
 int			voutbox_delivery = VOUTBOX_AT_LEAST_ONCE;
-char	   *voutbox_checkpoint_topic = NULL;
+char	   *voutbox_checkpoint_topic_prefix = NULL;
 bool		voutbox_fault_injection = false;
 
 static const struct config_enum_entry delivery_options[] = {
@@ -322,9 +322,12 @@ check_checkpoint_topic(char **newval, void **extra pg_attribute_unused(), GucSou
 {
 	const char *detail;
 
-	if (*newval != NULL && voutbox_topic_is_valid(*newval, &detail))
+	if (*newval != NULL && strlen(*newval) <= VOUTBOX_TOPIC_MAX_LEN - 40 &&
+		voutbox_topic_is_valid(*newval, &detail))
 		return true;
-	GUC_check_errdetail("%s", *newval == NULL ? "A topic name is needed." : detail);
+	GUC_check_errdetail("%s", *newval == NULL ? "A topic name is needed." :
+						strlen(*newval) > VOUTBOX_TOPIC_MAX_LEN - 40 ?
+						"The prefix leaves no room for \".<system identifier>.<database OID>\"." : detail);
 	return false;
 }
 
@@ -445,10 +448,10 @@ define_gucs(void)
 							 "exactly_once needs max_prepared_transactions > 0; consumers must read with isolation.level=read_committed.",
 							 &voutbox_delivery, VOUTBOX_AT_LEAST_ONCE, delivery_options,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("voutbox.checkpoint_topic",
-							   "Compacted topic where the exactly_once worker records its progress, in the transactions of the events.",
-							   NULL,
-							   &voutbox_checkpoint_topic, "voutbox.checkpoints",
+	DefineCustomStringVariable("voutbox.checkpoint_topic_prefix",
+							   "Prefix of the compacted topics where exactly_once workers record their progress, in the transactions of the events.",
+							   "Each worker has its own: <prefix>.<system identifier>.<database OID>.",
+							   &voutbox_checkpoint_topic_prefix, "voutbox.checkpoints",
 							   PGC_SIGHUP, 0, check_checkpoint_topic, NULL, NULL);
 	DefineCustomBoolVariable("voutbox.fault_injection",
 							 "Tests only: let the file voutbox.fault in the data directory kill the worker at the step it names.",

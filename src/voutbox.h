@@ -87,7 +87,7 @@ extern int	voutbox_stats_max_topics;
 extern bool voutbox_create_topics;
 extern int	voutbox_format;
 extern int	voutbox_delivery;	/* VoutboxDelivery */
-extern char *voutbox_checkpoint_topic;
+extern char *voutbox_checkpoint_topic_prefix;
 extern bool voutbox_fault_injection;
 
 typedef enum VoutboxDelivery
@@ -130,9 +130,9 @@ typedef struct VoutboxWorkerSlot
 	int			pgprocno;		/* -1 when no worker runs */
 	pid_t		pid;
 	pg_atomic_uint32 requeued;	/* events were made due by SQL (outbox_dlq_requeue) */
-	bool		fenced;			/* exactly_once: another producer took over (eos.c) */
 	/* what the worker does, and its counters since the slot was claimed */
 	char		state[VOUTBOX_STATE_LEN];
+	bool		fenced;			/* exactly_once: another producer took over (eos.c) */
 	TimestampTz state_since;
 	char		detail[VOUTBOX_DETAIL_LEN];
 	TimestampTz started_at;
@@ -369,12 +369,16 @@ typedef enum VoutboxTxnResult
 
 extern bool voutbox_producer_in_transaction(VoutboxProducer *p);
 extern bool voutbox_producer_fenced(VoutboxProducer *p);
-extern void voutbox_producer_abort(VoutboxProducer *p);
+extern bool voutbox_producer_abort(VoutboxProducer *p);
+extern bool voutbox_producer_txn_expiring(VoutboxProducer *p);
+extern int	voutbox_producer_txn_wait_ms(VoutboxProducer *p);
 extern VoutboxTxnResult voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value);
 extern bool voutbox_checkpoint_gids(const char *key, List **gids, char **error);
 
 /* Exactly-once delivery (eos.c) */
 extern const char *voutbox_transactional_id(void);
+extern char *voutbox_checkpoint_topic(void);
+extern bool voutbox_is_checkpoint_topic(const char *topic);
 extern char *voutbox_eos_new_gid(void);
 extern char *voutbox_checkpoint_value(const char *gid, int nevents);
 extern char *voutbox_checkpoint_gid(const char *value);

@@ -386,7 +386,10 @@ if ($PART{eos})
 	my %f;
 	new_topic("acme.$type");
 	# (Made here as the worker would make it, so that it can be read before the first checkpoint.)
-	kafka_create_topic($kafka, 'voutbox.checkpoints', 1, 'cleanup.policy=compact');
+	my ($sysid, $dboid) = split /\|/, $node->safe_psql('postgres',
+		"SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = 'postgres') FROM pg_control_system()");
+	my $ctopic = "voutbox.checkpoints.$sysid.$dboid";
+	kafka_create_topic($kafka, $ctopic, 1, 'cleanup.policy=compact');
 	for my $mode (qw(at_least_once exactly_once at_least_once exactly_once))
 	{
 		$node->safe_psql('postgres', "ALTER SYSTEM SET voutbox.delivery = '$mode'; SELECT pg_reload_conf()");
@@ -394,7 +397,7 @@ if ($PART{eos})
 		$node->safe_psql('postgres', "SELECT outbox_save('acme', 'order', 'warm', '$type', '{}')");
 		$node->poll_query_until('postgres', "SELECT count(*) = 0 FROM outbox WHERE status <> 'delivered'", 't')
 		  or die 'warm-up event not delivered';
-		my $checkpoints = () = consume_all($kafka, 'voutbox.checkpoints', 10);
+		my $checkpoints = () = consume_all($kafka, $ctopic, 10);
 		my $cpu0 = proc_cpu_ms($wpid);
 		my $t0 = $node->safe_psql('postgres', "BEGIN; SELECT count(outbox_save('acme', 'order', (n % 1000)::text, '$type', "
 			  . ($payload =~ s/:n/n/gr) . ")) FROM generate_series(1, $N) n; COMMIT; "
@@ -408,7 +411,7 @@ if ($PART{eos})
 		}
 		my $t1 = time();
 		my $cpu = proc_cpu_ms($wpid) - $cpu0;
-		my $more = (() = consume_all($kafka, 'voutbox.checkpoints', 10)) - $checkpoints;
+		my $more = (() = consume_all($kafka, $ctopic, 10)) - $checkpoints;
 		# (A check that the mode took: only exactly_once writes checkpoints.)
 		die "$mode: $more checkpoint records" if ($mode eq 'exactly_once') != ($more > 0);
 		push @{ $f{$mode} }, { rate => $N / ($t1 - $t0), cpu => 1000 * $cpu / $N, txns => $more };

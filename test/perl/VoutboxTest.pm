@@ -98,7 +98,7 @@ END
 
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
   kafka_cluster_start kafka_cluster_stop kafka_node_stop kafka_node_start
-  kafka_active_controller kafka_partition_leader
+  kafka_active_controller kafka_partition_leader kafka_describe_topic
   voutbox_node consume_events consume_all worker_pid wait_for_delivered save_sql
   by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
   mock_start mock_cmd mock_stop);
@@ -218,6 +218,15 @@ sub kafka_create_topic
 		'-p', $partitions, @c) == 0
 	  or die "could not create topic $topic";
 	return;
+}
+
+# The topic as vkafka describe-topic prints it ({partitions,
+# replication_factor, config}), or undef if it does not exist.
+sub kafka_describe_topic
+{
+	my ($kafka, $topic) = @_;
+	my $out = `$vkafka describe-topic -b '$kafka->{brokers}' -t '$topic'`;
+	return $? == 0 ? decode_json($out) : undef;
 }
 
 sub kafka_alter_topic
