@@ -269,6 +269,8 @@ voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint
  * ---------------------------------------------------------------------
  */
 
+static bool outage(VoutboxProducer *p);
+
 static void
 on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg, void *opaque)
 {
@@ -295,7 +297,7 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 	 * one that timed out around an outage costs no retry, as the worker's own
 	 * deadline does not count an outage either.
 	 */
-	if (p->transactional && err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT && p->brokers_down)
+	if (p->transactional && err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT && outage(p))
 		err = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
 	if (p->report != NULL)
 		p->report(p->report_arg, (uint64) (uintptr_t) msg->_private, err,
@@ -637,7 +639,15 @@ void
 voutbox_producer_destroy(VoutboxProducer *p)
 {
 	p->report = NULL;
-	/* (An open transaction is aborted by the next producer's init_transactions().) */
+	/*
+	 * An open transaction is aborted: a producer of at_least_once built
+	 * next would never end it, and its partitions' last stable offset would
+	 * hold read_committed consumers back until it times out.  (One that
+	 * cannot be aborted now is, by the next init_transactions(), or the
+	 * coordinator's timeout.)
+	 */
+	if (p->transactional && p->in_txn && !p->fatal)
+		(void) voutbox_producer_abort(p);
 	rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_flush(p->rk, 1000);
 	rd_kafka_destroy(p->rk);
@@ -727,7 +737,7 @@ voutbox_producer_serve(VoutboxProducer *p)
 		char		reason[512];
 		rd_kafka_resp_err_t err = rd_kafka_fatal_error(p->rk, reason, sizeof(reason));
 
-		if (is_fencing(err))
+		if (p->transactional && is_fencing(err))
 			p->fenced = true;
 		ereport(LOG,
 				(errmsg("voutbox: the Kafka producer failed: %s: %s",
@@ -1103,6 +1113,43 @@ voutbox_producer_txn_expiring(VoutboxProducer *p)
 		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), 2 * (p->txn_timeout_ms / 5));
 }
 
+/* Whether the open transaction is too old to begin its commit (three fifths of its timeout). */
+bool
+voutbox_producer_txn_late(VoutboxProducer *p)
+{
+	return p->transactional && p->in_txn &&
+		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), 3 * (p->txn_timeout_ms / 5));
+}
+
+/*
+ * Make sure of the checkpoint topic before a settle is prepared: recovery
+ * takes a checkpoint topic that does not exist for an error, not for one
+ * that holds nothing.  Returns false (the transaction is then aborted) if
+ * it cannot be made sure of.
+ */
+bool
+voutbox_producer_checkpoint_ready(VoutboxProducer *p)
+{
+	char	   *why;
+
+	if (p->checkpoint_ready)
+		return true;
+	if (p->admin == NULL)
+		build_admin(p);
+	why = voutbox_checkpoint_topic_ensure(p->admin != NULL ? p->admin : p->rk,
+										  voutbox_checkpoint_topic());
+	if (why != NULL)
+	{
+		ereport(LOG,
+				(errmsg("voutbox: could not make sure of the checkpoint topic \"%s\": %s",
+						voutbox_checkpoint_topic(), why),
+				 errdetail("The transaction is aborted; its events go again.")));
+		return false;
+	}
+	p->checkpoint_ready = true;
+	return true;
+}
+
 /* How long the standbys may be waited for before a commit, in ms. */
 int
 voutbox_producer_txn_wait_ms(VoutboxProducer *p)
@@ -1166,25 +1213,12 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 {
 	rd_kafka_resp_err_t err;
 	TimestampTz start = GetCurrentTimestamp();
-	char	   *why;
 
 	Assert(p->transactional && p->in_txn);
-	if (!p->checkpoint_ready)
+	if (!voutbox_producer_checkpoint_ready(p))
 	{
-		if (p->admin == NULL)
-			build_admin(p);
-		why = voutbox_checkpoint_topic_ensure(p->admin != NULL ? p->admin : p->rk,
-											  voutbox_checkpoint_topic());
-		if (why != NULL)
-		{
-			ereport(LOG,
-					(errmsg("voutbox: could not make sure of the checkpoint topic \"%s\": %s",
-							voutbox_checkpoint_topic(), why),
-					 errdetail("The transaction is aborted; its events go again.")));
-			voutbox_producer_abort(p);
-			return VOUTBOX_TXN_ABORTED;
-		}
-		p->checkpoint_ready = true;
+		voutbox_producer_abort(p);
+		return VOUTBOX_TXN_ABORTED;
 	}
 	err = rd_kafka_producev(p->rk,
 							RD_KAFKA_V_TOPIC(voutbox_checkpoint_topic()),
@@ -1212,6 +1246,8 @@ voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value)
 		{
 			p->in_txn = false;
 			p->delivered_any = true;
+			/* (The coordinator answered.) */
+			p->brokers_down = false;
 			return VOUTBOX_TXN_COMMITTED;
 		}
 		if (rd_kafka_error_is_retriable(error) &&
@@ -1283,6 +1319,7 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 		return false;
 	}
 	conf_set(conf, "isolation.level", "read_committed");
+	conf_set(conf, "allow.auto.create.topics", "false");
 	conf_set(conf, "enable.partition.eof", "true");
 	conf_set(conf, "enable.auto.commit", "false");
 	conf_set(conf, "enable.auto.offset.store", "false");
@@ -1299,9 +1336,13 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 		ReserveExternalFD();
 	err = rd_kafka_query_watermark_offsets(rk, topic, 0, &lo, &hi,
 										   TXN_CALL_TIMEOUT_MS);
+	/*
+	 * (A settle is prepared only once the topic exists: one that is missing
+	 * was deleted, or the settings name another.  Only an operator can tell.)
+	 */
 	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ||
 		err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
-		ok = true;
+		*error = psprintf("the checkpoint topic \"%s\" does not exist on %s", topic, voutbox_brokers);
 	else if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		*error = psprintf("could not read the offsets of topic \"%s\": %s", topic,
 						  rd_kafka_err2str(err));

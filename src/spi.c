@@ -23,6 +23,7 @@
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/guc.h"
 #include "utils/snapmgr.h"
 
 #include "voutbox.h"
@@ -78,6 +79,12 @@ voutbox_xact_prepare(const char *gid, bool *prepared)
 {
 	SPI_finish();
 	PopActiveSnapshot();
+	/*
+	 * Not a wait without end for a synchronous standby: the worker waits for
+	 * the standbys itself, within the transaction's time (stream.c).
+	 */
+	(void) set_config_option("synchronous_commit", "local", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	if (!PrepareTransactionBlock(gid))
 		elog(ERROR, "voutbox: could not prepare the transaction");
 	CommitTransactionCommand();
@@ -99,9 +106,13 @@ voutbox_xact_finish_prepared(const char *gid, bool commit)
 
 	voutbox_report_activity(commit ? "committing a prepared settle" : "rolling back a prepared settle");
 	SetCurrentStatementStartTimestamp();
+	/* (A stop may cancel its wait for a synchronous standby: it is done all the same.) */
+	voutbox_in_xact = true;
 	StartTransactionCommand();
 	FinishPreparedTransaction(gid, commit);
 	CommitTransactionCommand();
+	voutbox_in_xact = false;
+	QueryCancelPending = false;
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 }

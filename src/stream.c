@@ -853,8 +853,12 @@ release_held(Stream *s, long *wait_ms)
 		s->standby_check_at = TimestampTzPlusMilliseconds(now, STANDBY_POLL_MIN_MS);
 		return true;
 	}
-	/* (A producer retired meanwhile: a new one, or wait for it.) */
-	if (s->producer == NULL && !ensure_producer(s))
+	/*
+	 * (A producer retired meanwhile: a new one once the stream is empty, as
+	 * for a read, or wait for it.  Not while transactions that could not
+	 * commit hold sending back.)
+	 */
+	if (s->producer == NULL && (s->head != NULL || now < s->eos_retry_at || !ensure_producer(s)))
 	{
 		s->standby_check_at = Max(s->producer_retry_at,
 								  TimestampTzPlusMilliseconds(now, STANDBY_POLL_MAX_MS));
@@ -1488,7 +1492,7 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 										   voutbox_producer_txn_wait_ms(s->producer)))
 			{
 				ereport(LOG,
-						(errmsg("voutbox: %s did not flush a prepared settle within voutbox.delivery_timeout; its Kafka transaction is aborted",
+						(errmsg("voutbox: %s did not flush a prepared settle in time; its Kafka transaction is aborted",
 								behind)));
 				voutbox_producer_abort(s->producer);
 				voutbox_xact_finish_prepared(gid, false);
@@ -1501,6 +1505,20 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 			ResetLatch(MyLatch);
 			CHECK_FOR_INTERRUPTS();
 		}
+	}
+	/*
+	 * What is left of transaction.timeout.ms must cover the commit: a
+	 * transaction the coordinator timed out would be reported as fencing.
+	 */
+	if (voutbox_producer_txn_late(s->producer))
+	{
+		ereport(LOG,
+				(errmsg("voutbox: a Kafka transaction of %d events is too old to commit; it is aborted", n)));
+		voutbox_producer_abort(s->producer);
+		voutbox_xact_finish_prepared(gid, false);
+		voutbox_forget_stalled_topics();
+		undeliver(rounds, n);
+		return false;
 	}
 	result = voutbox_producer_commit(s->producer, voutbox_transactional_id(),
 									 voutbox_checkpoint_value(gid, nevents));
@@ -1588,7 +1606,8 @@ settle_ready(Stream *s)
 	 */
 	if (s->eos && s->producer != NULL && voutbox_producer_in_transaction(s->producer) &&
 		!s->failing && !s->unsettled && !voutbox_producer_is_broken(s->producer) &&
-		!voutbox_producer_txn_expiring(s->producer))
+		!voutbox_producer_txn_expiring(s->producer) &&
+		voutbox_producer_checkpoint_ready(s->producer))
 	{
 		voutbox_fault_point("before_prepare");
 		gid = voutbox_eos_new_gid();

@@ -372,6 +372,8 @@ extern bool voutbox_producer_fenced(VoutboxProducer *p);
 extern bool voutbox_producer_abort(VoutboxProducer *p);
 extern bool voutbox_producer_txn_expiring(VoutboxProducer *p);
 extern int	voutbox_producer_txn_wait_ms(VoutboxProducer *p);
+extern bool voutbox_producer_txn_late(VoutboxProducer *p);
+extern bool voutbox_producer_checkpoint_ready(VoutboxProducer *p);
 extern VoutboxTxnResult voutbox_producer_commit(VoutboxProducer *p, const char *key, const char *value);
 extern bool voutbox_checkpoint_gids(const char *key, List **gids, char **error);
 
