@@ -1460,6 +1460,22 @@ undeliver(VoutboxRound **rounds, int n)
 }
 
 /*
+ * exactly_once: the Kafka transaction of the settle prepared as gid is
+ * aborted (if it was not already): the settle is rolled back, and what was
+ * acknowledged in it goes again.  Returns false, for the caller to return.
+ */
+static bool
+roll_back_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid)
+{
+	voutbox_producer_abort(s->producer);
+	voutbox_xact_finish_prepared(gid, false);
+	/* (What the rolled-back settle taught about silent topics may be wrong.) */
+	voutbox_forget_stalled_topics();
+	undeliver(rounds, n);
+	return false;
+}
+
+/*
  * exactly_once: the settle of the rounds is prepared as gid; commit the
  * Kafka transaction with its checkpoint, then the settle (eos.c).  Returns
  * whether the settle is committed; if not, the rounds are to be settled
@@ -1494,11 +1510,7 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 				ereport(LOG,
 						(errmsg("voutbox: %s did not flush a prepared settle in time; its Kafka transaction is aborted",
 								behind)));
-				voutbox_producer_abort(s->producer);
-				voutbox_xact_finish_prepared(gid, false);
-				voutbox_forget_stalled_topics();
-				undeliver(rounds, n);
-				return false;
+				return roll_back_settle(s, rounds, n, gid);
 			}
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 STANDBY_POLL_MAX_MS / 10, PG_WAIT_EXTENSION);
@@ -1513,12 +1525,9 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 	if (voutbox_producer_txn_late(s->producer))
 	{
 		ereport(LOG,
-				(errmsg("voutbox: a Kafka transaction of %d events is too old to commit; it is aborted", n)));
-		voutbox_producer_abort(s->producer);
-		voutbox_xact_finish_prepared(gid, false);
-		voutbox_forget_stalled_topics();
-		undeliver(rounds, n);
-		return false;
+				(errmsg("voutbox: a Kafka transaction of %d events is too old to commit; it is aborted",
+						nevents)));
+		return roll_back_settle(s, rounds, n, gid);
 	}
 	result = voutbox_producer_commit(s->producer, voutbox_transactional_id(),
 									 voutbox_checkpoint_value(gid, nevents));
@@ -1530,13 +1539,7 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 		return true;
 	}
 	if (result == VOUTBOX_TXN_ABORTED)
-	{
-		voutbox_xact_finish_prepared(gid, false);
-		/* (What the rolled-back settle taught about silent topics may be wrong.) */
-		voutbox_forget_stalled_topics();
-		undeliver(rounds, n);
-		return false;
-	}
+		return roll_back_settle(s, rounds, n, gid);
 	if (result == VOUTBOX_TXN_FENCED)
 		fence(s);
 	ereport(LOG,
