@@ -32,7 +32,7 @@ show_failures() {
 	done
 	for f in tmp_check/log/regress_log_*; do
 		[ -f "$f" ] || continue
-		grep -q "^not ok\|Bail out\|timed out\|sanitizer reports" "$f" || continue
+		grep -q "^not ok\|Bail out\|^# Looks like\|timed out waiting\|sanitizer reports" "$f" || continue
 		echo "--- $f" >&2
 		tail -60 "$f" >&2
 	done

@@ -307,7 +307,12 @@ sub check_same_events
 	my @lost = grep { !$kafka{$_} } keys %db;
 	my @phantom = grep { !$db{$_} } keys %kafka;
 	my $dups = scalar(@$msgs) - scalar(keys %kafka);
-	is(scalar(@lost), 0, "$name: no committed event lost (" . scalar(keys %db) . " events)");
+	is(scalar(@lost), 0, "$name: no committed event lost (" . scalar(keys %db) . " events)")
+	  or diag("lost: "
+		  . $node->safe_psql('postgres',
+			  "SELECT string_agg(format('%s %s %s key %s receipt %s:%s retries %s', id, topic, status, "
+				. "aggregate_id, kafka_partition, kafka_offset, retry_count), E'\\n' ORDER BY id) "
+				. "FROM outbox WHERE id IN ('" . join("','", @lost[0 .. ($#lost < 19 ? $#lost : 19)]) . "')"));
 	is(scalar(@phantom), 0, "$name: no event that was not committed");
 	note("$name: $dups duplicates (re-sent after a crash, same id)");
 	return $dups;

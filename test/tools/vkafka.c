@@ -165,8 +165,12 @@ all_at_end(void)
 	return npartitions_total > 0 && n >= npartitions_total;
 }
 
+/*
+ * Count the partitions of the (existing) topics, and add each to parts to be
+ * read from the beginning.
+ */
 static void
-count_partitions(rd_kafka_t *rk, const char *topic_list)
+count_partitions(rd_kafka_t *rk, const char *topic_list, rd_kafka_topic_partition_list_t *parts)
 {
 	char	   *copy = strdup(topic_list);
 
@@ -178,7 +182,12 @@ count_partitions(rd_kafka_t *rk, const char *topic_list)
 		if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR)
 			die("could not read the metadata of %s", t);
 		if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
 			npartitions_total += md->topics[0].partition_cnt;
+			for (int i = 0; i < md->topics[0].partition_cnt; i++)
+				rd_kafka_topic_partition_list_add(parts, t, md->topics[0].partitions[i].id)->offset =
+					RD_KAFKA_OFFSET_BEGINNING;
+		}
 		rd_kafka_metadata_destroy(md);
 		rd_kafka_topic_destroy(rkt);
 	}
@@ -226,6 +235,8 @@ consume(void)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(4);
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(4);
+	int			named_group = group != NULL;
 	char		errstr[512];
 	char		group_id[64];
 	rd_kafka_t *rk;
@@ -264,13 +275,29 @@ consume(void)
 	if (rk == NULL)
 		die("%s", errstr);
 	rd_kafka_poll_set_consumer(rk);
+
+	/*
+	 * Existing topics read to the end (-e) without a group: their partitions
+	 * are assigned, so that no group coordinator (nor its rebalance delay)
+	 * stands between the test and the log.  Else subscribe, which waits for
+	 * topics yet to be created.
+	 */
 	if (to_end)
-		count_partitions(rk, topics);
-	for (char *t = strtok(topics, ","); t; t = strtok(NULL, ","))
-		rd_kafka_topic_partition_list_add(subs, t, RD_KAFKA_PARTITION_UA);
-	if (rd_kafka_subscribe(rk, subs) != RD_KAFKA_RESP_ERR_NO_ERROR)
-		die("%s", "could not subscribe");
+		count_partitions(rk, topics, parts);
+	if (to_end && !named_group)
+	{
+		if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("%s", "could not assign the partitions");
+	}
+	else
+	{
+		for (char *t = strtok(topics, ","); t; t = strtok(NULL, ","))
+			rd_kafka_topic_partition_list_add(subs, t, RD_KAFKA_PARTITION_UA);
+		if (rd_kafka_subscribe(rk, subs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("%s", "could not subscribe");
+	}
 	rd_kafka_topic_partition_list_destroy(subs);
+	rd_kafka_topic_partition_list_destroy(parts);
 
 	while (now_s() < deadline)
 	{
