@@ -99,7 +99,7 @@ END
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
   kafka_cluster_start kafka_cluster_stop kafka_node_stop kafka_node_start
   kafka_active_controller kafka_partition_leader kafka_describe_topic
-  voutbox_node consume_events consume_all worker_pid wait_for_delivered save_sql
+  voutbox_node consume_events consume_all checkpoint_topic worker_pid wait_for_delivered save_sql
   by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
   mock_start mock_cmd mock_stop);
 
@@ -276,6 +276,16 @@ sub consume_events
 	is($rc, 0, "$count messages arrived from $topics")
 	  or diag("got " . scalar(@msgs) . " messages");
 	return @msgs;
+}
+
+# The exactly_once worker's checkpoint topic for database postgres of $node
+# (voutbox.checkpoint_topic_prefix at its default).
+sub checkpoint_topic
+{
+	my ($node) = @_;
+	my ($sysid, $dboid) = split /\|/, $node->safe_psql('postgres',
+		"SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = 'postgres') FROM pg_control_system()");
+	return "voutbox.checkpoints.$sysid.$dboid";
 }
 
 # Everything in the (existing) $topics, read to the end of every partition.
