@@ -187,28 +187,42 @@ voutbox_eos_recover(char **error)
 }
 
 /*
- * Tests only (voutbox.fault_injection): if the file voutbox.fault in the
- * data directory names this step, remove it and die of SIGKILL, as a
- * kill -9 would kill the worker (the postmaster then restarts the server).
+ * Tests only (voutbox.fault_injection): whether the file voutbox.fault in
+ * the data directory names this step; it is then removed (a fault fires
+ * once).
  */
-void
-voutbox_fault_point(const char *point)
+bool
+voutbox_fault_hit(const char *point)
 {
 	FILE	   *f;
 	char		buf[64];
 
 	if (!voutbox_fault_injection)
-		return;
+		return false;
 	f = AllocateFile(FAULT_FILE, "r");
 	if (f == NULL)
-		return;
+		return false;
 	if (fgets(buf, sizeof(buf), f) == NULL)
 		buf[0] = '\0';
 	FreeFile(f);
 	buf[strcspn(buf, "\r\n")] = '\0';
 	if (strcmp(buf, point) != 0)
-		return;
+		return false;
 	(void) unlink(FAULT_FILE);
+	ereport(LOG,
+			(errmsg("voutbox: fault injection at \"%s\"", point)));
+	return true;
+}
+
+/*
+ * Tests only: at a step voutbox.fault names, die of SIGKILL, as a kill -9
+ * would kill the worker (the postmaster then restarts the server).
+ */
+void
+voutbox_fault_point(const char *point)
+{
+	if (!voutbox_fault_hit(point))
+		return;
 	ereport(LOG,
 			(errmsg("voutbox: fault injection: the worker kills itself at \"%s\"", point)));
 	kill(MyProcPid, SIGKILL);

@@ -253,6 +253,23 @@ apply_properties(rd_kafka_conf_t *conf, const char *props, bool secret, char **d
 	return true;
 }
 
+/*
+ * The user's settings, on top of voutbox's: voutbox.kafka_properties, then
+ * the secrets file's.  Returns false, with *error set, if one is refused or
+ * the secrets file could not be read.
+ */
+static bool
+apply_user_properties(rd_kafka_conf_t *conf, char **error)
+{
+	if (secrets_error != NULL)
+	{
+		*error = pstrdup(secrets_error);
+		return false;
+	}
+	return apply_properties(conf, voutbox_kafka_properties, false, error, NULL) &&
+		apply_properties(conf, secrets, true, error, NULL);
+}
+
 bool
 voutbox_kafka_properties_are_valid(const char *props, char **detail, char **hint)
 {
@@ -548,11 +565,7 @@ voutbox_producer_create(bool transactional, char **error)
 		conf_set(conf, "allow.auto.create.topics", "false");
 	snprintf(queue_len, sizeof(queue_len), "%d", Max(100000, 2 * voutbox_batch_size));
 	conf_set(conf, "queue.buffering.max.messages", queue_len);
-	if (secrets_error != NULL)
-		*error = pstrdup(secrets_error);
-	if (secrets_error != NULL ||
-		!apply_properties(conf, voutbox_kafka_properties, false, error, NULL) ||
-		!apply_properties(conf, secrets, true, error, NULL))
+	if (!apply_user_properties(conf, error))
 	{
 		rd_kafka_conf_destroy(conf);
 		pfree(p);
@@ -1305,15 +1318,8 @@ voutbox_checkpoint_gids(const char *key, List **gids, char **error)
 	conf_set(conf, "bootstrap.servers", voutbox_brokers);
 	conf_set(conf, "client.id", "voutbox-recovery");
 	conf_set(conf, "log_level", "3");
-	if (secrets_error != NULL)
-	{
-		*error = pstrdup(secrets_error);
-		rd_kafka_conf_destroy(conf);
-		return false;
-	}
 	/* (The producer's properties: security settings are needed here too.) */
-	if (!apply_properties(conf, voutbox_kafka_properties, false, error, NULL) ||
-		!apply_properties(conf, secrets, true, error, NULL))
+	if (!apply_user_properties(conf, error))
 	{
 		rd_kafka_conf_destroy(conf);
 		return false;

@@ -35,67 +35,82 @@ static MemoryContext xact_caller_cxt = NULL;
 /* The transaction is a block (to be prepared). */
 static bool xact_in_block = false;
 
-void
-voutbox_xact_begin(const char *activity)
+/*
+ * Start a transaction with SPI connected and a snapshot; in a transaction
+ * block if it is to be prepared (PREPARE TRANSACTION needs a block).
+ */
+static void
+xact_start(const char *activity, bool block)
 {
 	xact_caller_cxt = CurrentMemoryContext;
 	voutbox_report_activity(activity);
 	SetCurrentStatementStartTimestamp();
 	voutbox_in_xact = true;
+	xact_in_block = block;
 	StartTransactionCommand();
+	if (block)
+	{
+		BeginTransactionBlock();
+		CommitTransactionCommand();
+		StartTransactionCommand();
+	}
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "voutbox: SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
 }
 
 /*
- * Begin a transaction block, for a transaction to be prepared
- * (voutbox_xact_prepare(): PREPARE TRANSACTION needs a block).
+ * End the transaction xact_start() began: commit it, or (gid given) prepare
+ * it.  *done (if given) is set the moment that is done: a prepared
+ * transaction is then out of this process, in the server's care, until
+ * voutbox_xact_finish_prepared().
  */
-void
-voutbox_xact_begin_block(const char *activity)
-{
-	xact_caller_cxt = CurrentMemoryContext;
-	voutbox_report_activity(activity);
-	SetCurrentStatementStartTimestamp();
-	voutbox_in_xact = true;
-	xact_in_block = true;
-	StartTransactionCommand();
-	BeginTransactionBlock();
-	CommitTransactionCommand();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "voutbox: SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
-}
-
-/*
- * PREPARE TRANSACTION gid, and set *prepared (if given) the moment it is
- * done: the transaction is then out of this process, in the server's
- * care, until voutbox_xact_finish_prepared().
- */
-void
-voutbox_xact_prepare(const char *gid, bool *prepared)
+static void
+xact_finish(const char *gid, bool *done)
 {
 	SPI_finish();
 	PopActiveSnapshot();
-	/*
-	 * Not a wait without end for a synchronous standby: the worker waits for
-	 * the standbys itself, within the transaction's time (stream.c).
-	 */
-	(void) set_config_option("synchronous_commit", "local", PGC_SUSET, PGC_S_SESSION,
-							 GUC_ACTION_LOCAL, true, 0, false);
-	if (!PrepareTransactionBlock(gid))
-		elog(ERROR, "voutbox: could not prepare the transaction");
+	if (gid != NULL)
+	{
+		/*
+		 * Not a wait without end for a synchronous standby: the worker waits
+		 * for the standbys itself, within the transaction's time (stream.c).
+		 */
+		(void) set_config_option("synchronous_commit", "local", PGC_SUSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
+		if (!PrepareTransactionBlock(gid))
+			elog(ERROR, "voutbox: could not prepare the transaction");
+	}
 	CommitTransactionCommand();
-	if (prepared != NULL)
-		*prepared = true;
+	if (done != NULL)
+		*done = true;
 	voutbox_in_xact = false;
 	xact_in_block = false;
+	/* A stop request meant to cancel this transaction has nothing left to cancel. */
 	QueryCancelPending = false;
 	MemoryContextSwitchTo(xact_caller_cxt);
 	xact_caller_cxt = NULL;
 	pgstat_report_stat(false);
+}
+
+void
+voutbox_xact_begin(const char *activity)
+{
+	xact_start(activity, false);
+}
+
+/* Begin a transaction block, for voutbox_xact_prepare(). */
+void
+voutbox_xact_begin_block(const char *activity)
+{
+	xact_start(activity, true);
+}
+
+/* PREPARE TRANSACTION gid, and set *prepared (if given) the moment it is done. */
+void
+voutbox_xact_prepare(const char *gid, bool *prepared)
+{
+	xact_finish(gid, prepared);
 }
 
 /* COMMIT PREPARED or ROLLBACK PREPARED gid. */
@@ -120,24 +135,14 @@ voutbox_xact_finish_prepared(const char *gid, bool commit)
 void
 voutbox_xact_end(void)
 {
-	voutbox_xact_commit(NULL);
+	xact_finish(NULL, NULL);
 }
 
 /* Commit, and set *committed (if given) the moment the commit is done. */
 void
 voutbox_xact_commit(bool *committed)
 {
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	if (committed != NULL)
-		*committed = true;
-	voutbox_in_xact = false;
-	/* A stop request meant to cancel this transaction has nothing left to cancel. */
-	QueryCancelPending = false;
-	MemoryContextSwitchTo(xact_caller_cxt);
-	xact_caller_cxt = NULL;
-	pgstat_report_stat(false);
+	xact_finish(NULL, committed);
 }
 
 /*

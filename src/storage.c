@@ -1313,7 +1313,8 @@ append_batch_row(VoutboxRound *r)
 
 /*
  * Record the outcome of rounds read one after the other (settle.c judges
- * the events) in one transaction, with the cursor row of each.  Returns the
+ * the events) in one transaction, with the cursor row of each; with a gid,
+ * prepare it, and hand the settlement back in *prepared.  Returns the
  * next time a deferred event is due, or 0; *due_now says whether some may
  * be due at once.  An ERROR leaves the rounds as
  * they were, for the caller to settle again; rounds read from an
@@ -1321,7 +1322,7 @@ append_batch_row(VoutboxRound *r)
  */
 TimestampTz
 voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_now,
-					   const char *gid)
+					   const char *gid, VoutboxSettlement **prepared)
 {
 	bool		deferred = false;
 	TimestampTz next_due = 0;
@@ -1356,11 +1357,18 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_
 	if (deferred)
 		next_due = voutbox_next_due();
 	*due_now = voutbox_settle_made_due(settlement);
-	/* exactly_once: prepared, and committed once Kafka's transaction is (eos.c). */
+	/*
+	 * exactly_once: prepared, and committed once Kafka's transaction is
+	 * (eos.c); the caller ends the settlement then (its statistics count
+	 * only a settle that is committed).
+	 */
 	if (gid != NULL)
+	{
 		voutbox_xact_prepare(gid, committed);
-	else
-		voutbox_xact_commit(committed);
+		*prepared = settlement;
+		return next_due;
+	}
+	voutbox_xact_commit(committed);
 	voutbox_settle_end(settlement);
 	return next_due;
 }

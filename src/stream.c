@@ -422,6 +422,22 @@ unfence(Stream *s)
 }
 
 /*
+ * Remember error (NULL: none) in *last; returns whether it is new, i.e.
+ * worth a log line: an error that persists is logged once.
+ */
+static bool
+new_error(char **last, const char *error)
+{
+	bool		is_new = error != NULL &&
+		(*last == NULL || strcmp(*last, error) != 0);
+
+	if (*last != NULL)
+		pfree(*last);
+	*last = error != NULL ? MemoryContextStrdup(TopMemoryContext, error) : NULL;
+	return is_new;
+}
+
+/*
  * Before anything is read: not fenced, and no settle left prepared by a
  * dead worker (eos.c).  Returns whether the worker may read.
  */
@@ -453,19 +469,14 @@ eos_ready(Stream *s, long *wait_ms)
 	if (voutbox_eos_recover(&error))
 	{
 		s->recovered = true;
-		if (s->recover_error != NULL)
-			pfree(s->recover_error);
-		s->recover_error = NULL;
+		(void) new_error(&s->recover_error, NULL);
 		return true;
 	}
-	if (s->recover_error == NULL || strcmp(s->recover_error, error) != 0)
+	if (new_error(&s->recover_error, error))
 		ereport(LOG,
 				(errmsg("voutbox: recovery: could not tell whether Kafka committed the settle a worker left prepared: %s",
 						error),
 				 errdetail("Nothing is read until it can; the worker tries again every %d ms.", RECHECK_MS)));
-	if (s->recover_error != NULL)
-		pfree(s->recover_error);
-	s->recover_error = MemoryContextStrdup(TopMemoryContext, error);
 	worker_state("recovering", "waiting for Kafka to tell whether a prepared settle was committed", false);
 	s->recover_at = TimestampTzPlusMilliseconds(now, RECHECK_MS);
 	if (wait_ms != NULL)
@@ -556,18 +567,13 @@ ensure_producer(Stream *s)
 	{
 		s->eos = voutbox_delivery == VOUTBOX_EXACTLY_ONCE;
 		voutbox_producer_set_reporter(s->producer, record_report, s);
-		if (s->producer_error != NULL)
-			pfree(s->producer_error);
-		s->producer_error = NULL;
+		(void) new_error(&s->producer_error, NULL);
 		return true;
 	}
-	if (s->producer_error == NULL || strcmp(s->producer_error, error) != 0)
+	if (new_error(&s->producer_error, error))
 		ereport(LOG,
 				(errmsg("voutbox: could not create the Kafka producer: %s", error),
 				 errhint("Fix voutbox.brokers, voutbox.kafka_properties, voutbox.kafka_secrets_file or voutbox.delivery and reload the configuration.")));
-	if (s->producer_error != NULL)
-		pfree(s->producer_error);
-	s->producer_error = MemoryContextStrdup(TopMemoryContext, error);
 	worker_state("no kafka configuration", "waiting for a valid Kafka configuration", false);
 	return false;
 }
@@ -1518,6 +1524,10 @@ commit_prepared_settle(Stream *s, VoutboxRound **rounds, int n, const char *gid,
 			CHECK_FOR_INTERRUPTS();
 		}
 	}
+	/* (Tests: a transaction aborted here, as for the reasons above.) */
+	if (voutbox_fault_hit("abort_after_prepare"))
+		return roll_back_settle(s, rounds, n, gid);
+
 	/*
 	 * What is left of transaction.timeout.ms must cover the commit: a
 	 * transaction the coordinator timed out would be reported as fencing.
@@ -1586,6 +1596,7 @@ settle_ready(Stream *s)
 	volatile TimestampTz next_due = 0;
 	volatile bool due_now = false;
 	char	   *volatile gid = NULL;
+	VoutboxSettlement *volatile prepared = NULL;
 
 	if (s->unsettled && GetCurrentTimestamp() < s->settle_retry_at)
 		return false;
@@ -1626,7 +1637,7 @@ settle_ready(Stream *s)
 	PG_TRY();
 	{
 		next_due = voutbox_storage_settle(rounds, n + (late != NULL), (bool *) &committed,
-										  (bool *) &due_now, gid);
+										  (bool *) &due_now, gid, (VoutboxSettlement **) &prepared);
 	}
 	PG_CATCH();
 	{
@@ -1664,7 +1675,11 @@ settle_ready(Stream *s)
 		return false;
 	}
 	if (gid != NULL)
+	{
 		s->eos_failures = 0;
+		/* Committed: now, and not before, the statistics count it. */
+		voutbox_settle_end(prepared);
+	}
 	/* An ERROR after the commit (the statistics, the log): the outcome is recorded. */
 	if (edata != NULL && committed)
 	{

@@ -386,6 +386,7 @@ extern char *voutbox_checkpoint_value(const char *gid, int nevents);
 extern char *voutbox_checkpoint_gid(const char *value);
 extern bool voutbox_eos_recover(char **error);
 extern void voutbox_fault_point(const char *point);
+extern bool voutbox_fault_hit(const char *point);
 extern void voutbox_producer_destroy(VoutboxProducer *p);
 extern bool voutbox_producer_is_broken(VoutboxProducer *p);
 extern bool voutbox_producer_give_up(VoutboxProducer *p);
@@ -521,8 +522,10 @@ extern void voutbox_storage_recheck_round(VoutboxRound *r, struct HTAB *held_in_
 extern VoutboxStorageStatus voutbox_storage_read_round(VoutboxCursor *cursor, VoutboxRound *round,
 													   const VoutboxReadOptions *opt,
 													   char **version);
+typedef struct VoutboxSettlement VoutboxSettlement;
 extern TimestampTz voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed,
-										  bool *due_now, const char *gid);
+										  bool *due_now, const char *gid,
+										  VoutboxSettlement **prepared);
 extern void voutbox_forget_cursor(VoutboxCursor *cursor);
 extern TimestampTz voutbox_next_due(void);
 extern uint64 voutbox_key_hash(const char *topic, const char *key);
@@ -547,7 +550,6 @@ extern Datum voutbox_text_array(char **values, int n);
 extern Datum voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align);
 
 /* What becomes of the events of a round (settle.c) */
-typedef struct VoutboxSettlement VoutboxSettlement;
 
 extern VoutboxSettlement *voutbox_settle_begin(void);
 extern void voutbox_settle_count(VoutboxSettlement *settlement, const VoutboxRound *round);

@@ -31,13 +31,17 @@ sub hold_windows
 	return;
 }
 
-# The events of key "k" in a topic, once each, in their order.
+# The events of key "k" in a topic, once each, in their order.  In
+# exactly_once, a read_committed consumer must see each once.
 sub k_order
 {
 	my ($topic) = @_;
 	my %seen;
-	return join(',', grep { !$seen{$_}++ } map { $_->{event}{payload}{w} }
-		  grep { ($_->{key} // '') eq 'k' } consume_all($kafka, $topic));
+	my @k = map { $_->{event}{payload}{w} }
+	  grep { ($_->{key} // '') eq 'k' } consume_all($kafka, $topic);
+	my $order = join(',', grep { !$seen{$_}++ } @k);
+	is(scalar(@k), scalar(keys %seen), "exactly_once: no duplicate in $topic") if $m;
+	return $order;
 }
 
 # Two writers of key "k": A saves first and commits last; B commits between.

@@ -1,7 +1,8 @@
 # Exactly-once delivery (voutbox.delivery = exactly_once).  A read_committed
 # consumer sees every committed event once, in order per key, whatever kills
 # the worker at each step of a settle (fault injection: the worker kills
-# itself with SIGKILL, as kill -9 would, and the server restarts), across an
+# itself with SIGKILL, as kill -9 would, and the server restarts), a
+# transaction aborted after its settle was prepared, across an
 # immediate stop under load, and across a kill -9 of the broker.  A
 # permanent error in a transaction aborts it: the others go again, the
 # event goes to the DLQ, the retry queue keeps its key's order.  A copy of
@@ -123,6 +124,23 @@ for my $point (qw(before_prepare after_prepare after_kafka_commit after_commit_p
 }
 is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
 	'no prepared transaction left');
+
+# --- a transaction aborted after its settle was prepared (as one is when a
+# standby is too slow or the transaction too old): the settle is rolled
+# back, the events go again, and the statistics count each event once.
+{
+	my $offset = -s $node->logfile;
+	my $before = $node->safe_psql('postgres', 'SELECT delivered FROM outbox_worker');
+	PostgreSQL::Test::Utils::append_to_file($node->data_dir . '/voutbox.fault', "abort_after_prepare\n");
+	save_events(50);
+	$node->wait_for_log(qr/fault injection at "abort_after_prepare"/, $offset);
+	wait_all_delivered();
+	pass('aborted after PREPARE: every event delivered afterwards');
+	is($node->safe_psql('postgres', 'SELECT delivered FROM outbox_worker') - $before, 50,
+		'aborted after PREPARE: outbox_worker counts each event once');
+	is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
+		'aborted after PREPARE: the settle was rolled back');
+}
 
 # --- an immediate stop under load
 my $script = counter_script($node, 20);

@@ -4,7 +4,10 @@
  *   vkafka consume -b BROKERS -t TOPIC[,TOPIC...] [-n COUNT] [-e] [-T SECONDS] [-g GROUP] [-c name=value ...]
  *       Read the topics from the beginning with a new consumer group until
  *       COUNT messages arrived or SECONDS passed (default 60); with -e, go on
- *       until the end of every partition of the (existing) topics.  Prints one
+ *       until the end of every partition of the topics, which must exist: their
+ *       partitions are then assigned, without a group unless -g names one.  A
+ *       read_committed consumer (the default) is at the end only once nothing
+ *       lies beyond its position (no transaction left unmarked).  Prints one
  *       JSON object per message: topic, partition, offset, key, headers, value.
  *       Exits 0 when COUNT messages arrived (or, without -n, at the deadline
  *       or the end), 2 when fewer arrived in time or the end was not reached.
@@ -178,16 +181,27 @@ count_partitions(rd_kafka_t *rk, const char *topic_list, rd_kafka_topic_partitio
 	{
 		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, t, NULL);
 		const struct rd_kafka_metadata *md;
+		double		deadline = now_s() + 15;
 
-		if (rd_kafka_metadata(rk, 0, rkt, &md, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR)
-			die("could not read the metadata of %s", t);
-		if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		/* A topic just created may have no leader yet: ask again. */
+		for (;;)
 		{
-			npartitions_total += md->topics[0].partition_cnt;
-			for (int i = 0; i < md->topics[0].partition_cnt; i++)
-				rd_kafka_topic_partition_list_add(parts, t, md->topics[0].partitions[i].id)->offset =
-					RD_KAFKA_OFFSET_BEGINNING;
+			rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, 10000);
+
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				die("could not read the metadata of %s", t);
+			err = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+			if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topics[0].partition_cnt > 0)
+				break;
+			rd_kafka_metadata_destroy(md);
+			if (now_s() > deadline)
+				die("topic %s does not exist, has no leader or no partitions", t);
+			usleep(200 * 1000);
 		}
+		npartitions_total += md->topics[0].partition_cnt;
+		for (int i = 0; i < md->topics[0].partition_cnt; i++)
+			rd_kafka_topic_partition_list_add(parts, t, md->topics[0].partitions[i].id)->offset =
+				RD_KAFKA_OFFSET_BEGINNING;
 		rd_kafka_metadata_destroy(md);
 		rd_kafka_topic_destroy(rkt);
 	}
@@ -314,7 +328,18 @@ consume(void)
 		}
 		else if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
 		{
-			at_end[partition_slot(m)] = 1;
+			int64_t		lo,
+						hi;
+
+			/*
+			 * A read_committed consumer stops at the last stable offset: a
+			 * transaction whose commit Kafka has acknowledged may not be
+			 * marked in the partition yet.  The end is the high watermark.
+			 */
+			if (rd_kafka_get_watermark_offsets(rk, rd_kafka_topic_name(m->rkt), m->partition,
+											   &lo, &hi) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+				m->offset >= hi)
+				at_end[partition_slot(m)] = 1;
 		}
 		else if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
 				 m->err != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
