@@ -1364,8 +1364,8 @@ voutbox_storage_settle(VoutboxRound **rounds, int n, bool *committed, bool *due_
 	 */
 	if (gid != NULL)
 	{
-		voutbox_xact_prepare(gid, committed);
 		*prepared = settlement;
+		voutbox_xact_prepare(gid, committed);
 		return next_due;
 	}
 	voutbox_xact_commit(committed);

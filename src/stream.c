@@ -1678,7 +1678,22 @@ settle_ready(Stream *s)
 	{
 		s->eos_failures = 0;
 		/* Committed: now, and not before, the statistics count it. */
-		voutbox_settle_end(prepared);
+		if (prepared != NULL && edata == NULL)
+		{
+			PG_TRY();
+			{
+				voutbox_settle_end(prepared);
+			}
+			PG_CATCH();
+			{
+				HOLD_INTERRUPTS();
+				MemoryContextSwitchTo(cxt);
+				edata = CopyErrorData();
+				FlushErrorState();
+				RESUME_INTERRUPTS();
+			}
+			PG_END_TRY();
+		}
 	}
 	/* An ERROR after the commit (the statistics, the log): the outcome is recorded. */
 	if (edata != NULL && committed)

@@ -136,6 +136,9 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
 	$node->wait_for_log(qr/fault injection at "abort_after_prepare"/, $offset);
 	wait_all_delivered();
 	pass('aborted after PREPARE: every event delivered afterwards');
+	# (The statistics count a settle just after COMMIT PREPARED.)
+	$node->poll_query_until('postgres', "SELECT delivered >= $before + 50 FROM outbox_worker")
+	  or die 'the statistics did not count the events';
 	is($node->safe_psql('postgres', 'SELECT delivered FROM outbox_worker') - $before, 50,
 		'aborted after PREPARE: outbox_worker counts each event once');
 	is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
