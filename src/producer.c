@@ -1112,6 +1112,14 @@ voutbox_producer_in_transaction(VoutboxProducer *p)
 	return p->transactional && p->in_txn;
 }
 
+/* Whether the open transaction is older than fifths/5 of transaction.timeout.ms. */
+static bool
+txn_older_than_fifths(VoutboxProducer *p, int fifths)
+{
+	return p->transactional && p->in_txn &&
+		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), fifths * (p->txn_timeout_ms / 5));
+}
+
 /*
  * Whether the open transaction is too old to be committed safely: older than
  * two fifths of transaction.timeout.ms, the rest being what the standbys'
@@ -1122,16 +1130,14 @@ voutbox_producer_in_transaction(VoutboxProducer *p)
 bool
 voutbox_producer_txn_expiring(VoutboxProducer *p)
 {
-	return p->transactional && p->in_txn &&
-		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), 2 * (p->txn_timeout_ms / 5));
+	return txn_older_than_fifths(p, 2);
 }
 
 /* Whether the open transaction is too old to begin its commit (three fifths of its timeout). */
 bool
 voutbox_producer_txn_late(VoutboxProducer *p)
 {
-	return p->transactional && p->in_txn &&
-		TimestampDifferenceExceeds(p->txn_started_at, GetCurrentTimestamp(), 3 * (p->txn_timeout_ms / 5));
+	return txn_older_than_fifths(p, 3);
 }
 
 /*

@@ -550,7 +550,6 @@ extern Datum voutbox_text_array(char **values, int n);
 extern Datum voutbox_scalar_array(Datum *values, int n, Oid type, int len, bool byval, char align);
 
 /* What becomes of the events of a round (settle.c) */
-
 extern VoutboxSettlement *voutbox_settle_begin(void);
 extern void voutbox_settle_count(VoutboxSettlement *settlement, const VoutboxRound *round);
 extern bool voutbox_settle_events(VoutboxSettlement *settlement, VoutboxRound *round,

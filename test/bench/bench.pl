@@ -386,9 +386,7 @@ if ($PART{eos})
 	my %f;
 	new_topic("acme.$type");
 	# (Made here as the worker would make it, so that it can be read before the first checkpoint.)
-	my ($sysid, $dboid) = split /\|/, $node->safe_psql('postgres',
-		"SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = 'postgres') FROM pg_control_system()");
-	my $ctopic = "voutbox.checkpoints.$sysid.$dboid";
+	my $ctopic = checkpoint_topic($node);
 	kafka_create_topic($kafka, $ctopic, 1, 'cleanup.policy=compact');
 	for my $mode (qw(at_least_once exactly_once at_least_once exactly_once))
 	{

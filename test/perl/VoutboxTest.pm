@@ -99,7 +99,7 @@ END
 our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
   kafka_cluster_start kafka_cluster_stop kafka_node_stop kafka_node_start
   kafka_active_controller kafka_partition_leader kafka_describe_topic
-  voutbox_node consume_events consume_all checkpoint_topic worker_pid wait_for_delivered save_sql
+  voutbox_node consume_events consume_all checkpoint_topic inject_fault worker_pid wait_for_delivered save_sql
   by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
   mock_start mock_cmd mock_stop);
 
@@ -286,6 +286,15 @@ sub checkpoint_topic
 	my ($sysid, $dboid) = split /\|/, $node->safe_psql('postgres',
 		"SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = 'postgres') FROM pg_control_system()");
 	return "voutbox.checkpoints.$sysid.$dboid";
+}
+
+# Tests only (voutbox.fault_injection on): the worker of $node meets the
+# fault $point (src/eos.c) the next time it passes there, once.
+sub inject_fault
+{
+	my ($node, $point) = @_;
+	PostgreSQL::Test::Utils::append_to_file($node->data_dir . '/voutbox.fault', "$point\n");
+	return;
 }
 
 # Everything in the (existing) $topics, read to the end of every partition.

@@ -195,7 +195,7 @@ sub check_topic
 	my $load = start_pgbench($primary, $script, '-c', '2', '-T', '120', '-R', '400');
 	wait_for_delivered($primary, 300);
 	my $offset = -s $primary->logfile;
-	PostgreSQL::Test::Utils::append_to_file($primary->data_dir . '/voutbox.fault', "after_kafka_commit\n");
+	inject_fault($primary, 'after_kafka_commit');
 	$primary->wait_for_log(qr/kills itself at "after_kafka_commit"/, $offset);
 	# (restart_after_crash is off: the whole primary is down.)
 	finish_pgbench($load);

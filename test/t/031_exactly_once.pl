@@ -69,11 +69,11 @@ my @msgs = consume_all($kafka, $topic);
 is(check_same_events($node, \@msgs, 'true', 'exactly_once'), 0, 'no duplicate');
 my ($sysid, $dboid) = split /\|/, $node->safe_psql('postgres',
 	"SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = 'postgres') FROM pg_control_system()");
-my @checkpoints = consume_all($kafka, "voutbox.checkpoints.$sysid.$dboid");
+my @checkpoints = consume_all($kafka, checkpoint_topic($node));
 ok(@checkpoints > 0, "the worker wrote checkpoint records to its own topic");
 is($checkpoints[-1]{key}, "voutbox-$sysid-$dboid", 'keyed by the transactional.id');
 like($checkpoints[-1]{value}, qr/"gid":"voutbox:$dboid:[0-9a-f]{32}"/, 'naming the settle');
-my $ct = kafka_describe_topic($kafka, "voutbox.checkpoints.$sysid.$dboid");
+my $ct = kafka_describe_topic($kafka, checkpoint_topic($node));
 is(($ct->{partitions} // '') . ' ' . ($ct->{config}{'cleanup.policy'} // ''), '1 compact',
 	'the checkpoint topic: one partition, compacted');
 
@@ -106,7 +106,7 @@ my %resolution = (
 for my $point (qw(before_prepare after_prepare after_kafka_commit after_commit_prepared))
 {
 	my $offset = -s $node->logfile;
-	PostgreSQL::Test::Utils::append_to_file($node->data_dir . '/voutbox.fault', "$point\n");
+	inject_fault($node, $point);
 	save_events(100);
 	$node->wait_for_log(qr/kills itself at "$point"/, $offset);
 	wait_all_delivered();
@@ -131,7 +131,7 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
 {
 	my $offset = -s $node->logfile;
 	my $before = $node->safe_psql('postgres', 'SELECT delivered FROM outbox_worker');
-	PostgreSQL::Test::Utils::append_to_file($node->data_dir . '/voutbox.fault', "abort_after_prepare\n");
+	inject_fault($node, 'abort_after_prepare');
 	save_events(50);
 	$node->wait_for_log(qr/fault injection at "abort_after_prepare"/, $offset);
 	wait_all_delivered();

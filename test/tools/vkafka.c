@@ -168,12 +168,9 @@ all_at_end(void)
 	return npartitions_total > 0 && n >= npartitions_total;
 }
 
-/*
- * Count the partitions of the (existing) topics, and add each to parts to be
- * read from the beginning.
- */
+/* Add every partition of the (existing) topics to parts, to be read from the beginning. */
 static void
-count_partitions(rd_kafka_t *rk, const char *topic_list, rd_kafka_topic_partition_list_t *parts)
+list_partitions(rd_kafka_t *rk, const char *topic_list, rd_kafka_topic_partition_list_t *parts)
 {
 	char	   *copy = strdup(topic_list);
 
@@ -198,7 +195,6 @@ count_partitions(rd_kafka_t *rk, const char *topic_list, rd_kafka_topic_partitio
 				die("topic %s does not exist, has no leader or no partitions", t);
 			usleep(200 * 1000);
 		}
-		npartitions_total += md->topics[0].partition_cnt;
 		for (int i = 0; i < md->topics[0].partition_cnt; i++)
 			rd_kafka_topic_partition_list_add(parts, t, md->topics[0].partitions[i].id)->offset =
 				RD_KAFKA_OFFSET_BEGINNING;
@@ -297,7 +293,10 @@ consume(void)
 	 * topics yet to be created.
 	 */
 	if (to_end)
-		count_partitions(rk, topics, parts);
+	{
+		list_partitions(rk, topics, parts);
+		npartitions_total = parts->cnt;
+	}
 	if (to_end && !named_group)
 	{
 		if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
