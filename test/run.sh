@@ -30,11 +30,15 @@ show_failures() {
 	for f in regression.diffs output_iso/regression.diffs; do
 		[ -f "$f" ] && cat "$f" >&2
 	done
+	# (The logs' lines start with a timestamp: "[22:06:44.560](1.523s) not ok 8 - ...".)
+	local failed='(^|s\) )not ok |Bail out|Looks like you failed|timed out waiting|sanitizer reports'
 	for f in tmp_check/log/regress_log_*; do
 		[ -f "$f" ] || continue
-		grep -q "^not ok\|Bail out\|^# Looks like\|timed out waiting\|sanitizer reports" "$f" || continue
-		echo "--- $f" >&2
-		tail -60 "$f" >&2
+		grep -qE "$failed" "$f" || continue
+		echo "--- $f: the failures" >&2
+		grep -E -A12 "$failed" "$f" | head -120 >&2
+		echo "--- $f: its end" >&2
+		tail -40 "$f" >&2
 	done
 }
 
