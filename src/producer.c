@@ -17,7 +17,11 @@
  * purged and rebuilt, and its unacknowledged events come back as timed out
  * (a retriable error: storage.c retries them with backoff, each key's later
  * events behind them).  Purging in-flight messages leaves no gap either: the
- * broker accepts a partition's batches of one producer only in sequence.
+ * broker accepts a partition's batches of one producer only in sequence,
+ * once it has the producer's state for the partition.  Before that (a
+ * partition just created or moved) it accepts a batch over a gap, and
+ * librdkafka then acknowledges the failed batch before it without an
+ * offset: such an event is sent again (on_delivery).
  * While no broker can be reached at all, the worker waits without giving up:
  * an outage is nobody's event's fault and must not use up retries.
  *
@@ -309,6 +313,19 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 		err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
 	if (msg->_private == CHECKPOINT_TICKET)
 		return;
+
+	/*
+	 * An acknowledgement without an offset is librdkafka's implicit one: a
+	 * later request for the partition succeeded after this one failed, and
+	 * librdkafka took that for proof that this one had been written.  It is
+	 * none: a broker without state for the producer on the partition (one
+	 * just created, or just moved) accepts the later request over the gap
+	 * (KAFKA-15591), and the failed one was never written.  The event goes
+	 * again, uncharged: a duplicate at worst, never a loss.  (acks=all: a
+	 * write the broker confirmed always has its offset.)
+	 */
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR && msg->offset < 0)
+		err = VOUTBOX_DELIVERY_UNCONFIRMED;
 	/*
 	 * exactly_once: librdkafka times messages out itself (message.timeout.ms);
 	 * one that timed out around an outage costs no retry, as the worker's own
@@ -1477,6 +1494,8 @@ voutbox_delivery_error_text(int err)
 {
 	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
 		return "could not create topic";
+	if (err == VOUTBOX_DELIVERY_UNCONFIRMED)
+		return "acknowledged without an offset, after a failed request: not proven written";
 	return psprintf("%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
 }
 
@@ -1485,6 +1504,8 @@ voutbox_delivery_error_name(int err)
 {
 	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
 		return "VOUTBOX_TOPIC_NOT_CREATED";
+	if (err == VOUTBOX_DELIVERY_UNCONFIRMED)
+		return "VOUTBOX_UNCONFIRMED";
 	return rd_kafka_err2name(err);
 }
 
@@ -1517,8 +1538,10 @@ voutbox_delivery_error_class(int err)
 			/*
 			 * The producer's trouble, not the event's: a purge (shutdown, a
 			 * new configuration, a fatal error), a full local queue, or the
-			 * idempotent producer losing its sequence.  Sent again, in order.
+			 * idempotent producer losing its sequence or acknowledging what it
+			 * cannot prove written.  Sent again, in order.
 			 */
+		case VOUTBOX_DELIVERY_UNCONFIRMED:
 		case RD_KAFKA_RESP_ERR__PURGE_QUEUE:
 		case RD_KAFKA_RESP_ERR__PURGE_INFLIGHT:
 		case RD_KAFKA_RESP_ERR__QUEUE_FULL:

@@ -286,6 +286,8 @@ typedef struct SettleState
 	int			stragglers;		/* still in flight */
 	const char *straggler_topic;	/* the first one's topic, for the log */
 	int			timed_out_in_flight;	/* stragglers charged a timeout */
+	int			unconfirmed;	/* acknowledged without an offset: sent again */
+	const VoutboxEvent *unconfirmed_first;
 	bool		seeded;			/* the keys of stragglers in flight are in "failed" */
 	bool		due_now;		/* deferred events may be due at once: see below */
 	const VoutboxEvent *in_flight_first;
@@ -402,6 +404,19 @@ count_straggler(SettleState *st, const VoutboxEvent *ev)
 }
 
 /*
+ * An event acknowledged without an offset (producer.c): not proven written,
+ * it goes again as after the producer's trouble; counted for the log.
+ */
+static void
+count_unconfirmed(SettleState *st, const VoutboxEvent *ev, int err)
+{
+	if (err != VOUTBOX_DELIVERY_UNCONFIRMED)
+		return;
+	if (st->unconfirmed++ == 0)
+		st->unconfirmed_first = ev;
+}
+
+/*
  * A straggler out-waited delivery_timeout, still in flight: librdkafka
  * keeps trying, and the attempt counts as failed; its topic stays stalled.
  */
@@ -455,6 +470,7 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 		VoutboxEvent *ev = &r->events[i];
 		int			err = r->errs[i];
 
+		count_unconfirmed(st, ev, err);
 		if (err == VOUTBOX_DELIVERY_PENDING && r->late)
 		{
 			/*
@@ -579,6 +595,7 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 		VoutboxEvent *ev = &r->events[i];
 		int			err = r->errs[i];
 
+		count_unconfirmed(st, ev, err);
 		if (r->actions[i] == VOUTBOX_HOLD)
 			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
 		else if (r->actions[i] == VOUTBOX_SCHEDULE)
@@ -742,6 +759,12 @@ log_failures(const SettleState *st)
 						   st->first->id, st->first->topic, st->first->attempts + 1,
 						   voutbox_delivery_error_text(st->first_err), Max(delay, 0))));
 	}
+	if (st->unconfirmed > 0)
+		ereport(LOG,
+				(errmsg("voutbox: %d events were acknowledged without an offset after a failed request; they are sent again",
+						st->unconfirmed),
+				 errdetail("First: event %s (topic \"%s\"). librdkafka takes a later request's success for proof that a failed one was written, which it is not when the broker had no state for the producer on the partition (one just created or moved): the event may reach Kafka twice, never not at all.",
+						   st->unconfirmed_first->id, st->unconfirmed_first->topic)));
 	if (st->overtaken > 0)
 		ereport(WARNING,
 				(errmsg("voutbox: the broker acknowledged %d events behind a failed event of their key",

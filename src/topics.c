@@ -187,7 +187,7 @@ failed(TopicState *t, rd_kafka_resp_err_t err, const char *message)
  * UNKNOWN_TOPIC_OR_PART if not, else why it could not be told.
  */
 static rd_kafka_resp_err_t
-describe(rd_kafka_t *rk, const char *topic)
+describe(rd_kafka_t *rk, const char *topic, int *npartitions)
 {
 	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
 	const struct rd_kafka_metadata *md = NULL;
@@ -205,12 +205,48 @@ describe(rd_kafka_t *rk, const char *topic)
 		if (strcmp(md->topics[i].topic, topic) != 0)
 			continue;
 		err = md->topics[i].err;
+		if (npartitions != NULL)
+			*npartitions = md->topics[i].partition_cnt;
 		for (int j = 0; err == RD_KAFKA_RESP_ERR_NO_ERROR && j < md->topics[i].partition_cnt; j++)
 			if (md->topics[i].partitions[j].leader < 0)
 				err = RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE;
 	}
 	rd_kafka_metadata_destroy(md);
 	return err;
+}
+
+/*
+ * A topic just created, known to the metadata: wait (within the provisioning
+ * timeout counted from start) until each partition's leader has made the
+ * partition, which a leader that lists the partition's offsets has.  The
+ * metadata names a leader before that.  An idempotent producer's first
+ * request to a partition not made yet fails, and a second request in flight
+ * behind it, arriving once the partition is made, is accepted over the gap
+ * (KAFKA-15591): its events would go out of order, and librdkafka would take
+ * the first request's events for written (producer.c sends them again).
+ * Waiting in vain costs nothing more: the producer copes as it can.
+ */
+static void
+wait_until_led(rd_kafka_t *rk, const char *topic, int npartitions, TimestampTz start)
+{
+	for (int i = 0; i < npartitions; i++)
+	{
+		int64		lo,
+					hi;
+
+		for (;;)
+		{
+			long		left = PROVISION_TIMEOUT_MS -
+				TimestampDifferenceMilliseconds(start, GetCurrentTimestamp());
+
+			if (left <= 0)
+				return;
+			if (rd_kafka_query_watermark_offsets(rk, topic, i, &lo, &hi, (int) left) ==
+				RD_KAFKA_RESP_ERR_NO_ERROR)
+				break;
+			pg_usleep(10 * 1000L);
+		}
+	}
 }
 
 /*
@@ -223,11 +259,14 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 {
 	TimestampTz start = GetCurrentTimestamp();
 	rd_kafka_resp_err_t err;
+	int			npartitions = 0;
 
-	while (((err = describe(rk, t->name)) == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
+	while (((err = describe(rk, t->name, &npartitions)) == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
 			err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE) &&
 		   !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), PROVISION_TIMEOUT_MS))
 		pg_usleep(10 * 1000L);
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		wait_until_led(rk, t->name, npartitions, start);
 	/* (Without a leader yet, it exists: the producer waits for one.) */
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
 		return true;
@@ -346,7 +385,7 @@ voutbox_topic_ensure(rd_kafka_t *rk, rd_kafka_t *producer, const char *topic,
 	else
 	{
 		voutbox_report_activity(psprintf("making sure topic \"%s\" exists", topic));
-		err = describe(rk, topic);
+		err = describe(rk, topic, NULL);
 		/* (A topic without a leader yet exists: the producer waits for one.) */
 		if (err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
 			err = RD_KAFKA_RESP_ERR_NO_ERROR;
@@ -356,7 +395,7 @@ voutbox_topic_ensure(rd_kafka_t *rk, rd_kafka_t *producer, const char *topic,
 			 * Tell the producer about the topic now that it exists: else its
 			 * first event waits for the producer's next metadata refresh.
 			 */
-			(void) describe(producer, topic);
+			(void) describe(producer, topic, NULL);
 			err = RD_KAFKA_RESP_ERR_NO_ERROR;
 		}
 		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -447,7 +486,7 @@ voutbox_checkpoint_topic_ensure(rd_kafka_t *rk, const char *topic)
 
 	memset(&t, 0, sizeof(t));
 	strlcpy(t.name, topic, sizeof(t.name));
-	err = describe(rk, topic);
+	err = describe(rk, topic, NULL);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
 		return NULL;
 	if (err != RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)

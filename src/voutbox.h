@@ -343,6 +343,12 @@ extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleD
 #define VOUTBOX_DELIVERY_SKIPPED	(INT_MIN + 1)
 /* Not sent: its topic could not be created (topics.c); it waits, uncharged. */
 #define VOUTBOX_DELIVERY_NO_TOPIC	(INT_MIN + 2)
+/*
+ * Acknowledged without an offset: librdkafka's implicit acknowledgement,
+ * which is no proof that the event was written (producer.c).  It goes again,
+ * uncharged.
+ */
+#define VOUTBOX_DELIVERY_UNCONFIRMED	(INT_MIN + 3)
 
 typedef struct VoutboxProducer VoutboxProducer;
 

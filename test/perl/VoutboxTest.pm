@@ -100,7 +100,7 @@ our @EXPORT = qw(kafka_start kafka_stop kafka_create_topic kafka_alter_topic
   kafka_cluster_start kafka_cluster_stop kafka_node_stop kafka_node_start
   kafka_active_controller kafka_partition_leader kafka_describe_topic
   voutbox_node consume_events consume_all checkpoint_topic inject_fault worker_pid wait_for_delivered save_sql
-  by_key check_key_order check_same_events start_pgbench finish_pgbench counter_script
+  by_key check_key_order check_same_events check_receipts start_pgbench finish_pgbench counter_script
   mock_start mock_cmd mock_stop);
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
@@ -335,6 +335,23 @@ sub check_same_events
 	is(scalar(@phantom), 0, "$name: no event that was not committed");
 	note("$name: $dups duplicates (re-sent after a crash, same id)");
 	return $dups;
+}
+
+# Every event of outbox WHERE $where has a receipt, and it names the message
+# (of @$msgs, read from its topics) that holds the event.  An event counted
+# delivered on librdkafka's word alone would have none.
+sub check_receipts
+{
+	my ($node, $msgs, $where, $name) = @_;
+	my %at = map { ("$_->{partition}:$_->{offset}" => $_->{event}{id}) } @$msgs;
+	my @wrong = grep {
+		my ($id, $receipt) = split / /;
+		($at{$receipt} // '') ne $id
+	} split /\n/, $node->safe_psql('postgres',
+		"SELECT format('%s %s:%s', id, kafka_partition, kafka_offset) FROM outbox WHERE $where");
+	is(scalar(@wrong), 0, "$name: every receipt names the message of its event")
+	  or diag(join("\n", @wrong[0 .. ($#wrong < 19 ? $#wrong : 19)]));
+	return;
 }
 
 # A pgbench script: bump a per-key counter under a row lock and save it.
