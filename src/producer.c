@@ -18,10 +18,8 @@
  * (a retriable error: storage.c retries them with backoff, each key's later
  * events behind them).  Purging in-flight messages leaves no gap either: the
  * broker accepts a partition's batches of one producer only in sequence,
- * once it has the producer's state for the partition.  Before that (a
- * partition just created or moved) it accepts a batch over a gap, and
- * librdkafka then acknowledges the failed batch before it without an
- * offset: such an event is sent again (on_delivery).
+ * once it has the producer's state for the partition (before that, see
+ * on_delivery).
  * While no broker can be reached at all, the worker waits without giving up:
  * an outage is nobody's event's fault and must not use up retries.
  *
@@ -315,14 +313,15 @@ on_delivery(rd_kafka_t *rk pg_attribute_unused(), const rd_kafka_message_t *msg,
 		return;
 
 	/*
-	 * An acknowledgement without an offset is librdkafka's implicit one: a
-	 * later request for the partition succeeded after this one failed, and
-	 * librdkafka took that for proof that this one had been written.  It is
-	 * none: a broker without state for the producer on the partition (one
-	 * just created, or just moved) accepts the later request over the gap
-	 * (KAFKA-15591), and the failed one was never written.  The event goes
-	 * again, uncharged: a duplicate at worst, never a loss.  (acks=all: a
-	 * write the broker confirmed always has its offset.)
+	 * A write the broker confirmed has its offset (acks=all).  librdkafka
+	 * acknowledges without one the events of a failed request when a later
+	 * request for the partition succeeds (its implicit acknowledgement), and
+	 * of a batch the broker calls a duplicate.  The first is no proof: a
+	 * broker without state for the producer on the partition (a partition
+	 * just created, or this producer's first write to it) accepts the later
+	 * request over the gap (KAFKA-15591), and the failed one was never
+	 * written.  So such an event goes again (settle.c): a duplicate at
+	 * worst, never a loss.
 	 */
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR && msg->offset < 0)
 		err = VOUTBOX_DELIVERY_UNCONFIRMED;
@@ -1505,7 +1504,7 @@ voutbox_delivery_error_name(int err)
 	if (err == VOUTBOX_DELIVERY_NO_TOPIC)
 		return "VOUTBOX_TOPIC_NOT_CREATED";
 	if (err == VOUTBOX_DELIVERY_UNCONFIRMED)
-		return "VOUTBOX_UNCONFIRMED";
+		return VOUTBOX_UNCONFIRMED_CODE;
 	return rd_kafka_err2name(err);
 }
 

@@ -404,15 +404,31 @@ count_straggler(SettleState *st, const VoutboxEvent *ev)
 }
 
 /*
- * An event acknowledged without an offset (producer.c): not proven written,
- * it goes again as after the producer's trouble; counted for the log.
+ * Whether a failed event (its key's first failure) uses up an attempt: not
+ * for the producer's trouble.  An event acknowledged without an offset
+ * (producer.c) goes again uncharged the first time, with the reason
+ * recorded; the next time in a row it is charged, so that a broker that
+ * never confirms a write cannot keep it going round.  Counted for the log.
  */
+static bool
+is_charged(const VoutboxEvent *ev, int err)
+{
+	if (err == VOUTBOX_DELIVERY_UNCONFIRMED)
+		return ev->unconfirmed;
+	return voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER;
+}
+
+/* The error recorded for an event that goes again uncharged: that one only. */
+static int
+recorded(int err)
+{
+	return err == VOUTBOX_DELIVERY_UNCONFIRMED ? err : 0;
+}
+
 static void
 count_unconfirmed(SettleState *st, const VoutboxEvent *ev, int err)
 {
-	if (err != VOUTBOX_DELIVERY_UNCONFIRMED)
-		return;
-	if (st->unconfirmed++ == 0)
+	if (err == VOUTBOX_DELIVERY_UNCONFIRMED && st->unconfirmed++ == 0)
 		st->unconfirmed_first = ev;
 }
 
@@ -458,6 +474,8 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	Datum	   *offsets = palloc(sizeof(Datum) * Max(r->ndeferred, 1));
 	char	  **in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
 	char	  **again = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	char	  **unconfirmed = palloc(sizeof(char *) * Max(r->ndeferred, 1));
+	int			nunconfirmed = 0;
 	char	  **charged_in_flight = palloc(sizeof(char *) * Max(r->ndeferred, 1));
 	int			ncharged_in_flight = 0;
 	int			ndelivered = 0;
@@ -495,9 +513,10 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 			delivered[ndelivered++] = ev->id;
 			count_delivered(st, ev);
 		}
-		else if (first_failure_of_key(st->failed, ev) &&
-				 voutbox_delivery_error_class(err) != VOUTBOX_ERROR_PRODUCER)
+		else if (first_failure_of_key(st->failed, ev) && is_charged(ev, err))
 			charge_failure(st, &charged, ev, err, r->late);
+		else if (err == VOUTBOX_DELIVERY_UNCONFIRMED)
+			unconfirmed[nunconfirmed++] = ev->id;
 		else
 			again[nagain++] = ev->id;
 	}
@@ -519,7 +538,7 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 					"WHERE d.id = x.id", 3, types, values, NULL, SPI_OK_UPDATE);
 	}
 	/* (Their keys' next events, and the ones sent again, are due now.) */
-	st->due_now |= ndelivered > 0 || nagain > 0 || charged.due_now;
+	st->due_now |= ndelivered > 0 || nagain > 0 || nunconfirmed > 0 || charged.due_now;
 	/* (In flight, it holds its key, as a straggler of the window does.) */
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity', "
 					"  holds_key = d.holds_key OR d.msg_key IS NOT NULL "
@@ -546,6 +565,20 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
 					again, nagain);
+	/* (The same, saying why: the next time in a row, it is charged.) */
+	if (nunconfirmed > 0)
+	{
+		Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
+		Datum		values[3];
+
+		values[0] = voutbox_text_array(unconfirmed, nunconfirmed);
+		values[1] = CStringGetTextDatum(voutbox_delivery_error_text(VOUTBOX_DELIVERY_UNCONFIRMED));
+		values[2] = CStringGetTextDatum(voutbox_delivery_error_name(VOUTBOX_DELIVERY_UNCONFIRMED));
+		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity', "
+					"  last_error = $2, last_error_code = $3, last_error_at = pg_catalog.now() "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
+					3, types, values, NULL, SPI_OK_UPDATE);
+	}
 	if (charged.n > 0)
 	{
 		Oid			types[8] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
@@ -619,9 +652,9 @@ defer_chunk_events(VoutboxRound *r, SettleState *st, int64 batch_id)
 		else if (err == 0)
 			count_delivered(st, ev);
 		else if (!first_failure_of_key(st->failed, ev))
-			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, 0, false, NULL);
-		else if (voutbox_delivery_error_class(err) == VOUTBOX_ERROR_PRODUCER)
-			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, 0, false, NULL);
+			deferred_rows_add(&rows, ev, true, 0, DT_NOBEGIN, recorded(err), false, NULL);
+		else if (!is_charged(ev, err))
+			deferred_rows_add(&rows, ev, ev->msg_key != NULL, 0, DT_NOBEGIN, recorded(err), false, NULL);
 		else
 			charge_failure(st, &rows, ev, err, false);
 	}
@@ -761,9 +794,10 @@ log_failures(const SettleState *st)
 	}
 	if (st->unconfirmed > 0)
 		ereport(LOG,
-				(errmsg("voutbox: %d events were acknowledged without an offset after a failed request; they are sent again",
-						st->unconfirmed),
-				 errdetail("First: event %s (topic \"%s\"). librdkafka takes a later request's success for proof that a failed one was written, which it is not when the broker had no state for the producer on the partition (one just created or moved): the event may reach Kafka twice, never not at all.",
+				(errmsg_plural("voutbox: %d event was acknowledged without an offset; it is sent again",
+							   "voutbox: %d events were acknowledged without an offset; they are sent again",
+							   st->unconfirmed, st->unconfirmed),
+				 errdetail("First: event %s (topic \"%s\"). Such an acknowledgement does not prove that the event was written: it may reach Kafka twice, never not at all. An event acknowledged so twice in a row is charged a retry.",
 						   st->unconfirmed_first->id, st->unconfirmed_first->topic)));
 	if (st->overtaken > 0)
 		ereport(WARNING,

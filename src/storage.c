@@ -94,6 +94,9 @@
 
 /* A deferred event that still waits (not delivered, not dead). */
 #define WAITING(a)		a ".delivered_at IS NULL AND " a ".dead_reason IS NULL"
+
+/* A deferred event whose last attempt was acknowledged without an offset. */
+#define UNCONFIRMED(a)	"(" a ".last_error_code IS NOT DISTINCT FROM '" VOUTBOX_UNCONFIRMED_CODE "')"
 /* Event h is before event e in their key's queue. */
 #define KEY_EARLIER(h, e) \
 	"(" h ".batch_id, " h ".commit_pos, " h ".seq) < (" e ".batch_id, " e ".commit_pos, " e ".seq)"
@@ -471,11 +474,12 @@ read_event(TupleTableSlot *slot, VoutboxEvent *ev)
 	ev->commit_pos = 0;
 	if (slot->tts_tupleDescriptor->natts == EVENT_SELECT_COLUMNS + 1)
 		ev->commit_pos = DatumGetInt64(slot_getattr(slot, EVENT_SELECT_COLUMNS + 1, &isnull));
-	/* voutbox.deferred rows add holds_key and attempts */
+	/* voutbox.deferred rows add holds_key, attempts and whether unconfirmed */
 	else if (slot->tts_tupleDescriptor->natts > EVENT_SELECT_COLUMNS)
 	{
 		ev->holds_key = DatumGetBool(slot_getattr(slot, EVENT_SELECT_COLUMNS + 1, &isnull));
 		ev->attempts = DatumGetInt32(slot_getattr(slot, EVENT_SELECT_COLUMNS + 2, &isnull));
+		ev->unconfirmed = DatumGetBool(slot_getattr(slot, EVENT_SELECT_COLUMNS + 3, &isnull));
 	}
 }
 
@@ -839,7 +843,7 @@ static bool
 read_alone_deferred(VoutboxRound *r, int64 budget)
 {
 	read_rows(r,
-					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts "
+					   "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, " UNCONFIRMED("e") " "
 					   "  FROM " VOUTBOX_SCHEMA ".deferred e "
 					   " WHERE " WAITING("e") " AND e.alone AND e.due_at <= pg_catalog.now() "
 					   "   AND NOT (e.holds_key AND " HELD_BEHIND_EARLIER("e") ") "
@@ -902,12 +906,14 @@ read_due_deferred(VoutboxRound *r, int max_events, int64 budget)
 			  "    FROM (SELECT * FROM " VOUTBOX_SCHEMA ".deferred d "
 			  "           WHERE " WAITING("d") " AND d.due_at <= pg_catalog.now() OFFSET 0) c "
 			  "   WHERE c.holds_key AND NOT " HELD_BEHIND_EARLIER("c") ") "
-			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id, e.commit_pos "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, " UNCONFIRMED("e") ", "
+			  "       e.batch_id, e.commit_pos "
 			  "  FROM " VOUTBOX_SCHEMA ".deferred e "
 			  " WHERE " WAITING("e") " AND NOT e.holds_key AND NOT e.alone "
 			  "   AND e.due_at <= pg_catalog.now() "
 			  "UNION ALL "
-			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, e.batch_id, e.commit_pos "
+			  "SELECT " EVENT_SELECT_LIST ", e.holds_key, e.attempts, " UNCONFIRMED("e") ", "
+			  "       e.batch_id, e.commit_pos "
 			  "  FROM heads h, "
 			  "       LATERAL (SELECT * FROM " VOUTBOX_SCHEMA ".deferred q "
 			  "                 WHERE " WAITING("q") " AND q.holds_key "

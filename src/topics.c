@@ -35,6 +35,10 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/interrupt.h"
+#include "storage/latch.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -216,37 +220,54 @@ describe(rd_kafka_t *rk, const char *topic, int *npartitions)
 }
 
 /*
+ * Between two tries of provisioning: a short wait that a shutdown request
+ * or the postmaster's death cuts short (false: give up).  The latch is left
+ * alone, for the main loop.
+ */
+static bool
+provision_pause(void)
+{
+	(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 20, PG_WAIT_EXTENSION);
+	CHECK_FOR_INTERRUPTS();
+	return !ShutdownRequestPending;
+}
+
+/*
  * A topic just created, known to the metadata: wait (within the provisioning
  * timeout counted from start) until each partition's leader has made the
- * partition, which a leader that lists the partition's offsets has.  The
- * metadata names a leader before that.  An idempotent producer's first
- * request to a partition not made yet fails, and a second request in flight
- * behind it, arriving once the partition is made, is accepted over the gap
- * (KAFKA-15591): its events would go out of order, and librdkafka would take
- * the first request's events for written (producer.c sends them again).
- * Waiting in vain costs nothing more: the producer copes as it can.
+ * partition, which a leader that lists the partition's offsets has; the
+ * metadata names a leader before that.  Writing to a partition not made yet
+ * is what most often makes librdkafka acknowledge an event without an offset
+ * (see producer.c): the event goes again, behind later ones of its key.
  */
 static void
-wait_until_led(rd_kafka_t *rk, const char *topic, int npartitions, TimestampTz start)
+wait_for_partition_leaders(rd_kafka_t *rk, const char *topic, int npartitions, TimestampTz start)
 {
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(npartitions);
+
 	for (int i = 0; i < npartitions; i++)
+		rd_kafka_topic_partition_list_add(parts, topic, i);
+	for (;;)
 	{
-		int64		lo,
-					hi;
+		long		left = PROVISION_TIMEOUT_MS -
+			TimestampDifferenceMilliseconds(start, GetCurrentTimestamp());
+		bool		led = false;
 
-		for (;;)
+		if (left <= 0)
+			break;
+		/* (The offset is the time asked for: the latest.) */
+		for (int i = 0; i < parts->cnt; i++)
+			parts->elems[i].offset = RD_KAFKA_OFFSET_END;
+		if (rd_kafka_offsets_for_times(rk, parts, (int) left) == RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
-			long		left = PROVISION_TIMEOUT_MS -
-				TimestampDifferenceMilliseconds(start, GetCurrentTimestamp());
-
-			if (left <= 0)
-				return;
-			if (rd_kafka_query_watermark_offsets(rk, topic, i, &lo, &hi, (int) left) ==
-				RD_KAFKA_RESP_ERR_NO_ERROR)
-				break;
-			pg_usleep(10 * 1000L);
+			led = true;
+			for (int i = 0; i < parts->cnt; i++)
+				led &= parts->elems[i].err == RD_KAFKA_RESP_ERR_NO_ERROR;
 		}
+		if (led || !provision_pause())
+			break;
 	}
+	rd_kafka_topic_partition_list_destroy(parts);
 }
 
 /*
@@ -263,10 +284,11 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 
 	while (((err = describe(rk, t->name, &npartitions)) == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
 			err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE) &&
-		   !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), PROVISION_TIMEOUT_MS))
-		pg_usleep(10 * 1000L);
+		   !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), PROVISION_TIMEOUT_MS) &&
+		   provision_pause())
+		;
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		wait_until_led(rk, t->name, npartitions, start);
+		wait_for_partition_leaders(rk, t->name, npartitions, start);
 	/* (Without a leader yet, it exists: the producer waits for one.) */
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)
 		return true;

@@ -209,6 +209,7 @@ typedef struct VoutboxEvent
 	/* only for events read back from voutbox.deferred */
 	bool		holds_key;
 	int32		attempts;
+	bool		unconfirmed;	/* its last attempt was acknowledged without an offset */
 	/* for VOUTBOX_WAIT_TOPIC: when its topic is tried again */
 	TimestampTz wait_until;
 	/* what its route chose: NULL or -1 for the settings (voutbox.format) */
@@ -343,12 +344,9 @@ extern void voutbox_check_event_row(struct HeapTupleData *tup, struct HeapTupleD
 #define VOUTBOX_DELIVERY_SKIPPED	(INT_MIN + 1)
 /* Not sent: its topic could not be created (topics.c); it waits, uncharged. */
 #define VOUTBOX_DELIVERY_NO_TOPIC	(INT_MIN + 2)
-/*
- * Acknowledged without an offset: librdkafka's implicit acknowledgement,
- * which is no proof that the event was written (producer.c).  It goes again,
- * uncharged.
- */
+/* Acknowledged without an offset: no proof that it was written (producer.c). */
 #define VOUTBOX_DELIVERY_UNCONFIRMED	(INT_MIN + 3)
+#define VOUTBOX_UNCONFIRMED_CODE	"VOUTBOX_UNCONFIRMED"
 
 typedef struct VoutboxProducer VoutboxProducer;
 

@@ -39,6 +39,8 @@
  *         push-errors APIKEY ERR [ERR ...]        one error per next request
  *         broker-errors BROKER APIKEY ERR:RTT_MS [ERR:RTT_MS ...]
  *         clear-errors APIKEY                     push-errors' ones only
+ *         wait-errors BROKER APIKEY N             until BROKER has at most N of
+ *                                                 broker-errors' left (10 s)
  *         down BROKER | up BROKER                 BROKER -1: all of them
  *         rtt BROKER MS
  *         leader TOPIC PARTITION BROKER           BROKER -1: leaderless
@@ -826,6 +828,23 @@ mock_command(rd_kafka_mock_cluster_t *mc, int nbrokers, int argc, char **argv,
 		if (argc != 2 || !parse_int(argv[1], &a))
 			return "usage: clear-errors APIKEY";
 		rd_kafka_mock_clear_request_errors(mc, (int16_t) a);
+	}
+	else if (strcmp(cmd, "wait-errors") == 0)
+	{
+		size_t		left = 0;
+		double		deadline = now_s() + 10;
+
+		if (argc != 4 || !parse_int(argv[1], &a) || !parse_int(argv[2], &b) || !parse_int(argv[3], &c))
+			return "usage: wait-errors BROKER APIKEY N";
+		/* (The broker took a request off its stack when it received it.) */
+		while ((err = rd_kafka_mock_broker_error_stack_cnt(mc, (int32_t) a, (int16_t) b, &left)) ==
+			   RD_KAFKA_RESP_ERR_NO_ERROR && (long) left > c && now_s() < deadline)
+			usleep(5 * 1000);
+		if (!err && (long) left > c)
+		{
+			snprintf(errbuf, errsize, "broker %ld still has %zu errors for API %ld", a, left, b);
+			return errbuf;
+		}
 	}
 	else if (strcmp(cmd, "down") == 0 || strcmp(cmd, "up") == 0)
 	{
