@@ -407,8 +407,8 @@ count_straggler(SettleState *st, const VoutboxEvent *ev)
  * Whether a failed event (its key's first failure) uses up an attempt: not
  * for the producer's trouble.  An event acknowledged without an offset
  * (producer.c) goes again uncharged the first time, with the reason
- * recorded; the next time in a row it is charged, so that a broker that
- * never confirms a write cannot keep it going round.  Counted for the log.
+ * recorded; if its last recorded error is that already, it is charged, so
+ * that a broker that never confirms a write cannot keep it going round.
  */
 static bool
 is_charged(const VoutboxEvent *ev, int err)
@@ -565,7 +565,7 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
 					again, nagain);
-	/* (The same, saying why: the next time in a row, it is charged.) */
+	/* (The same, saying why: the next time, it is charged.) */
 	if (nunconfirmed > 0)
 	{
 		Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
@@ -794,10 +794,10 @@ log_failures(const SettleState *st)
 	}
 	if (st->unconfirmed > 0)
 		ereport(LOG,
-				(errmsg_plural("voutbox: %d event was acknowledged without an offset; it is sent again",
-							   "voutbox: %d events were acknowledged without an offset; they are sent again",
+				(errmsg_plural("voutbox: %d event was acknowledged without an offset; it is not counted delivered",
+							   "voutbox: %d events were acknowledged without an offset; they are not counted delivered",
 							   st->unconfirmed, st->unconfirmed),
-				 errdetail("First: event %s (topic \"%s\"). Such an acknowledgement does not prove that the event was written: it may reach Kafka twice, never not at all. An event acknowledged so twice in a row is charged a retry.",
+				 errdetail("First: event %s (topic \"%s\"). Such an acknowledgement does not prove that the event was written: it goes again, and may reach Kafka twice, never not at all. The second time an event is acknowledged so, it is charged a retry.",
 						   st->unconfirmed_first->id, st->unconfirmed_first->topic)));
 	if (st->overtaken > 0)
 		ereport(WARNING,

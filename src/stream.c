@@ -1137,6 +1137,7 @@ keep_late(Stream *s, VoutboxRound *r)
 		ev->topic = MemoryContextStrdup(cxt, from->topic);
 		ev->msg_key = from->msg_key ? MemoryContextStrdup(cxt, from->msg_key) : NULL;
 		ev->attempts = from->attempts;
+		ev->unconfirmed = from->unconfirmed;
 		late->errs[n] = VOUTBOX_DELIVERY_PENDING;
 		late->tickets[n] = r->first_ticket + i;
 		count_key(s->late_keys, ev, 1);
@@ -1267,19 +1268,22 @@ late_settled(Stream *s, VoutboxRound *late)
 					continue;
 				if (r->errs[i] == VOUTBOX_DELIVERY_PENDING)
 				{
+					bool		found = false;
+
 					/* (settle.c charges only the first of a key) */
 					if (charged == NULL)
 						charged = voutbox_key_set_new("voutbox charged keys");
-					if (r->events[i].msg_key == NULL)
-						r->events[i].attempts++;
-					else
+					if (r->events[i].msg_key != NULL)
 					{
 						uint64		h = voutbox_key_hash(r->events[i].topic, r->events[i].msg_key);
-						bool		found;
 
 						(void) hash_search(charged, &h, HASH_ENTER, &found);
-						if (!found)
-							r->events[i].attempts++;
+					}
+					if (!found)
+					{
+						r->events[i].attempts++;
+						/* (its row's last error is a timeout now) */
+						r->events[i].unconfirmed = false;
 					}
 				}
 				else

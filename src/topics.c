@@ -251,20 +251,19 @@ wait_for_partition_leaders(rd_kafka_t *rk, const char *topic, int npartitions, T
 	{
 		long		left = PROVISION_TIMEOUT_MS -
 			TimestampDifferenceMilliseconds(start, GetCurrentTimestamp());
-		bool		led = false;
 
-		if (left <= 0)
+		if (left <= 0 || parts->cnt == 0)
 			break;
-		/* (The offset is the time asked for: the latest.) */
+		/*
+		 * The "offset" is the time asked for, -1 (RD_KAFKA_OFFSET_END) for the
+		 * latest; the answer overwrites it.  A partition's error is the
+		 * call's.  (Asked a quarter second at a time, so that a shutdown
+		 * waits no longer.)
+		 */
 		for (int i = 0; i < parts->cnt; i++)
 			parts->elems[i].offset = RD_KAFKA_OFFSET_END;
-		if (rd_kafka_offsets_for_times(rk, parts, (int) left) == RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			led = true;
-			for (int i = 0; i < parts->cnt; i++)
-				led &= parts->elems[i].err == RD_KAFKA_RESP_ERR_NO_ERROR;
-		}
-		if (led || !provision_pause())
+		if (rd_kafka_offsets_for_times(rk, parts, (int) Min(left, 250)) == RD_KAFKA_RESP_ERR_NO_ERROR ||
+			!provision_pause())
 			break;
 	}
 	rd_kafka_topic_partition_list_destroy(parts);
@@ -286,7 +285,14 @@ wait_until_known(rd_kafka_t *rk, TopicState *t)
 			err == RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE) &&
 		   !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), PROVISION_TIMEOUT_MS) &&
 		   provision_pause())
-		;
+	{
+		/* ask again */
+	}
+	if (ShutdownRequestPending)
+	{
+		failed(t, RD_KAFKA_RESP_ERR__DESTROY, "the worker is stopping");
+		return false;
+	}
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		wait_for_partition_leaders(rk, t->name, npartitions, start);
 	/* (Without a leader yet, it exists: the producer waits for one.) */
