@@ -286,7 +286,7 @@ typedef struct SettleState
 	int			stragglers;		/* still in flight */
 	const char *straggler_topic;	/* the first one's topic, for the log */
 	int			timed_out_in_flight;	/* stragglers charged a timeout */
-	int			unconfirmed;	/* acknowledged without an offset: sent again */
+	int			unconfirmed;	/* acknowledged without an offset: not delivered */
 	const VoutboxEvent *unconfirmed_first;
 	bool		seeded;			/* the keys of stragglers in flight are in "failed" */
 	bool		due_now;		/* deferred events may be due at once: see below */
@@ -448,17 +448,25 @@ charge_in_flight(SettleState *st, const VoutboxEvent *ev)
 
 static HTAB *keys_in_flight = NULL;
 
-/* Run an UPDATE of voutbox.deferred over the rows of the given ids. */
+/*
+ * Run an UPDATE of voutbox.deferred over the rows of the given ids ($1);
+ * with an error err (else 0), its text and name are $2 and $3.
+ */
 static void
-update_deferred(const char *sql, char **ids, int n)
+update_deferred(const char *sql, char **ids, int n, int err)
 {
-	Oid			type = TEXTARRAYOID;
-	Datum		value;
+	Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
+	Datum		values[3];
 
 	if (n == 0)
 		return;
-	value = voutbox_text_array(ids, n);
-	voutbox_spi(sql, 1, &type, &value, NULL, SPI_OK_UPDATE);
+	values[0] = voutbox_text_array(ids, n);
+	if (err != 0)
+	{
+		values[1] = CStringGetTextDatum(voutbox_delivery_error_text(err));
+		values[2] = CStringGetTextDatum(voutbox_delivery_error_name(err));
+	}
+	voutbox_spi(sql, err != 0 ? 3 : 1, types, values, NULL, SPI_OK_UPDATE);
 }
 
 /*
@@ -542,43 +550,25 @@ settle_deferred(VoutboxRound *r, SettleState *st)
 	/* (In flight, it holds its key, as a straggler of the window does.) */
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = 'infinity', "
 					"  holds_key = d.holds_key OR d.msg_key IS NOT NULL "
-					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", in_flight, nin_flight);
-	if (ncharged_in_flight > 0)
-	{
-		Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
-		Datum		values[3];
-
-		values[0] = voutbox_text_array(charged_in_flight, ncharged_in_flight);
-		values[1] = CStringGetTextDatum(voutbox_delivery_error_text(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
-		values[2] = CStringGetTextDatum(voutbox_delivery_error_name(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT));
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d "
+					"WHERE d.id = ANY ($1::pg_catalog.uuid[])", in_flight, nin_flight, 0);
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d "
 					"SET attempts = d.attempts + 1, last_error = $2, last_error_code = $3, "
 					"    last_error_at = pg_catalog.now() "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity' "
 					"  AND d.delivered_at IS NULL AND d.dead_reason IS NULL",
-					3, types, values, NULL, SPI_OK_UPDATE);
-	}
+					charged_in_flight, ncharged_in_flight, RD_KAFKA_RESP_ERR__MSG_TIMED_OUT);
 	/*
 	 * Not its key's first failure, or the producer's trouble: in order, at
 	 * once (it was marked in flight when read).
 	 */
 	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity' "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
-					again, nagain);
+					again, nagain, 0);
 	/* (The same, saying why: the next time, it is charged.) */
-	if (nunconfirmed > 0)
-	{
-		Oid			types[3] = {TEXTARRAYOID, TEXTOID, TEXTOID};
-		Datum		values[3];
-
-		values[0] = voutbox_text_array(unconfirmed, nunconfirmed);
-		values[1] = CStringGetTextDatum(voutbox_delivery_error_text(VOUTBOX_DELIVERY_UNCONFIRMED));
-		values[2] = CStringGetTextDatum(voutbox_delivery_error_name(VOUTBOX_DELIVERY_UNCONFIRMED));
-		voutbox_spi("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity', "
+	update_deferred("UPDATE " VOUTBOX_SCHEMA ".deferred d SET due_at = '-infinity', "
 					"  last_error = $2, last_error_code = $3, last_error_at = pg_catalog.now() "
 					"WHERE d.id = ANY ($1::pg_catalog.uuid[]) AND d.due_at = 'infinity'",
-					3, types, values, NULL, SPI_OK_UPDATE);
-	}
+					unconfirmed, nunconfirmed, VOUTBOX_DELIVERY_UNCONFIRMED);
 	if (charged.n > 0)
 	{
 		Oid			types[8] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,

@@ -243,8 +243,11 @@ provision_pause(void)
 static void
 wait_for_partition_leaders(rd_kafka_t *rk, const char *topic, int npartitions, TimestampTz start)
 {
-	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(npartitions);
+	rd_kafka_topic_partition_list_t *parts;
 
+	if (npartitions <= 0)
+		return;
+	parts = rd_kafka_topic_partition_list_new(npartitions);
 	for (int i = 0; i < npartitions; i++)
 		rd_kafka_topic_partition_list_add(parts, topic, i);
 	for (;;)
@@ -252,7 +255,7 @@ wait_for_partition_leaders(rd_kafka_t *rk, const char *topic, int npartitions, T
 		long		left = PROVISION_TIMEOUT_MS -
 			TimestampDifferenceMilliseconds(start, GetCurrentTimestamp());
 
-		if (left <= 0 || parts->cnt == 0)
+		if (left <= 0)
 			break;
 		/*
 		 * The "offset" is the time asked for, -1 (RD_KAFKA_OFFSET_END) for the
